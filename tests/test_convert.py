@@ -1,0 +1,293 @@
+"""rn50 convert: round trips through real odd files, skipping with reasons, subsets, atomicity, input errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import decode_beton, requires_ffcv
+
+pytestmark = requires_ffcv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scene(label: int, w: int, h: int, seed: int) -> np.ndarray:
+    """Smooth content (JPEG-friendly, resize-stable) whose mean colour says the label."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]][label], dtype=np.float32)
+    ramp = 30 * np.sin(xx / w * np.pi * rng.uniform(1, 3))[..., None] + 30 * np.cos(yy / h * np.pi * rng.uniform(1, 3))[..., None]
+    return np.clip(base + ramp, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_odd_tree(root: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """An ImageNet-layout folder with every kind of real-world file. Returns
+    (expected RGB pixels before resizing, per valid relative path) and (expected reason keyword, per bad path)."""
+    classes = ["n00000001", "n00000002", "n00000003"]
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True)
+    valid: dict[str, np.ndarray] = {}
+    bad: dict[str, str] = {}
+
+    def put(rel: str, data: bytes, expected: np.ndarray | None = None, reason: str | None = None):
+        (root / rel).write_bytes(data)
+        if expected is not None:
+            valid[rel] = expected
+        if reason is not None:
+            bad[rel] = reason
+
+    for label, c in enumerate(classes):
+        for i in range(3):
+            arr = scene(label, 120 + 10 * i, 90 + 7 * i, seed=label * 10 + i)
+            put(f"train/{c}/plain_{i}.JPEG", jpeg_bytes(Image.fromarray(arr)), arr)
+    c0, c1, c2 = (f"train/{c}" for c in classes)
+    arr = scene(0, 100, 80, 1)
+    cmyk = Image.fromarray(arr).convert("CMYK")
+    put(f"{c0}/cmyk.JPEG", jpeg_bytes(cmyk), np.asarray(cmyk.convert("RGB")))
+    gray = Image.fromarray(arr).convert("L")
+    put(f"{c0}/gray.JPEG", jpeg_bytes(gray), np.asarray(gray.convert("RGB")))
+    pal = Image.fromarray(scene(1, 90, 70, 2)).convert("P", palette=Image.ADAPTIVE, colors=64)
+    put(f"{c1}/palette.png", png_bytes(pal), np.asarray(pal.convert("RGB")))
+    rgb = scene(1, 80, 60, 3)
+    alpha = np.full(rgb.shape[:2], 255, np.uint8)
+    alpha[:, :20] = 0  # left strip transparent: composited over white
+    rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    expect = rgb.copy()
+    expect[:, :20] = 255
+    put(f"{c1}/rgba.png", png_bytes(rgba), expect)
+    g8 = scene(2, 64, 48, 4)[..., 0]
+    put(f"{c2}/gray16.png", png_bytes(Image.fromarray(g8.astype(np.uint16) * 257)), np.repeat(g8[..., None], 3, 2))
+    png_in_jpeg = scene(2, 70, 50, 5)
+    put(f"{c2}/png_content.JPEG", png_bytes(Image.fromarray(png_in_jpeg)), png_in_jpeg)
+    big = scene(2, 1400, 1000, 6)  # larger than --max-res: DCT-downscaled then area-resized
+    put(f"{c2}/big.JPEG", jpeg_bytes(Image.fromarray(big)), big)
+    lower = scene(0, 60, 60, 7)
+    put(f"{c0}/lower_ext.jpg", jpeg_bytes(Image.fromarray(lower)), lower)
+    # bad files: skipped with a reason
+    put(f"{c0}/empty.JPEG", b"", reason="empty")
+    full = jpeg_bytes(Image.fromarray(scene(1, 200, 150, 8)))
+    put(f"{c1}/truncated.JPEG", full[: len(full) // 2], reason="truncated")
+    put(f"{c1}/garbage.JPEG", bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), reason="not an image")
+    put(f"{c2}/text.JPEG", b"<html>404 Not Found</html>", reason="not an image")
+    put(f"{c2}/bad_body.JPEG", full[:200] + b"\x00" * 50 + b"\xff\xd9", reason="")  # header ok, data broken
+    # ignored: hidden files, resource forks, non-image extensions
+    put(f"{c0}/.DS_Store", b"junk")
+    put(f"{c0}/._plain_0.JPEG", b"junk")
+    put(f"{c1}/notes.txt", b"hello")
+    (root / "val").mkdir()
+    for label, c in enumerate(classes):
+        (root / "val" / c).mkdir()
+        arr = scene(label, 100, 100, 100 + label)
+        put(f"val/{c}/v.JPEG", jpeg_bytes(Image.fromarray(arr)), arr)
+    return valid, bad
+
+
+def expected_after_resize(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Reference resize independent of the converter's code path: PIL's box filter (area averaging)."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= max_side:
+        return arr
+    r = max_side / max(h, w)
+    return np.asarray(Image.fromarray(arr).resize((int(r * w), int(r * h)), Image.BOX))
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    valid, bad = build_odd_tree(root)
+    out = root / "out"
+    proc = subprocess.run([sys.executable, "-m", "dataset_tools.convert", "--data-dir", str(root), "--out-dir",
+                           str(out), "--workers", "2", "--max-res", "500", "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    return root, out, valid, bad, proc
+
+
+def test_odd_files_exit_zero_and_report_every_bad_file(odd):
+    root, out, valid, bad, proc = odd
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "convert_report.json").read_text())
+    skipped = {str(Path(s["path"]).relative_to(root)): s["reason"] for s in report["train"]["skipped"]}
+    # bad_body.JPEG has an intact header and a broken body: libjpeg may decode it with a warning or refuse it.
+    broken_body = skipped.pop("train/n00000003/bad_body.JPEG", None)
+    expected_bad = {k: v for k, v in bad.items() if v}
+    assert set(skipped) == set(expected_bad)
+    for rel, keyword in expected_bad.items():
+        assert keyword in skipped[rel], (rel, skipped[rel])
+    n_train_valid = sum(1 for k in valid if k.startswith("train/"))
+    assert report["train"]["written"] == n_train_valid + (0 if broken_body else 1)
+    assert report["train"]["ignored_non_images"] == 3
+    assert report["val"]["written"] == 3 and report["val"]["skipped"] == []
+    assert report["train"]["bytes"] == (out / "train.beton").stat().st_size
+    assert report["train"]["images_per_s"] > 0 and report["train"]["classes"] == 3
+    assert json.loads((out / "classes.json").read_text()) == ["n00000001", "n00000002", "n00000003"]
+    assert "skipped" in proc.stdout and "empty file" in proc.stdout
+
+
+def test_round_trip_pixels_and_labels(odd):
+    root, out, valid, bad, proc = odd
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "convert_report.json").read_text())
+    skipped = {s["path"] for s in report["train"]["skipped"]}
+    for split in ("train", "val"):
+        # The beton's order is ImageFolder's (sorted classes, sorted names) minus the skipped files.
+        from dataset_tools.files import scan_split
+
+        listing = scan_split(root / split)
+        kept = [(p, lab) for p, lab in listing.files if p not in skipped]
+        images, labels = decode_beton(out / f"{split}.beton")
+        assert len(images) == len(kept)
+        assert labels.tolist() == [lab for _, lab in kept]
+        for (path, label), image in zip(kept, images):
+            rel = str(Path(path).relative_to(root))
+            if rel not in valid:  # bad_body.JPEG when libjpeg decoded it anyway
+                continue
+            ref = expected_after_resize(valid[rel], 500)
+            assert image.shape == ref.shape, rel
+            err = np.abs(image.astype(np.int16) - ref.astype(np.int16)).mean()
+            assert err < 4.0, (rel, err)  # JPEG q90 of smooth content, plus resampling differences
+
+
+def test_ffcv_loader_reads_what_was_written(odd):
+    """The consumer that matters: FFCV's own Loader, sequential, labels and colours intact."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    root, out, valid, bad, proc = odd
+    ref_images, ref_labels = decode_beton(out / "train.beton")
+    loader = Loader(str(out / "train.beton"), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    drop_last=False, pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0)],
+                                                "label": [IntDecoder(), ToTensor()]})
+    got_labels, got_means = [], []
+    for images, labels in loader:
+        got_labels += labels.view(-1).tolist()
+        got_means += [img.reshape(-1, 3).mean(0) for img in np.asarray(images, dtype=np.float32)]
+    assert got_labels == ref_labels.tolist()
+    for mean, ref in zip(got_means, ref_images):
+        h, w = ref.shape[:2]
+        s = min(h, w)
+        centre = ref[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s].reshape(-1, 3).mean(0)
+        assert np.abs(mean - centre).max() < 12
+
+
+def test_same_seed_same_storage_modes(tmp_path, coded_root):
+    from dataset_tools.beton_format import read_index
+    from dataset_tools.convert import ConvertOptions, convert
+
+    modes = []
+    for name in ("a", "b"):
+        convert(coded_root, tmp_path / name, ["train"], ConvertOptions(workers=2, progress=False, seed=3))
+        modes.append(read_index(tmp_path / name / "train.beton").metadata["f0"]["mode"].tolist())
+    assert modes[0] == modes[1]
+    assert 0 < sum(modes[0]) < len(modes[0])  # both JPEG (0) and raw (1) present at compress_prob 0.5
+
+
+def test_subsets_are_deterministic(tmp_path, synth_root):
+    from dataset_tools.convert import main
+
+    args = ["--data-dir", str(synth_root), "--classes", "2", "--per-class", "5", "--val-per-class", "2",
+            "--workers", "2", "--no-progress"]
+    assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out-dir", str(tmp_path / "b")]) == 0
+    for name in ("a", "b"):
+        report = json.loads((tmp_path / name / "convert_report.json").read_text())
+        assert report["train"]["written"] == 10 and report["val"]["written"] == 4
+    assert (tmp_path / "a" / "classes.json").read_text() == (tmp_path / "b" / "classes.json").read_text()
+    assert len(json.loads((tmp_path / "a" / "classes.json").read_text())) == 2
+    _, la = decode_beton(tmp_path / "a" / "train.beton")
+    _, lb = decode_beton(tmp_path / "b" / "train.beton")
+    assert la.tolist() == lb.tolist() == [0] * 5 + [1] * 5
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "no such folder"),
+    ("no_classes", "no class folders"),
+    ("flat_val", "rn50 organize-val"),
+    ("empty_split", "no images"),
+    ("all_bad", "none of the"),
+])
+def test_unusable_input_fails_clearly(tmp_path, capsys, layout, message):
+    from dataset_tools.convert import main
+
+    root = tmp_path / "data"
+    if layout != "missing":
+        (root / "train").mkdir(parents=True)
+    splits = "train"
+    if layout == "flat_val":
+        (root / "train").rmdir()
+        (root / "val").mkdir()
+        (root / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
+        splits = "val"
+    if layout in ("empty_split", "all_bad"):
+        (root / "train" / "n00000001").mkdir()
+    if layout == "all_bad":
+        (root / "train" / "n00000001" / "a.JPEG").write_bytes(b"")
+    code = main(["--data-dir", str(root), "--out-dir", str(tmp_path / "out"), "--splits", splits, "--no-progress",
+                 "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "train.beton").exists()
+
+
+def test_bad_flags(capsys, tmp_path):
+    from dataset_tools.convert import main
+
+    assert main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path), "--jpeg-quality", "0"]) == 2
+    assert "--jpeg-quality" in capsys.readouterr().err
+
+
+def test_killed_conversion_leaves_no_final_file(tmp_path):
+    """SIGKILL mid-write: no train.beton appears; the next run cleans up and completes."""
+    from dataset_tools.synth import synthesize
+
+    synthesize(tmp_path / "data", num_classes=2, train_per_class=80, val_per_class=1, seed=9, workers=2,
+               progress=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dataset_tools.convert", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
+           "--workers", "1", "--splits", "train", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    tmp_file = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list(out.glob(".train.beton.tmp-*")) if out.exists() else []
+        # wait until image data is being written (the file grows past its header/metadata region)
+        if temps and temps[0].stat().st_size > 2_000_000:
+            tmp_file = temps[0]
+            break
+        time.sleep(0.05)
+    assert tmp_file is not None and proc.poll() is None, "conversion finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.2)
+    assert not (out / "train.beton").exists()
+    assert tmp_file.exists()  # the partial file keeps its temporary name
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted conversion" in done.stderr
+    assert not list(out.glob(".train.beton.tmp-*"))
+    _, labels = decode_beton(out / "train.beton")
+    assert len(labels) == 160
