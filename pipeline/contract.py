@@ -1,0 +1,179 @@
+"""The one loader contract every backend honours, and the device-side normalisation they share.
+
+    for images, labels in loader: ...
+    # images: (B, 3, R, R) on `device`, channels_last, ImageNet-normalised, `dtype`
+    # labels: (B,) int64 on `device`, class index in sorted-wnid (ImageFolder) order
+
+Epochs: `set_epoch(e, start_batch)` chooses what the next `for` loop yields: epoch e's batches from `start_batch` on
+(no sample repeated, none skipped). When a loop runs to the end, the loader moves on to the next epoch by itself, so
+calling set_epoch every epoch is optional; breaking out of a loop does not advance it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from pipeline.order import EpochPlan, batches_per_rank, plan_epoch
+
+# ImageNet statistics on the 0..255 scale: loaders hand uint8 pixels to the device and normalise there.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+VAL_CROP_RATIO = 224 / 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SPLITS = ("train", "val")
+
+
+def normalize_nhwc(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> `dtype` (B, 3, H, W) channels_last, (x - mean) / std with ImageNet statistics.
+
+    Permuting NHWC to NCHW is free and *is* the channels_last layout, so no copy is spent on the memory format.
+    The arithmetic runs in float32 and is cast once, so float16/bfloat16 outputs carry one rounding only."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) images, got shape {tuple(images.shape)}")
+    x = images.permute(0, 3, 1, 2).float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1 / s for s in IMAGENET_STD], device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (x - mean) * inv_std
+    return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize_nhwc`, to float32 (B, 3, H, W) on the 0..255 scale (for pictures, not training)."""
+    x = images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return x * std + mean
+
+
+def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, dtype: torch.dtype,
+                   source_reuses_buffers: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Move uint8 NHWC CPU batches to `device` and normalise them there.
+
+    On CUDA the next batch is copied and normalised on a side stream while the caller works on the current one
+    (timm's PrefetchLoader idea). `source_reuses_buffers`: the source overwrites a batch's memory once the one after
+    it has been taken (FFCV's ring of pinned buffers), so the copy must have finished before we take the next."""
+    if device.type != "cuda":
+        for images, labels in source:
+            # clone(): on the CPU .to() would alias the source's buffer, which FFCV overwrites a few batches later.
+            yield normalize_nhwc(images.to(device), dtype), labels.to(device=device, dtype=torch.int64).clone()
+        return
+    stream = torch.cuda.Stream(device=device)
+    pending = None
+    copied: torch.cuda.Event | None = None
+    it = iter(source)
+    while True:
+        if source_reuses_buffers and copied is not None:
+            copied.synchronize()
+        try:
+            images, labels = next(it)
+        except StopIteration:
+            break
+        with torch.cuda.stream(stream):
+            x = images.to(device, non_blocking=True)
+            y = labels.to(device, non_blocking=True).to(torch.int64).view(-1)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+            x = normalize_nhwc(x, dtype)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        if pending is not None:
+            yield _hand_over(*pending)
+        pending = (x, y, ready)
+    if pending is not None:
+        yield _hand_over(*pending)
+
+
+def _hand_over(x: torch.Tensor, y: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
+    current = torch.cuda.current_stream(x.device)
+    current.wait_event(ready)
+    # The tensors were allocated on the side stream; tell the caching allocator the caller's stream uses them.
+    x.record_stream(current)
+    y.record_stream(current)
+    return x, y
+
+
+class Loader:
+    """Base of every backend. Subclasses set `backend` and implement `_batches(plan, start_batch, resolution)`,
+    which yields (images, labels) already on the device and normalised."""
+
+    backend: str = "?"
+
+    def __init__(self, *, split: str, batch_size: int, resolution: int, num_samples: int, classes: list[str],
+                 drop_last: bool, rank: int, world_size: int, seed: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.split = split
+        self.batch_size = int(batch_size)
+        self.resolution = _check_resolution(resolution)
+        self.num_samples = int(num_samples)
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.drop_last = bool(drop_last)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.epoch = 0
+        self.start_batch = 0
+        self._len = batches_per_rank(self.num_samples, self.world_size, self.batch_size, self.drop_last)
+        if self._len == 0:
+            raise ValueError(f"{self.num_samples} {split} samples cannot fill one batch of {self.batch_size} on each "
+                             f"of {self.world_size} ranks with drop_last=True; lower the batch size or use "
+                             "drop_last=False")
+
+    @property
+    def shuffle(self) -> bool:
+        return self.split == "train"
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def set_resolution(self, resolution: int) -> None:
+        """Output side of the next epoch's images (progressive resizing). Takes effect at the next `for` loop."""
+        self.resolution = _check_resolution(resolution)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The dataset indices this rank reads in `epoch` (default: the next one), in order."""
+        return plan_epoch(self.num_samples, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+                          shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
+                          batch_size=self.batch_size, drop_last=self.drop_last)
+
+    def num_valid(self, batch_index: int, epoch: int | None = None) -> int:
+        """Leading samples of batch `batch_index` that are real, not padding (drop_last=False under DDP)."""
+        return self.plan(epoch).num_valid(batch_index)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan, start, resolution = self.plan(), self.start_batch, self.resolution
+        yield from self._batches(plan, start, resolution)
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
+    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (f"{self.backend} {self.split}: {self.num_samples} images, {self.num_classes} classes, "
+                f"{len(self)} batches of {self.batch_size} per rank at {self.resolution} px "
+                f"(rank {self.rank}/{self.world_size}, {self.device}, {str(self.dtype).replace('torch.', '')})")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+def _check_resolution(r: int) -> int:
+    if int(r) != r or r < 8:
+        raise ValueError(f"resolution must be an integer >= 8 px, got {r}")
+    return int(r)

@@ -1,0 +1,50 @@
+"""Reading the layout of a data directory: image folders or .beton files, and the class list (index = label)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dataset_tools.files import list_classes, scan_split
+
+
+def folder_classes(data_dir: Path, split: str) -> list[str]:
+    """Sorted wnid folder names of train/ when it exists (so val labels mean the same thing), else of `split`/."""
+    reference = data_dir / "train" if (data_dir / "train").is_dir() else data_dir / split
+    classes = list_classes(reference) if reference.is_dir() else []
+    if not classes:
+        raise FileNotFoundError(f"{reference}: no class folders; expected {reference}/<wnid>/*.JPEG "
+                                "(a flat val folder? sort it first: rn50 organize-val)")
+    return classes
+
+
+def folder_listing(data_dir: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) in ImageFolder order."""
+    split_dir = data_dir / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: no such folder; --data-dir must hold {split}/<wnid>/*.JPEG")
+    classes = folder_classes(data_dir, split)
+    listing = scan_split(split_dir, classes)
+    if not listing.files:
+        raise FileNotFoundError(f"{split_dir}: no images in its class folders (extensions: .JPEG .jpg .png ...)")
+    return classes, listing.files
+
+
+def beton_classes(data_dir: Path) -> list[str]:
+    """classes.json written by rn50 convert next to the .beton files."""
+    path = data_dir / "classes.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; rn50 convert writes it next to train.beton/val.beton "
+                                "(re-run the conversion, or write the sorted wnid list there as JSON)")
+    classes = json.loads(path.read_text())
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: expected a JSON list of wnids (index = label)")
+    return classes
+
+
+def has_beton(data_dir: Path, split: str) -> bool:
+    return (data_dir / f"{split}.beton").is_file()
+
+
+def has_folder(data_dir: Path, split: str) -> bool:
+    return (data_dir / split).is_dir()
