@@ -1,0 +1,297 @@
+"""The one training config: a typed dataclass, YAML presets and command-line flags built from the same fields.
+
+Precedence, lowest first: the dataclass defaults, then (on `--resume`) the config saved with the run, then the
+`--config` preset, then the flags given on the command line. Every field is a flag (`max_lr` -> `--max-lr`) and a
+YAML key (`max_lr: 0.4`); an unknown YAML key is an error naming the key and the file. This module imports no torch,
+so bad flags and a missing data folder fail in well under a second.
+
+Learning rate and batch size: `max_lr` is the peak LR for the *global* batch `batch_size x GPUs x grad_accum`.
+When you change the number of GPUs, scale it linearly (Goyal et al. 2017), e.g. ffcv-imagenet's ResNet-50 recipe
+uses 1.7 at 8 x 512 = 4096, i.e. 0.106 per 256 images; on one GPU with batch 256 that is 0.106. Setting
+`lr_ref_batch` does this for you: the LR actually used is `max_lr * global_batch / lr_ref_batch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+LOADERS = ("auto", "ffcv", "dali", "torchvision")
+DEVICES = ("auto", "cuda", "cpu")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("onecycle", "triangular", "cosine", "step")
+AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
+
+
+class ConfigError(ValueError):
+    """A bad key, value or file; the message names it and says what would be accepted."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None, **kw: Any) -> Any:
+    """A dataclass field whose metadata also drives the command line."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
+    loader: str = _f("auto", "data loader backend (auto: betons -> ffcv; DALI + GPU -> dali; else torchvision)",
+                     LOADERS)
+    workers: int = _f(8, "loader worker threads/processes per GPU")
+    batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
+    val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
+    num_classes: int = _f(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
+    # --- resolution: fixed --res, or progressive min_res -> max_res between start_ramp and end_ramp ---
+    res: int = _f(224, "training resolution when no progressive schedule is set")
+    val_res: int = _f(224, "validation resolution (centre crop of ratio 224/256, then resized to this)")
+    min_res: int = _f(0, "progressive resizing: resolution up to --start-ramp (0: off, use --res)")
+    max_res: int = _f(0, "progressive resizing: resolution from --end-ramp on")
+    start_ramp: int = _f(0, "progressive resizing: last epoch (0-based) at --min-res")
+    end_ramp: int = _f(0, "progressive resizing: first epoch at --max-res")
+    res_step: int = _f(32, "progressive resizing: resolutions in between are rounded to multiples of this")
+    # --- model ---
+    arch: str = _f("resnet50", "torchvision ResNet (weights=None)", ARCHS)
+    zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block")
+    blurpool: bool = _f(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
+    channels_last: bool = _f(True, "channels_last memory format for model and inputs")
+    compile: bool = _f(False, "torch.compile the model (checkpoints still hold the plain module)")
+    # --- optimisation ---
+    epochs: int = _f(16, "epochs to train")
+    max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
+    lr_ref_batch: int = _f(0, "if > 0, scale max_lr linearly by global_batch / lr_ref_batch")
+    lr_schedule: str = _f("onecycle", "per-step LR schedule", SCHEDULES)
+    pct_start: float = _f(0.3, "onecycle: share of steps spent increasing the LR")
+    div_factor: float = _f(25.0, "onecycle: initial LR = max_lr / div_factor (also cosine/step warm-up start)")
+    final_div_factor: float = _f(1e4, "onecycle: final LR = initial LR / final_div_factor")
+    cycle_momentum: bool = _f(True, "onecycle: cycle momentum inversely to the LR (torch's OneCycleLR default)")
+    base_momentum: float = _f(0.85, "onecycle: momentum at the LR peak")
+    max_momentum: float = _f(0.95, "onecycle: momentum at the start and end")
+    lr_peak_epoch: float = _f(2.0, "triangular: epoch where the linear warm-up peaks (then linear decay to 0)")
+    warmup_epochs: float = _f(0.0, "cosine/step: linear warm-up epochs from max_lr/div_factor")
+    step_epochs: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by --step-gamma")
+    step_gamma: float = _f(0.1, "step: LR factor at each of --step-epochs")
+    momentum: float = _f(0.9, "SGD momentum (ignored for onecycle with cycle_momentum)")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    weight_decay: float = _f(5e-5, "L2 weight decay; never on BatchNorm parameters or biases")
+    label_smoothing: float = _f(0.1, "label smoothing of the training loss")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    precision: str = _f("auto", "auto: bf16 where the GPU has it, fp16 + GradScaler on T4/V100, fp32 on CPU",
+                        PRECISIONS)
+    # --- regularisation on the batch (pipeline.augment) and EMA ---
+    mixup: float = _f(0.0, "mixup alpha (0: off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0: off)")
+    mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
+    mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup")
+    random_erase: float = _f(0.0, "random erasing probability per image (0: off)")
+    auto_augment: str = _f("none", "per-sample augmentation policy on the device", AUTO_AUGMENT)
+    ema: bool = _f(False, "keep an exponential moving average of the weights, evaluated each epoch")
+    ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
+    # --- evaluation ---
+    tta: bool = _f(False, "validation adds the logits of the horizontally flipped image")
+    # --- run, logs, checkpoints ---
+    run_name: str = _f("", "name of the run's folders under logs/, runs/ and checkpoints/ (default: arch-time)")
+    output_dir: str = _f(".", "root of logs/, runs/ and checkpoints/")
+    resume: bool = _f(False, "continue run --run-name from checkpoints/<run>/checkpoint.pt")
+    keep_last: int = _f(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
+    stop_after_epoch: int = _f(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
+    log_every: int = _f(50, "optimizer steps between TensorBoard points and progress-bar updates")
+    progress: bool = _f(True, "tqdm progress bar per epoch")
+    device: str = _f("auto", "auto: cuda if available, else cpu", DEVICES)
+    seed: int = _f(0, "seed of data order, augmentation and init")
+
+    # ---- derived values ----
+    @property
+    def progressive(self) -> bool:
+        return self.min_res > 0 and self.max_res > 0
+
+    def validate(self) -> list[str]:
+        """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                problems.append(f"--{flag_name(f.name)} must be one of {', '.join(choices)} (got {value!r})")
+        positive = ["workers", "batch_size", "epochs", "grad_accum", "log_every", "res", "val_res", "res_step"]
+        problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
+        if self.workers < 0:
+            problems.append("--workers must be >= 0")
+        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch"):
+            if getattr(self, n) < 0:
+                problems.append(f"--{flag_name(n)} must be >= 0")
+        if self.max_lr <= 0:
+            problems.append("--max-lr must be > 0")
+        if not 0 < self.pct_start < 1:
+            problems.append("--pct-start must be in (0, 1)")
+        if self.div_factor <= 0 or self.final_div_factor <= 0:
+            problems.append("--div-factor and --final-div-factor must be > 0")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append("--label-smoothing must be in [0, 1)")
+        if self.weight_decay < 0:
+            problems.append("--weight-decay must be >= 0")
+        if not 0 < self.ema_decay < 1:
+            problems.append("--ema-decay must be in (0, 1)")
+        for n in ("mix_prob", "mix_switch_prob", "random_erase"):
+            if not 0 <= getattr(self, n) <= 1:
+                problems.append(f"--{flag_name(n)} must be in [0, 1]")
+        if self.mixup < 0 or self.cutmix < 0:
+            problems.append("--mixup and --cutmix are Beta alphas and must be >= 0")
+        if (self.min_res > 0) != (self.max_res > 0):
+            problems.append("progressive resizing needs both --min-res and --max-res (or neither)")
+        if self.progressive:
+            if self.min_res > self.max_res:
+                problems.append("--min-res must be <= --max-res")
+            if not 0 <= self.start_ramp <= self.end_ramp:
+                problems.append("progressive resizing needs 0 <= --start-ramp <= --end-ramp")
+        if self.lr_schedule == "triangular" and not 0 < self.lr_peak_epoch < self.epochs:
+            problems.append("--lr-peak-epoch must be inside (0, --epochs)")
+        if self.lr_schedule in ("cosine", "step") and not 0 <= self.warmup_epochs < self.epochs:
+            problems.append("--warmup-epochs must be in [0, --epochs)")
+        if self.lr_schedule == "step" and sorted(self.step_epochs) != list(self.step_epochs):
+            problems.append("--step-epochs must be increasing")
+        if self.resume and not self.run_name:
+            problems.append("--resume needs --run-name (the run to continue)")
+        if self.stop_after_epoch >= self.epochs:
+            problems.append("--stop-after-epoch must be < --epochs (epochs are counted from 0)")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------------- fields and types
+
+
+def flag_name(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_HINTS: dict[str, Any] | None = None
+
+
+def field_types() -> dict[str, Any]:
+    global _HINTS  # a cache of typing.get_type_hints, which is slow-ish and pure
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(TrainConfig)
+    return _HINTS
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check a YAML/saved value against the field's type; ints are accepted for floats."""
+    kind = field_types()[name]
+    if isinstance(kind, types.GenericAlias) and kind.__origin__ is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of integers (got {value!r})")
+        return list(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false (got {value!r})")
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {name} must be {kind.__name__} (got {value!r})")
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    """Return cfg with `values` applied; unknown keys and wrong types raise ConfigError naming `where`."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    updates = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        updates[name] = _coerce(name, value, where)
+    return dataclasses.replace(cfg, **updates)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """`--config` accepts a file path or a preset name from configs/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIGS_DIR / name_or_path, CONFIGS_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(q.stem for q in CONFIGS_DIR.glob("*.yaml"))) or "none"
+    raise ConfigError(f"--config {name_or_path}: no such file, and no preset of that name in {CONFIGS_DIR} "
+                      f"(presets: {names})")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict[str, Any], where: str = "saved config") -> TrainConfig:
+    return apply_overrides(TrainConfig(), values, where)
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field. Defaults are SUPPRESSed so the namespace holds only what the user typed."""
+    p.add_argument("--config", default=None, help="YAML preset: a path or a name from configs/ (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        kind = field_types()[f.name]
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{meta['help']} (default: {default})"
+        flag = f"--{flag_name(f.name)}"
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif isinstance(kind, types.GenericAlias):
+            p.add_argument(flag, type=int, nargs="+", metavar="N", **common)
+        else:
+            p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if meta.get("choices") else
+                           f.name.upper(), **common)
+
+
+def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """defaults (or `base`, e.g. a resumed run's config) < --config preset < flags typed on the command line."""
+    cfg = base or TrainConfig()
+    if getattr(args, "config", None):
+        path = preset_path(args.config)
+        cfg = apply_overrides(cfg, load_yaml(path), str(path))
+    typed = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    return dataclasses.replace(cfg, **typed)
+
+
+def explicit_keys(args: argparse.Namespace) -> set[str]:
+    return {k for k in vars(args) if k in {f.name for f in dataclasses.fields(TrainConfig)}}

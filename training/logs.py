@@ -1,0 +1,97 @@
+"""What a run leaves for people and tools, written by rank 0 only.
+
+    logs/<run>/training_log.md     one table row per epoch (redrawn in full each epoch, so a resumed run keeps one table)
+    logs/<run>/training_log.json   the same records as a JSON list
+    logs/<run>/config.yaml         the resolved config
+    logs/<run>/loss.png accuracy.png lr.png
+    runs/<run>/                    TensorBoard: per-step train/* and per-epoch epoch/* scalars
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from training import plots
+
+COLUMNS = [  # (record key, header, format)
+    ("epoch", "Epoch", "{:d}"),
+    ("train_loss", "Train loss", "{:.4f}"),
+    ("train_top1", "Train top-1 %", "{:.2f}"),
+    ("val_loss", "Val loss", "{:.4f}"),
+    ("val_top1", "Top-1 %", "{:.2f}"),
+    ("val_top5", "Top-5 %", "{:.2f}"),
+    ("ema_top1", "EMA top-1 %", "{:.2f}"),
+    ("lr", "LR", "{:.5g}"),
+    ("res", "Res", "{:d}"),
+    ("epoch_time_s", "Epoch time (s)", "{:.1f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("data_wait_pct", "Data wait %", "{:.1f}"),
+]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(records: list[dict], title: str, header_lines: list[str]) -> str:
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in records)] or COLUMNS
+    lines = [f"# Training log: {title}", ""] + header_lines + [""]
+    lines.append("| " + " | ".join(h for _, h, _ in cols) + " |")
+    lines.append("|" + "|".join("---:" for _ in cols) + "|")
+    for r in records:
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class RunLog:
+    """Per-epoch records to Markdown/JSON/PNG and scalars to TensorBoard. Construct it on rank 0 only."""
+
+    def __init__(self, output_dir: Path, run: str, header_lines: list[str], records: list[dict] | None = None,
+                 tensorboard: bool = True):
+        self.run = run
+        self.dir = Path(output_dir) / "logs" / run
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.header_lines = header_lines
+        self.records: list[dict] = list(records or [])
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs" / run))
+
+    @staticmethod
+    def read_records(output_dir: Path, run: str) -> list[dict]:
+        path = Path(output_dir) / "logs" / run / "training_log.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def write_config(self, yaml_text: str) -> None:
+        _write_atomic(self.dir / "config.yaml", yaml_text)
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+    def epoch(self, record: dict, lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: int,
+              done_steps: int) -> None:
+        # A resumed run re-trains no finished epoch, but keep the table monotonic should one be repeated.
+        self.records = [r for r in self.records if r["epoch"] < record["epoch"]] + [record]
+        _write_atomic(self.dir / "training_log.json", json.dumps(self.records, indent=1) + "\n")
+        _write_atomic(self.dir / "training_log.md", markdown_table(self.records, self.run, self.header_lines))
+        plots.plot_metrics(self.records, self.dir, self.run)
+        plots.plot_lr(lr_at, total_steps, steps_per_epoch, done_steps, self.dir / "lr.png", self.run)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch" and v is not None:
+                    self.tb.add_scalar(f"epoch/{k}", v, record["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
