@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dataset_tools.files import BadImage, load_rgb
+from dataset_tools.files import BadImage, load_rgb, turbojpeg_decoder
 
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default: holds one raw 1600 x 1600 image
 
@@ -54,12 +54,15 @@ def _page_size_for(max_side: int | None) -> int:
 
 def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params, parent_pid):
     """Runs in a forked process: decode, encode into the file via the shared allocator, report failures."""
+    import cv2
     from ffcv.fields import IntField, RGBImageField
 
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own thread pool would only oversubscribe
     max_side, quality = params
     jpg = RGBImageField(write_mode="jpg", jpeg_quality=quality)
     raw = RGBImageField(write_mode="raw")
     labels = IntField()
+    decoder = turbojpeg_decoder()
     metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
     image_col, label_col = metadata_type.names  # FFCV names the metadata columns by position ('f0', 'f1')
     failures = []
@@ -75,7 +78,7 @@ def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params,
                 break
             for dest, path, label, as_jpeg in chunk:
                 try:
-                    image = load_rgb(path, max_side)
+                    image = load_rgb(path, max_side, decoder)
                 except BadImage as e:
                     failures.append((dest, path, str(e)))
                     continue
