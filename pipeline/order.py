@@ -53,24 +53,50 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.nd
     return rng.permutation(num_samples).astype(np.int64)
 
 
+def page_grouped_order(sample_pages: np.ndarray, seed: int, epoch: int, window_pages: int) -> np.ndarray:
+    """A quasi-random order for reading a file bigger than RAM: pages in a (seed, epoch) shuffled order, samples
+    shuffled within each window of `window_pages` consecutive pages, so a stretch of batches needs few pages."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x9A6E])
+    pages = np.unique(sample_pages)
+    position = np.zeros(int(pages.max()) + 1, dtype=np.int64)
+    position[pages[rng.permutation(len(pages))]] = np.arange(len(pages))
+    window = position[sample_pages] // max(1, window_pages)
+    return np.lexsort((rng.random(len(sample_pages)), window)).astype(np.int64)
+
+
 def plan_epoch(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
-               batch_size: int, drop_last: bool) -> EpochPlan:
+               batch_size: int, drop_last: bool, order: np.ndarray | None = None,
+               shard: str = "interleave") -> EpochPlan:
+    """This rank's part of the epoch. `order`: a precomputed order of all samples (default `epoch_order`).
+    shard="interleave": rank r takes every world_size-th sample (like DistributedSampler); "block": rank r takes the
+    r-th contiguous block, which keeps a page-grouped order's locality per rank. Padding (drop_last=False) always
+    sits at the end of a rank's samples."""
+    if shard not in ("interleave", "block"):
+        raise ValueError(f"shard must be interleave or block, got {shard!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_samples < 1:
         raise ValueError("the dataset is empty")
-    order = epoch_order(num_samples, seed, epoch, shuffle)
+    if order is None:
+        order = epoch_order(num_samples, seed, epoch, shuffle)
+    elif len(order) != num_samples:
+        raise ValueError(f"order has {len(order)} entries for {num_samples} samples")
     if drop_last:
         per_rank = num_samples // (world_size * batch_size) * batch_size
         if per_rank == 0:
             raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} "
                              "ranks with drop_last=True; lower the batch size or use drop_last=False")
-        mine = order[: per_rank * world_size][rank::world_size]
-        return EpochPlan(np.ascontiguousarray(mine), per_rank, batch_size)
+        used = order[: per_rank * world_size]
+        mine = used[rank::world_size] if shard == "interleave" else used[rank * per_rank:(rank + 1) * per_rank]
+        return EpochPlan(np.ascontiguousarray(mine, dtype=np.int64), per_rank, batch_size)
     per_rank = math.ceil(num_samples / world_size)
     padded = np.resize(order, per_rank * world_size)  # np.resize repeats from the start
-    mine = padded[rank::world_size]
-    num_real = len(range(rank, num_samples, world_size))
-    return EpochPlan(np.ascontiguousarray(mine), num_real, batch_size)
+    if shard == "interleave":
+        mine = padded[rank::world_size]
+        num_real = len(range(rank, num_samples, world_size))
+    else:
+        mine = padded[rank * per_rank:(rank + 1) * per_rank]
+        num_real = min(max(num_samples - rank * per_rank, 0), per_rank)
+    return EpochPlan(np.ascontiguousarray(mine, dtype=np.int64), num_real, batch_size)

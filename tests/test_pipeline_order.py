@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys, uniforms
-from pipeline.order import batches_per_rank, epoch_order, plan_epoch
+from pipeline.order import batches_per_rank, epoch_order, page_grouped_order, plan_epoch
 
 
 def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch_only():
@@ -99,3 +99,23 @@ def test_center_crop_box_matches_torchvision_resize_then_center_crop(h, w):
     assert (top, left) == ((h - side) // 2, (w - side) // 2)
     # torchvision Resize(R / 0.875) + CenterCrop(R) keeps the same centred square, up to one pixel of rounding
     assert abs(top + ch / 2 - h / 2) <= 1 and abs(left + cw / 2 - w / 2) <= 1
+
+
+def test_page_grouped_order_keeps_windows_of_pages_together():
+    pages = np.repeat(np.arange(40), 25)  # 40 pages of 25 samples
+    order = page_grouped_order(pages, seed=0, epoch=2, window_pages=4)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert np.array_equal(order, page_grouped_order(pages, seed=0, epoch=2, window_pages=4))
+    assert not np.array_equal(order, page_grouped_order(pages, seed=0, epoch=3, window_pages=4))
+    for start in range(0, 1000, 100):  # each run of 4 pages' worth of samples touches exactly 4 pages
+        assert len(np.unique(pages[order[start:start + 100]])) == 4
+    assert len(np.unique(pages[order[:25]])) > 1  # ... and mixes them
+
+
+def test_block_shards_are_contiguous_runs_of_the_order():
+    order = np.arange(100)[::-1].copy()
+    plans = [plan_epoch(100, seed=0, epoch=0, shuffle=True, rank=r, world_size=3, batch_size=8, drop_last=False,
+                        order=order, shard="block") for r in range(3)]
+    assert [p.indices.tolist() for p in plans[:2]] == [order[:34].tolist(), order[34:68].tolist()]
+    assert plans[2].num_real == 32 and len(plans[2].indices) == 34
+    assert {p.num_batches for p in plans} == {5}

@@ -1,0 +1,109 @@
+"""ffcv backend specifics: keyed crops reach the compiled decoder, same order as torchvision, process cache with the
+page-grouped order under DDP, resolution changes without recompiling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _pipeline_helpers import epoch_ids
+from conftest import requires_ffcv
+from PIL import Image
+
+from pipeline import build_loader, denormalize
+from pipeline.crops import random_resized_crop_boxes, sample_keys
+
+pytestmark = [requires_ffcv,
+              pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")]
+
+RAMP_H, RAMP_W = 200, 250
+
+
+@pytest.fixture(scope="module")
+def ramp_betons(tmp_path_factory) -> Path:
+    """24 copies of one image with R = x, G = y (half stored as JPEG, half raw, as rn50 convert does by default)."""
+    from dataset_tools.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("ramp")
+    yy, xx = np.mgrid[0:RAMP_H, 0:RAMP_W]
+    image = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=2).astype(np.uint8))
+    for split in ("train", "val"):
+        d = root / split / "n00000000"
+        d.mkdir(parents=True)
+        for i in range(24):
+            image.save(d / f"ramp_{i:02d}.png")
+    out = tmp_path_factory.mktemp("ramp_betons")
+    convert(root, out, ["train", "val"], ConvertOptions(workers=1, progress=False))
+    return out
+
+
+def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons):
+    res = 50
+    loader = build_loader(ramp_betons, batch_size=8, resolution=res, workers=2, device="cpu", dtype=torch.float32,
+                          seed=11, verbose=False)
+    loader.set_epoch(4)
+    plan = loader.plan(4)
+    batches = [denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader]
+    out = np.concatenate(batches)
+    boxes, flips = random_resized_crop_boxes(np.full(24, RAMP_H), np.full(24, RAMP_W), sample_keys(11, 4, plan.indices))
+    assert 3 <= flips.sum() <= 21
+    for img, (top, left, h, w), flip in zip(out, boxes, flips, strict=True):
+        x_first, x_last = img[0, 0, 0], img[0, -1, 0]
+        if flip:
+            x_first, x_last = x_last, x_first
+        tol = w / res + 4  # a resized pixel spans w / res source pixels; JPEG q90 adds a few levels
+        assert abs(x_first - left) <= tol and abs(x_last - (left + w - 1)) <= tol
+        tol = h / res + 4
+        assert abs(img[0, 0, 1] - top) <= tol and abs(img[-1, 0, 1] - (top + h - 1)) <= tol
+    loader.set_epoch(4)
+    again = np.concatenate([denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader])
+    assert np.array_equal(out, again)  # pixel for pixel, whatever thread decoded which sample
+
+
+def test_val_is_the_centre_crop(ramp_betons):
+    loader = build_loader(ramp_betons, split="val", batch_size=8, resolution=35, workers=1, device="cpu",
+                          dtype=torch.float32, drop_last=False, verbose=False)
+    images, _ = next(iter(loader))
+    img = denormalize(images).permute(0, 2, 3, 1).numpy()
+    side = int(224 / 256 * RAMP_H)  # 175
+    top, left = (RAMP_H - side) // 2, (RAMP_W - side) // 2
+    assert np.all(np.abs(img[:, 0, 0, 0] - left) <= side / 35 + 4)
+    assert np.all(np.abs(img[:, -1, -1, 1] - (top + side - 1)) <= side / 35 + 4)
+
+
+def test_same_order_as_the_torchvision_backend(coded_root, coded_betons):
+    kw = dict(batch_size=8, resolution=24, device="cpu", dtype=torch.float32, seed=2, rank=1, world_size=2,
+              verbose=False)
+    ffcv = build_loader(coded_betons, backend="ffcv", workers=2, **kw)
+    tv = build_loader(coded_root, backend="torchvision", workers=0, **kw)
+    ffcv.set_epoch(3)
+    tv.set_epoch(3)
+    assert epoch_ids(ffcv) == epoch_ids(tv)
+
+
+def test_resolution_change_reuses_the_compiled_pipeline(coded_betons):
+    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
+                          verbose=False)
+    assert next(iter(loader))[0].shape[-1] == 24
+    code = loader._ffcv.code
+    loader.set_resolution(40)
+    assert next(iter(loader))[0].shape[-1] == 40
+    assert loader._ffcv.code is code
+
+
+def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
+    ids = []
+    for rank in range(2):
+        loader = build_loader(coded_betons, batch_size=6, resolution=24, workers=2, device="cpu",
+                              dtype=torch.float32, rank=rank, world_size=2, os_cache=False, order="quasi_random",
+                              verbose=False)
+        assert len(loader) == 4
+        loader.set_epoch(1)
+        first = epoch_ids(loader)
+        loader.set_epoch(1)
+        assert epoch_ids(loader) == first
+        ids.append(sum(first, []))
+    assert len(ids[0]) == len(ids[1]) == 24
+    assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 48
