@@ -12,30 +12,41 @@ APT_PACKAGES=(libturbojpeg0-dev libopencv-dev pkg-config)
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# --- 1. system packages (FFCV 1.0.2 compiles against libjpeg-turbo and OpenCV, found through pkg-config)
-have_system_packages() {
+# --- 1. system packages: FFCV 1.0.2 compiles against libjpeg-turbo and OpenCV (found through pkg-config), with g++
+#        and the Python headers; a Debian/Ubuntu system Python also needs its venv package.
+have_pkgconfig_libs() {
   command -v pkg-config >/dev/null 2>&1 &&
     pkg-config --exists libturbojpeg 2>/dev/null &&
     { pkg-config --exists opencv4 2>/dev/null || pkg-config --exists opencv 2>/dev/null; }
 }
-if [ -z "${RN50_SKIP_APT:-}" ] && ! have_system_packages; then
+missing=()
+have_pkgconfig_libs || missing+=("${APT_PACKAGES[@]}")
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if command -v "$PYTHON" >/dev/null 2>&1; then
+  pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || true)
+  "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || missing+=("python${pyver}-dev")
+  "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=("python${pyver}-venv")
+fi
+if [ -z "${RN50_SKIP_APT:-}" ] && [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"
   else
-    echo "[setup] error: FFCV needs the system packages ${APT_PACKAGES[*]}, and this user can neither run apt-get" >&2
+    echo "[setup] error: the system packages ${missing[*]} are needed, and this user can neither run apt-get" >&2
     echo "[setup]        as root nor use sudo. Ask an administrator to run:" >&2
-    echo "[setup]          apt-get install -y ${APT_PACKAGES[*]}" >&2
+    echo "[setup]          apt-get install -y ${missing[*]}" >&2
     echo "[setup]        then run 'make setup' again (or RN50_SKIP_APT=1 if they are installed elsewhere)." >&2
     exit 1
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "[setup] error: no apt-get here; install the equivalents of ${APT_PACKAGES[*]} (libjpeg-turbo and OpenCV" >&2
-    echo "[setup]        development files, pkg-config), then run 'make setup' again with RN50_SKIP_APT=1." >&2
+    echo "[setup] error: no apt-get here; install the equivalents of ${missing[*]} (libjpeg-turbo and OpenCV" >&2
+    echo "[setup]        development files, pkg-config, a C++ compiler, Python headers), then run 'make setup'" >&2
+    echo "[setup]        again with RN50_SKIP_APT=1." >&2
     exit 1
   fi
-  say "installing ${APT_PACKAGES[*]} with apt-get"
+  say "installing ${missing[*]} with apt-get"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
-  have_system_packages || { echo "[setup] error: pkg-config still cannot find libturbojpeg and opencv4" >&2; exit 1; }
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  have_pkgconfig_libs || { echo "[setup] error: pkg-config still cannot find libturbojpeg and opencv4" >&2; exit 1; }
 fi
 
 # --- 2. virtual environment
