@@ -291,3 +291,38 @@ def test_killed_conversion_leaves_no_final_file(tmp_path):
     assert not list(out.glob(".train.beton.tmp-*"))
     _, labels = decode_beton(out / "train.beton")
     assert len(labels) == 160
+
+
+def test_real_photo_encodings_round_trip(tmp_path):
+    """A real photograph (matplotlib's sample image) in the encodings real downloads use."""
+    import cv2
+    from matplotlib import cbook
+
+    photo = Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    d = tmp_path / "data" / "train" / "n00000001"
+    d.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": ImageFolder ignores it, so must we (labels and pixels as stored)
+    photo.save(d / "a_q75.JPEG", quality=75)
+    photo.save(d / "b_progressive.JPEG", quality=92, progressive=True)
+    photo.save(d / "c_444.JPEG", quality=95, subsampling=0)
+    photo.save(d / "d_exif.JPEG", quality=90, exif=exif)
+    photo.convert("CMYK").save(d / "e_cmyk.JPEG", quality=95)
+    photo.resize((photo.width * 3, photo.height * 3), Image.BICUBIC).save(d / "f_big.JPEG", quality=90)
+    photo.save(d / "g.webp", quality=95)
+    photo.save(d / "h.bmp")
+    from dataset_tools.convert import ConvertOptions, convert
+
+    report = convert(tmp_path / "data", tmp_path / "out", ["train"], ConvertOptions(workers=2, progress=False,
+                                                                                     compress_prob=0.0))
+    assert report["train"]["written"] == 8 and not report["train"]["skipped"]
+    images, labels = decode_beton(tmp_path / "out" / "train.beton")
+    for path, image in zip(sorted(d.iterdir()), images):
+        ref = np.asarray(Image.open(path).convert("RGB"))
+        h, w = ref.shape[:2]
+        if max(h, w) > 500:
+            r = 500 / max(h, w)
+            ref = cv2.resize(ref, (int(r * w), int(r * h)), interpolation=cv2.INTER_AREA)
+        assert image.shape == ref.shape, path.name
+        err = np.abs(image.astype(np.int16) - ref).mean()
+        assert err < 2.5, (path.name, err)  # stored raw: only decoder (IDCT, DCT-domain scaling) differences
