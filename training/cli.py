@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("dataset_tools.convert", "write an ImageNet folder to FFCV .beton files"),
     "inspect": ("dataset_tools.inspect_beton", "summarise a .beton and draw a grid of its images"),
     "bench": ("benchmarks.cli", "benchmarks (convert; more to come)"),
+    "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
+    "lr-find": ("training.lr_finder", "LR range test: plot and suggested max LR"),
+    "eval": ("training.evaluate", "top-1/top-5 of a checkpoint on the val split"),
 }
 
 

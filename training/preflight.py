@@ -1,0 +1,71 @@
+"""Checks that run before torch is imported, so a wrong path or class count fails in well under a second.
+
+They read only the folder layout (`classes.json`, class folder names), never images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from dataset_tools.files import list_classes
+
+from training.config import TrainConfig
+
+
+class DataError(ValueError):
+    """The data folder cannot feed this run; the message names the path and the fix."""
+
+
+def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[str, ...] = ("train", "val")
+                    ) -> list[str]:
+    """The class list (index = label) the chosen loader will see for `splits`, from the layout alone."""
+    d = Path(data_dir)
+    if not str(data_dir):
+        raise DataError("--data-dir is required (a folder with train.beton/val.beton, or train/ and val/)")
+    if not d.is_dir():
+        raise DataError(f"--data-dir {d}: no such folder")
+    betons = all((d / f"{s}.beton").is_file() for s in splits)
+    folders = all((d / s).is_dir() for s in splits)
+    wanted = " and ".join(f"{s}.beton" for s in splits)
+    if loader == "ffcv" or (loader == "auto" and betons and importlib.util.find_spec("ffcv") is not None):
+        if not betons:
+            raise DataError(f"--data-dir {d}: --loader ffcv needs {wanted} there "
+                            f"(rn50 convert --data-dir IMAGENET --out-dir {d} writes them)")
+        path = d / "classes.json"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; rn50 convert writes it next to the .beton files")
+        classes = json.loads(path.read_text())
+        if not isinstance(classes, list) or not classes:
+            raise DataError(f"{path}: expected a non-empty JSON list of wnids")
+        return classes
+    if not folders:
+        found = sorted(p.name for p in d.iterdir())[:8]
+        raise DataError(f"--data-dir {d}: expected {' and '.join(s + '/' for s in splits)} class folders"
+                        + (f" or {wanted}" if loader == "auto" else "") + f"; found {found or 'nothing'}")
+    # Labels follow train/'s sorted class folders when it exists (as the loaders do), so val/ must not add classes.
+    reference = d / "train" if (d / "train").is_dir() else d / splits[0]
+    classes = list_classes(reference)
+    if not classes:
+        raise DataError(f"{reference}: no class folders (expected {reference.name}/<wnid>/*.JPEG)")
+    for s in splits:
+        found = list_classes(d / s)
+        if not found:
+            raise DataError(f"{d / s}: no class folders" + ("; a flat ILSVRC2012 val folder is sorted by "
+                                                            "rn50 organize-val" if s == "val" else ""))
+        stray = sorted(set(found) - set(classes))
+        if stray:
+            raise DataError(f"{d / s}: classes {stray[:5]} are not in {reference.name}/ ({len(stray)} in all); "
+                            "the splits must share one class list")
+    return classes
+
+
+def check_data(cfg: TrainConfig) -> int:
+    """Number of classes; raises DataError when the layout or the class count does not fit the config."""
+    classes = dataset_classes(cfg.data_dir, cfg.loader)
+    if cfg.num_classes and cfg.num_classes != len(classes):
+        raise DataError(f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "
+                        f"--num-classes {cfg.num_classes}; pass --num-classes {len(classes)} (or 0 to take it from "
+                        "the data), or point --data-dir at the right dataset")
+    return len(classes)

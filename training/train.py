@@ -1,0 +1,73 @@
+"""`rn50 train`: train a ResNet on ImageNet-layout data, on one GPU, N GPUs, several nodes or the CPU.
+
+    rn50 train --data-dir /data/betons --config t4_budget                      # one GPU (or CPU)
+    torchrun --standalone --nproc_per_node 8 -m training --config rn50_8xa100_40ep --data-dir /data/betons
+    rn50 train --run-name my-run --resume                                       # continue from the last epoch
+
+The same code runs with and without torchrun; --batch-size is per GPU. Outputs under --output-dir (default .):
+logs/<run>/ (training_log.md/.json, loss/accuracy/lr .png, config.yaml), runs/<run>/ (TensorBoard),
+checkpoints/<run>/ (checkpoint.pt, model_XXX.pt, best.pt). Flags override the --config preset; every flag is also a
+YAML key (--max-lr -> max_lr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.config import ConfigError, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
+from training.preflight import DataError, check_data
+
+PROG = "rn50 train"
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(p)
+    return p
+
+
+def run_dir(cfg: TrainConfig, kind: str) -> Path:
+    return Path(cfg.output_dir) / kind / cfg.run_name
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < saved config of a resumed run < --config preset < typed flags; then the cheap checks.
+    Raises ConfigError or DataError with a one-line message."""
+    base = None
+    if getattr(args, "resume", False):
+        if not getattr(args, "run_name", ""):
+            raise ConfigError("--resume needs --run-name (the run to continue)")
+        probe = TrainConfig(run_name=args.run_name, output_dir=getattr(args, "output_dir", "."))
+        saved = run_dir(probe, "checkpoints") / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {saved} not found; is --output-dir the one the run used? "
+                              f"(runs there: {', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})")
+        base = from_dict(load_yaml(saved), str(saved))
+    cfg = resolve(args, base)
+    problems = cfg.validate()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    check_data(cfg)
+    if cfg.run_name and not cfg.resume and (run_dir(cfg, "checkpoints") / "checkpoint.pt").exists():
+        raise ConfigError(f"run {cfg.run_name!r} already has {run_dir(cfg, 'checkpoints') / 'checkpoint.pt'}; "
+                          "pass --resume to continue it, or choose another --run-name")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except (ConfigError, DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    from training.trainer import train  # torch and the loaders: imported only once the arguments are known good
+
+    return train(cfg, argv=sys.argv if argv is None else [PROG, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

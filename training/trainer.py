@@ -1,0 +1,246 @@
+"""The training run: set up (distributed context, loaders, model, optimizer, resume), then epochs of
+train -> validate -> checkpoint -> log. `train(cfg)` is what `rn50 train` and `torchrun -m training` call once the
+config has passed the cheap checks in training.train.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import checkpoint as ckpt
+from training.config import TrainConfig, dump_yaml, to_dict
+from training.distributed import DistContext, all_gather_object, broadcast_object, cleanup, init_distributed
+from training.ema import ModelEMA
+from training.engine import NonFiniteLoss, TrainParts, evaluate, make_scaler, resolve_precision, train_one_epoch
+from training.logs import RunLog
+from training.model import build_model, build_optimizer
+from training.schedules import build_schedule, train_resolution
+
+
+def log0(ctx: DistContext, msg: str) -> None:
+    if ctx.is_main:
+        print(msg, flush=True)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Model init uses the same seed on every rank (DDP broadcasts rank 0's weights anyway); the other RNGs are
+    offset by rank so nothing random is accidentally identical across ranks."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def weight_fingerprint(model: nn.Module) -> float:
+    """A scalar that differs when two copies of the model's parameters differ (for the DDP in-sync check)."""
+    with torch.no_grad():
+        total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+        for i, p in enumerate(model.parameters()):
+            total += (i + 1) * p.double().sum() + p.double().square().sum()
+    return float(total)
+
+
+def build_batch_transform(cfg: TrainConfig, num_classes: int, ctx: DistContext):
+    """mixup/cutmix, random erasing and the per-sample policy from pipeline.augment, or None when all are off."""
+    if not (cfg.mixup or cfg.cutmix or cfg.random_erase or cfg.auto_augment != "none"):
+        return None, None
+    raise RuntimeError("--mixup/--cutmix/--random-erase/--auto-augment need pipeline.augment, which this checkout "
+                       "does not have yet")
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx, argv or sys.argv)
+    except NonFiniteLoss as e:
+        log0(ctx, f"rn50 train: error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log0(ctx, "rn50 train: interrupted; checkpoints of finished epochs are intact (--resume continues)")
+        return 130
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
+    from pipeline import build_loader
+
+    t_setup = time.perf_counter()
+    seed_everything(cfg.seed, ctx.rank)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    precision = resolve_precision(cfg.precision, ctx.device)
+    if not cfg.run_name:
+        cfg.run_name = broadcast_object(f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}", ctx)
+    run = cfg.run_name
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints" / run
+
+    # ---- data
+    start_epoch = 0
+    resume_state = None
+    if cfg.resume:
+        resume_state = ckpt.load_checkpoint(ckpt_dir / ckpt.LATEST, map_location=ctx.device)
+        start_epoch = int(resume_state["next_epoch"])
+    res = train_resolution(cfg, start_epoch)
+    common = dict(backend=cfg.loader, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
+                  rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, verbose=ctx.is_main)
+    train_loader = build_loader(cfg.data_dir, split="train", batch_size=cfg.batch_size, resolution=res,
+                                drop_last=True, **common)
+    val_loader = build_loader(cfg.data_dir, split="val", batch_size=cfg.val_batch_size or cfg.batch_size,
+                              resolution=cfg.val_res, drop_last=False, **common)
+    if train_loader.classes != val_loader.classes:
+        raise SystemExit(f"rn50 train: error: train and val class lists differ in {cfg.data_dir}")
+    num_classes = train_loader.num_classes
+    if cfg.num_classes and cfg.num_classes != num_classes:
+        raise SystemExit(f"rn50 train: error: {cfg.data_dir} has {num_classes} classes, --num-classes says "
+                         f"{cfg.num_classes}")
+    cfg.num_classes = num_classes
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise SystemExit(f"rn50 train: error: {len(train_loader)} batches per rank cannot make one step of "
+                         f"--grad-accum {cfg.grad_accum}; lower --batch-size or --grad-accum")
+
+    # ---- model, optimizer, schedule
+    raw_model = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool,
+                            cfg.channels_last).to(ctx.device)
+    optimizer, counts = build_optimizer(raw_model, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    scaler = make_scaler(precision, ctx.device)
+    ema = ModelEMA(raw_model, cfg.ema_decay) if cfg.ema else None
+    schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
+    step, best_top1 = 0, -1.0
+    records: list[dict] = []
+    if resume_state is not None:
+        raw_model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scaler.load_state_dict(resume_state["scaler"])
+        if ema is not None:
+            if resume_state.get("ema") is None:
+                log0(ctx, "warning: the checkpoint has no EMA; starting one from the current weights")
+                ema = ModelEMA(raw_model, cfg.ema_decay)
+            else:
+                ema.load_state_dict(resume_state["ema"])
+        step = int(resume_state["step"])
+        best_top1 = float(resume_state.get("best_top1", -1.0))
+        saved = resume_state["scheduler"]
+        if saved["total_steps"] != schedule.total_steps or saved["max_lr"] != schedule.max_lr:
+            log0(ctx, f"warning: the LR schedule changed on resume (total steps {saved['total_steps']} -> "
+                      f"{schedule.total_steps}, max LR {saved['max_lr']:.4g} -> {schedule.max_lr:.4g})")
+        rngs = resume_state.get("rng") or []
+        if len(rngs) == ctx.world_size:
+            ckpt.set_rng_state(rngs[ctx.rank])
+        else:
+            log0(ctx, f"warning: RNG states saved by {len(rngs)} ranks, running {ctx.world_size}; reseeding")
+        if ctx.is_main:
+            records = RunLog.read_records(out, run)
+        log0(ctx, f"resumed {ckpt_dir / ckpt.LATEST}: epoch {start_epoch}, step {step}, best top-1 {best_top1:.2f}")
+    model: nn.Module = raw_model
+    if cfg.compile:
+        model = torch.compile(raw_model)
+    eval_model = model  # compiled (if asked) but never the DDP wrapper
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    parts = TrainParts(model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, schedule=schedule,
+                       precision=precision, label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum, ema=ema)
+    batch_transform, aug_generator = build_batch_transform(cfg, num_classes, ctx)
+
+    # ---- logs (rank 0 only)
+    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
+    header = [
+        f"- command: `{' '.join(argv)}`",
+        f"- hardware: {ctx.world_size} x {device_name(ctx.device)}; torch {torch.__version__}",
+        f"- data: {cfg.data_dir} ({train_loader.backend} loader), {train_loader.num_samples} train / "
+        f"{val_loader.num_samples} val images, {num_classes} classes",
+        f"- model: {cfg.arch}{' + BlurPool' if cfg.blurpool else ''}, {precision.name}, "
+        f"{'channels_last' if cfg.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}",
+        f"- batch: {cfg.batch_size} per GPU x {ctx.world_size} x {cfg.grad_accum} accumulation = {global_batch}; "
+        f"{steps_per_epoch} steps per epoch",
+        f"- LR: {cfg.lr_schedule}, max {schedule.max_lr:.4g}; weight decay {cfg.weight_decay:g} on "
+        f"{counts['decay_tensors']} tensors, none on {counts['no_decay_tensors']} (BatchNorm, biases); "
+        f"label smoothing {cfg.label_smoothing:g}",
+        "- data wait %: share of the epoch spent blocked on the loader (time in next())",
+    ]
+    runlog = None
+    if ctx.is_main:
+        runlog = RunLog(out, run, header, records)
+        runlog.write_config(dump_yaml(cfg))
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "config.yaml").write_text(dump_yaml(cfg))
+        for line in header:
+            print(line.replace("- ", "", 1), flush=True)
+        print(f"setup took {time.perf_counter() - t_setup:.1f} s; training epochs {start_epoch}..{cfg.epochs - 1}",
+              flush=True)
+
+    def on_log(s: int, scalars: dict) -> None:
+        if runlog is not None:
+            runlog.step(s, scalars)
+
+    # ---- epochs
+    for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        res = train_resolution(cfg, epoch)
+        train_loader.set_resolution(res)
+        train_loader.set_epoch(epoch, 0)
+        if aug_generator is not None:
+            aug_generator.manual_seed(hash((cfg.seed, epoch, ctx.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, batch_transform=batch_transform,
+                                log_every=cfg.log_every, on_log=on_log, progress=cfg.progress)
+        step = (epoch + 1) * steps_per_epoch
+        val = evaluate(eval_model, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch)
+        ema_val = evaluate(ema.module, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch) if ema else None
+        record = {
+            "epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val["loss"],
+            "val_top1": val["top1"], "val_top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None,
+            "lr": stats.lr, "res": res, "val_res": cfg.val_res, "epoch_time_s": time.perf_counter() - t_epoch,
+            "train_time_s": stats.seconds, "images_per_s": stats.images_per_s, "data_wait_pct": stats.data_wait_pct,
+            "step": step, "val_samples": val["samples"],
+        }
+        is_best = val["top1"] > best_top1
+        best_top1 = max(best_top1, val["top1"])
+        # every rank takes part in the gathers; only rank 0 writes
+        rngs = all_gather_object(ckpt.rng_state(), ctx)
+        fingerprints = all_gather_object(weight_fingerprint(raw_model), ctx)
+        if len(set(fingerprints)) > 1:
+            log0(ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
+        if ctx.is_main:
+            state = {
+                "format": ckpt.FORMAT_VERSION, "run_name": run, "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(step),
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch,
+                "next_epoch": epoch + 1, "step": step,
+                "loader": {"epoch": epoch + 1, "batch": 0, "seed": cfg.seed,
+                           "resolution": train_resolution(cfg, min(epoch + 1, cfg.epochs - 1))},
+                "rng": rngs, "rank_weight_fingerprints": fingerprints, "config": to_dict(cfg),
+                "classes": train_loader.classes, "best_top1": best_top1, "metrics": record,
+            }
+            ckpt.save_checkpoint(state, ckpt_dir, epoch, is_best, cfg.keep_last)
+            runlog.epoch(record, schedule.lr_at, schedule.total_steps, steps_per_epoch, step)
+            ema_txt = f", EMA top-1 {ema_val['top1']:.2f}" if ema_val else ""
+            print(f"epoch {epoch}: train loss {stats.loss:.4f}, val loss {val['loss']:.4f}, top-1 {val['top1']:.2f}%, "
+                  f"top-5 {val['top5']:.2f}%{ema_txt}, {res} px, {record['epoch_time_s']:.1f} s, "
+                  f"{stats.images_per_s:.0f} img/s, data wait {stats.data_wait_pct:.0f}%", flush=True)
+        if epoch == cfg.stop_after_epoch:
+            log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
+            break
+    if runlog is not None:
+        runlog.close()
+        print(f"logs: {runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
+              f"TensorBoard: tensorboard --logdir {out / 'runs'}\ncheckpoints: {ckpt_dir}", flush=True)
+    return 0
