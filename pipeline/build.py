@@ -52,12 +52,14 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
                  drop_last: bool = True, *, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), val_crop_ratio: float = VAL_CROP_RATIO,
                  os_cache: bool = True, order: str = "random", hw_decoder_load: float = 0.65,
-                 verbose: bool = True) -> Loader:
+                 skip_listed_in: str | Path | None = None, verbose: bool = True) -> Loader:
     """A loader yielding (images (B, 3, R, R) channels_last `dtype` normalised, labels (B,) int64) on `device`.
 
     scale/ratio: RandomResizedCrop ranges (train). val_crop_ratio: centre crop side / shorter side (val).
     os_cache, order: ffcv only (see pipeline.ffcv_loader). hw_decoder_load: dali only (share of JPEGs sent to the
-    A100/H100 hardware decoder). verbose: print the chosen backend (rank 0 only)."""
+    A100/H100 hardware decoder). skip_listed_in: a convert_report.json whose skipped (undecodable) files the folder
+    backends leave out, so they see the samples the beton has and DALI does not stop on them.
+    verbose: print the chosen backend (rank 0 only)."""
     data_dir = Path(data_dir)
     device = torch.device(device)
     if not data_dir.is_dir():
@@ -73,7 +75,8 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
     if backend == "torchvision":
         from pipeline.torchvision_loader import TorchvisionLoader
 
-        loader: Loader = TorchvisionLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, **common)
+        loader: Loader = TorchvisionLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio,
+                                           skip_listed_in=skip_listed_in, **common)
     elif backend == "ffcv":
         from pipeline.ffcv_loader import FFCVLoader
 
@@ -83,7 +86,7 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
         from pipeline.dali_loader import DALILoader
 
         loader = DALILoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio,
-                            hw_decoder_load=hw_decoder_load, **common)
+                            hw_decoder_load=hw_decoder_load, skip_listed_in=skip_listed_in, **common)
     if verbose and rank == 0:
         print(f"pipeline: {split} backend {backend} ({why})", flush=True)
     return loader

@@ -18,16 +18,28 @@ def folder_classes(data_dir: Path, split: str) -> list[str]:
     return classes
 
 
-def folder_listing(data_dir: Path, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label)]) in ImageFolder order."""
+def folder_listing(data_dir: Path, split: str, exclude: set[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) in ImageFolder order, leaving out the resolved paths in `exclude`."""
     split_dir = data_dir / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: no such folder; --data-dir must hold {split}/<wnid>/*.JPEG")
     classes = folder_classes(data_dir, split)
     listing = scan_split(split_dir, classes)
-    if not listing.files:
+    files = listing.files
+    if exclude:
+        files = [(p, label) for p, label in files if str(Path(p).resolve()) not in exclude]
+    if not files:
         raise FileNotFoundError(f"{split_dir}: no images in its class folders (extensions: .JPEG .jpg .png ...)")
-    return classes, listing.files
+    return classes, files
+
+
+def skipped_in_report(report: Path) -> set[str]:
+    """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
+    if not report.is_file():
+        raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
+    data = json.loads(report.read_text())
+    return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
+            for item in part.get("skipped", [])}
 
 
 def beton_classes(data_dir: Path) -> list[str]:

@@ -88,10 +88,12 @@ class TorchvisionLoader(Loader):
     def __init__(self, data_dir: str | Path, *, split: str, batch_size: int, resolution: int, workers: int,
                  device: torch.device | str, dtype: torch.dtype, rank: int, world_size: int, seed: int,
                  drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 val_crop_ratio: float = VAL_CROP_RATIO, prefetch_factor: int = 2) -> None:
-        from pipeline.folders import folder_listing
+                 val_crop_ratio: float = VAL_CROP_RATIO, prefetch_factor: int = 2,
+                 skip_listed_in: str | Path | None = None) -> None:
+        from pipeline.folders import folder_listing, skipped_in_report
 
-        classes, files = folder_listing(Path(data_dir), split)
+        exclude = skipped_in_report(Path(skip_listed_in)) if skip_listed_in else set()
+        classes, files = folder_listing(Path(data_dir), split, exclude)
         super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=len(files),
                          classes=classes, drop_last=drop_last, rank=rank, world_size=world_size, seed=seed,
                          device=device, dtype=dtype)

@@ -7,13 +7,14 @@ from collections import Counter
 import pytest
 import torch
 from _pipeline_helpers import colour_error, epoch_ids, sample_ids
-from conftest import CODED_CLASSES, CODED_TRAIN_PER_CLASS, CODED_VAL_PER_CLASS, requires_ffcv
+from conftest import CODED_CLASSES, CODED_TRAIN_PER_CLASS, CODED_VAL_PER_CLASS, requires_dali, requires_ffcv
 
 from pipeline import build_loader
 
 N_TRAIN = CODED_CLASSES * CODED_TRAIN_PER_CLASS  # 48
 N_VAL = CODED_CLASSES * CODED_VAL_PER_CLASS  # 16
-BACKENDS = [pytest.param("torchvision"), pytest.param("ffcv", marks=requires_ffcv)]
+BACKENDS = [pytest.param("torchvision"), pytest.param("ffcv", marks=requires_ffcv),
+            pytest.param("dali", marks=requires_dali)]
 
 
 # Building an ffcv loader JIT-compiles its pipeline (seconds on 2 cores), so loaders with the same arguments are built
