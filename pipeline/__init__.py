@@ -8,11 +8,21 @@
 Importing this package is light: ffcv and DALI are imported only when their backend is built.
 """
 
+from pipeline.augment import (
+    TRIVIAL_AUGMENT_OPS,
+    cutmix,
+    mixup,
+    mixup_or_cutmix,
+    one_hot,
+    random_erasing,
+    trivial_augment,
+)
 from pipeline.build import BACKENDS, available_backends, build_loader
 from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, Loader, denormalize, normalize_nhwc
 from pipeline.order import EpochPlan, plan_epoch
 
 __all__ = [
-    "BACKENDS", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "Loader", "available_backends", "build_loader",
-    "denormalize", "normalize_nhwc", "plan_epoch",
+    "BACKENDS", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "Loader", "TRIVIAL_AUGMENT_OPS", "available_backends",
+    "build_loader", "cutmix", "denormalize", "mixup", "mixup_or_cutmix", "normalize_nhwc", "one_hot", "plan_epoch",
+    "random_erasing", "trivial_augment",
 ]

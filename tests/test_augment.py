@@ -1,0 +1,169 @@
+"""GPU-side augmentations against torchvision.transforms.v2 (run here on the CPU: the functions are device-agnostic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from pipeline.augment import (
+    TRIVIAL_AUGMENT_OPS,
+    apply_op,
+    cutmix,
+    erasing_boxes,
+    mixup,
+    mixup_or_cutmix,
+    one_hot,
+    random_erasing,
+    to_pixels,
+    trivial_augment,
+)
+from pipeline.contract import normalize_nhwc
+
+C = 10
+
+
+def batch(b: int = 8, size: int = 32, seed: int = 0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (b, size, size, 3), generator=g, dtype=torch.uint8)
+    return normalize_nhwc(pixels, dtype), torch.randint(0, C, (b,), generator=g)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.85])
+def test_mixup_equals_torchvision_for_the_same_lambda(lam, monkeypatch):
+    images, labels = batch()
+    ref = v2.MixUp(alpha=0.2, num_classes=C)
+    monkeypatch.setattr(ref._dist, "sample", lambda shape=(): torch.tensor(lam))
+    ref_images, ref_targets = ref(images.clone(), labels)
+    out_images, out_targets = mixup(images, labels, num_classes=C, lam=lam)
+    torch.testing.assert_close(out_images, ref_images)
+    torch.testing.assert_close(out_targets, ref_targets)
+    assert out_images.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_cutmix_equals_torchvision_for_the_same_draws(seed):
+    images, labels = batch(size=40)
+    ref = v2.CutMix(alpha=1.0, num_classes=C)
+    torch.manual_seed(seed)  # replay the draws CutMix makes: lam, then r_x, then r_y
+    lam = float(ref._dist.sample(()))
+    cx, cy = int(torch.randint(40, size=(1,))), int(torch.randint(40, size=(1,)))
+    torch.manual_seed(seed)
+    ref_images, ref_targets = ref(images.clone(), labels)
+    out_images, out_targets = cutmix(images, labels, num_classes=C, lam=lam, center=(cy, cx))
+    torch.testing.assert_close(out_images, ref_images)
+    torch.testing.assert_close(out_targets, ref_targets)
+    assert out_images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_soft_targets_sum_to_one_and_p_zero_changes_nothing():
+    images, labels = batch(16)
+    for seed in range(20):
+        for fn in (mixup, cutmix):
+            _, targets = fn(images, labels, num_classes=C, generator=gen(seed))
+            torch.testing.assert_close(targets.sum(1), torch.ones(16))
+        _, targets = mixup_or_cutmix(images, labels, num_classes=C, generator=gen(seed))
+        torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    smooth = one_hot(labels, C, smoothing=0.1)
+    torch.testing.assert_close(smooth.sum(1), torch.ones(16))
+    assert torch.allclose(smooth.max(1).values, torch.full((16,), 0.91))
+    for fn in (mixup, cutmix):
+        out, targets = fn(images, labels, num_classes=C, p=0.0, generator=gen())
+        assert out is images and torch.equal(targets, one_hot(labels, C))
+
+
+def test_same_generator_seed_same_result_and_lambda_follows_beta():
+    images, labels = batch()
+    a = mixup_or_cutmix(images, labels, num_classes=C, generator=gen(5))
+    b = mixup_or_cutmix(images, labels, num_classes=C, generator=gen(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the weight on the sample's own label is lam ~ Beta(0.2, 0.2): mostly near 0 or 1, mean 0.5
+    lams = np.array([float(mixup(images, labels, alpha=0.2, num_classes=C, generator=gen(s))[1][0, labels[0]])
+                     for s in range(400)])
+    own_is_prev = labels[0] == labels[-1]
+    if not own_is_prev:
+        assert abs(lams.mean() - 0.5) < 0.08 and np.mean((lams < 0.1) | (lams > 0.9)) > 0.5
+
+
+def test_random_erasing_boxes_follow_torchvision_area_and_ratio():
+    n, h, w = 4000, 64, 48
+    boxes = erasing_boxes(n, h, w, p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), generator=gen())
+    top, left, bh, bw = boxes.T
+    erased = bh > 0
+    assert erased.float().mean() > 0.9
+    assert (top + bh <= h).all() and (left + bw <= w).all() and (bh < h).all() and (bw < w).all()
+    frac = (bh * bw).float()[erased] / (h * w)
+    assert frac.min() >= 0.015 and frac.max() <= 0.36
+    torch.manual_seed(0)
+    ref = v2.RandomErasing(p=1.0)
+    probe = torch.zeros(3, h, w)
+    params = [ref.make_params([probe]) for _ in range(n)]
+    ref_frac = np.array([p["h"] * p["w"] / (h * w) for p in params if p["v"] is not None])
+    for q in (0.25, 0.5, 0.75):
+        assert abs(np.quantile(frac.numpy(), q) - np.quantile(ref_frac, q)) < 0.02
+
+
+def test_random_erasing_changes_exactly_the_box():
+    images, _ = batch(32)
+    out = random_erasing(images, p=1.0, value=0.0, generator=gen(3))
+    boxes = erasing_boxes(32, 32, 32, p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), generator=gen(3))
+    for img, new, (t, l_, bh, bw) in zip(images, out, boxes.tolist(), strict=True):
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[t:t + bh, l_:l_ + bw] = True
+        assert torch.equal(new[:, ~inside], img[:, ~inside])
+        assert (new[:, inside] == 0).all()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(random_erasing(images, p=0.0, generator=gen()), images)
+    noisy = random_erasing(images, p=1.0, value="random", generator=gen(3))
+    assert not torch.equal(noisy, out)
+
+
+MAGNITUDES = {"ShearX": [0.3, -0.6], "ShearY": [0.5], "TranslateX": [7.9, -12.0], "TranslateY": [5.0],
+              "Rotate": [30.0, -100.0], "Brightness": [0.4, -0.5], "Color": [0.6, -0.9], "Contrast": [0.5, -0.4],
+              "Sharpness": [0.9, -0.7], "Posterize": [2.0, 5.0, 8.0], "Solarize": [0.5, 0.1],
+              "AutoContrast": [0.0], "Equalize": [0.0], "Identity": [0.0]}
+
+
+@pytest.mark.parametrize("name", TRIVIAL_AUGMENT_OPS)
+def test_each_trivial_augment_operation_matches_torchvision(name):
+    g = torch.Generator().manual_seed(7)
+    # a smooth image with texture, so geometry and histograms are not degenerate
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij")
+    base = torch.stack([xx * 6, yy * 5, (xx + yy) * 3]) + torch.randint(0, 40, (3, 40, 36), generator=g)
+    image = base.clamp(0, 255).to(torch.uint8)
+    ta = v2.TrivialAugmentWide()
+    # blends are compared on float images (torchvision rounds their uint8 intermediates); the bit-level operations
+    # (posterize, solarize, equalize, autocontrast) and the geometry on uint8, where they are defined
+    as_float = name in ("Brightness", "Color", "Contrast", "Sharpness")
+    for m in MAGNITUDES[name]:
+        ref_in = image.float() / 255 if as_float else image
+        ref = ta._apply_image_or_video_transform(ref_in, name, m, interpolation=ta.interpolation, fill=ta._fill)
+        ref = ref.float() * (255 if as_float else 1)
+        out = apply_op(image.float()[None], name, torch.tensor([m]))[0]
+        diff = (out - ref).abs()
+        if name in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+            assert (diff > 0).float().mean() < 0.01, f"{name} {m}"  # nearest neighbour: rare ties at pixel edges
+        elif as_float:
+            assert diff.max() <= 1e-3 * 255, f"{name} {m}: {diff.max()}"
+        elif name == "AutoContrast":  # torchvision truncates its float result (254.9999 -> 254) to uint8
+            assert (out - ref).min() >= 0 and (out - ref).max() <= 1, f"{name}: {diff.max()}"
+        else:
+            assert torch.equal(out, ref), f"{name} {m}: {diff.max()}"
+
+
+def test_trivial_augment_batch_keeps_layout_is_seeded_and_p_zero_is_identity():
+    images, _ = batch(64, dtype=torch.bfloat16)
+    a = trivial_augment(images, generator=gen(1))
+    assert a.shape == images.shape and a.dtype == torch.bfloat16
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, trivial_augment(images, generator=gen(1)))
+    assert not torch.equal(a, trivial_augment(images, generator=gen(2)))
+    x32, _ = batch(8)
+    torch.testing.assert_close(trivial_augment(x32, p=0.0, generator=gen()), x32, atol=1e-5, rtol=0)
+    pixels = to_pixels(trivial_augment(x32, generator=gen(4)))
+    assert pixels.min() >= -0.01 and pixels.max() <= 255.01
