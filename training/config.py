@@ -31,7 +31,7 @@ LOADERS = ("auto", "ffcv", "dali", "torchvision")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("onecycle", "triangular", "cosine", "step")
-AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
+AUTO_AUGMENT = ("none", "trivialaugment")
 
 
 class ConfigError(ValueError):
@@ -96,9 +96,9 @@ class TrainConfig:
     mixup: float = _f(0.0, "mixup alpha (0: off)")
     cutmix: float = _f(0.0, "cutmix alpha (0: off)")
     mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
-    mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup")
+    mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup for a batch")
     random_erase: float = _f(0.0, "random erasing probability per image (0: off)")
-    auto_augment: str = _f("none", "per-sample augmentation policy on the device", AUTO_AUGMENT)
+    auto_augment: str = _f("none", "per-sample policy on the device (TrivialAugmentWide's operations)", AUTO_AUGMENT)
     ema: bool = _f(False, "keep an exponential moving average of the weights, evaluated each epoch")
     ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
     # --- evaluation ---

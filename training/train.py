@@ -13,6 +13,7 @@ YAML key (--max-lr -> max_lr).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from training.trainer import train  # torch and the loaders: imported only once the arguments are known good
 
-    return train(cfg, argv=sys.argv if argv is None else [PROG, *argv])
+    if argv is None:
+        argv = sys.argv[1:]
+        launcher = "torchrun -m training" if "LOCAL_RANK" in os.environ else (
+            "python -m training" if sys.argv[0].endswith("__main__.py") else PROG)
+    else:
+        launcher = PROG
+    return train(cfg, argv=[launcher, *argv])
 
 
 if __name__ == "__main__":

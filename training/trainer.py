@@ -54,12 +54,33 @@ def weight_fingerprint(model: nn.Module) -> float:
     return float(total)
 
 
-def build_batch_transform(cfg: TrainConfig, num_classes: int, ctx: DistContext):
-    """mixup/cutmix, random erasing and the per-sample policy from pipeline.augment, or None when all are off."""
+def build_batch_transform(cfg: TrainConfig, num_classes: int):
+    """(transform, generator) applying, in torchvision's order, the per-sample policy, random erasing, then
+    mixup or cutmix (soft targets) from pipeline.augment; (None, None) when all are off. The generator is a CPU
+    one (pipeline.augment draws its few numbers per sample on the CPU, so no device sync); the trainer reseeds it
+    every epoch from (seed, epoch, rank)."""
     if not (cfg.mixup or cfg.cutmix or cfg.random_erase or cfg.auto_augment != "none"):
         return None, None
-    raise RuntimeError("--mixup/--cutmix/--random-erase/--auto-augment need pipeline.augment, which this checkout "
-                       "does not have yet")
+    from pipeline import augment
+
+    gen = torch.Generator()
+
+    def transform(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.auto_augment == "trivialaugment":
+            images = augment.trivial_augment(images, generator=gen)
+        if cfg.random_erase > 0:
+            images = augment.random_erasing(images, p=cfg.random_erase, generator=gen)
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            use_cutmix = cfg.cutmix > 0 and (cfg.mixup == 0 or float(torch.rand((), generator=gen)) < cfg.mix_switch_prob)
+            if use_cutmix:
+                images, labels = augment.cutmix(images, labels, alpha=cfg.cutmix, num_classes=num_classes,
+                                                p=cfg.mix_prob, generator=gen)
+            else:
+                images, labels = augment.mixup(images, labels, alpha=cfg.mixup, num_classes=num_classes,
+                                               p=cfg.mix_prob, generator=gen)
+        return images, labels
+
+    return transform, gen
 
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
@@ -159,7 +180,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     parts = TrainParts(model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, schedule=schedule,
                        precision=precision, label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum, ema=ema)
-    batch_transform, aug_generator = build_batch_transform(cfg, num_classes, ctx)
+    batch_transform, aug_generator = build_batch_transform(cfg, num_classes)
 
     # ---- logs (rank 0 only)
     global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
@@ -199,7 +220,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         train_loader.set_resolution(res)
         train_loader.set_epoch(epoch, 0)
         if aug_generator is not None:
-            aug_generator.manual_seed(hash((cfg.seed, epoch, ctx.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+            aug_generator.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
         stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, batch_transform=batch_transform,
                                 log_every=cfg.log_every, on_log=on_log, progress=cfg.progress)
         step = (epoch + 1) * steps_per_epoch
