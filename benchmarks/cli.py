@@ -6,6 +6,9 @@ import importlib
 import sys
 
 BENCHES: dict[str, tuple[str, str]] = {
+    "loader": ("benchmarks.loader_bench", "loader img/s per backend and resolution (no model)"),
+    "step": ("benchmarks.step_bench", "train step img/s on synthetic data already on the device (no loader)"),
+    "keepup": ("benchmarks.keepup_bench", "the real loader feeding the real step: does it keep up?"),
     "convert": ("benchmarks.convert_bench", "conversion img/s: rn50 convert vs FFCV's DatasetWriter"),
 }
 

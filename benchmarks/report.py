@@ -46,15 +46,27 @@ def gpu_info() -> dict | None:
             "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
 
 
-def machine_info() -> dict:
-    import importlib
+def package_versions() -> dict[str, str | None]:
+    """Installed distribution versions (ffcv's own __version__ attribute is stale, so ask the installer's record)."""
+    from importlib import metadata
 
-    versions = {}
-    for name in ("torch", "torchvision", "ffcv", "nvidia.dali", "numpy", "PIL"):
-        try:
-            versions[name] = getattr(importlib.import_module(name), "__version__", "installed")
-        except Exception:
-            versions[name] = None
+    names = {"torch": ["torch"], "torchvision": ["torchvision"], "ffcv": ["ffcv"], "numba": ["numba"],
+             "dali": ["nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"], "numpy": ["numpy"],
+             "pillow": ["pillow"]}
+    found: dict[str, str | None] = {}
+    for key, dists in names.items():
+        found[key] = None
+        for dist in dists:
+            try:
+                found[key] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def machine_info() -> dict:
+    versions = package_versions()
     mem = None
     try:
         import psutil

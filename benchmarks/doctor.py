@@ -1,0 +1,237 @@
+"""`rn50 doctor`: what this machine has, whether the dataset fits its memory, and the loader settings to use.
+
+    rn50 doctor                                  # machine and software only
+    rn50 doctor --data-dir /data/betons          # + dataset size vs RAM, quick loader (and GPU step) probes
+    rn50 doctor --data-dir /data/imagenet --no-probe --json doctor.json
+
+The probes are short (seconds): a few batches from the loader `--loader auto` would pick, and, on a GPU, a few train
+steps plus a memory measurement that says which batch size fits. Recommendations are rules of thumb from FFCV's and
+DALI's documentation and this project's benchmarks; `rn50 bench keepup` gives the definitive answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.report import machine_info, usable_cores
+
+GIB = 2**30
+# Published FFCV dataset sizes for full ImageNet train (ffcv docs, benchmarks.rst), to suggest what fits in RAM.
+FFCV_SIZES_GB = {"max-res 512, all JPEG q90": 65.47, "max-res 256, all raw": 169.79, "max-res 512, half JPEG": 202.04}
+
+
+def driver_version() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def memory() -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"total_gib": vm.total / GIB, "available_gib": vm.available / GIB}
+
+
+def dataset_facts(data_dir: Path) -> dict:
+    """Layout, sizes and counts. Image folders are sized by sampling up to 20 class folders (a full walk of 1.28 M
+    files takes minutes on network disks)."""
+    from pipeline.folders import has_beton, has_folder
+
+    facts: dict = {"path": str(data_dir), "betons": {}, "folders": {}}
+    for split in ("train", "val"):
+        if has_beton(data_dir, split):
+            facts["betons"][split] = (data_dir / f"{split}.beton").stat().st_size
+        if has_folder(data_dir, split):
+            classes = sorted(p for p in (data_dir / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+            step = max(1, len(classes) // 20)
+            sample = classes[::step][:20]
+            files = [f for c in sample for f in c.iterdir() if f.is_file()]
+            per_class = len(files) / max(1, len(sample))
+            mean_bytes = sum(f.stat().st_size for f in files) / max(1, len(files))
+            facts["folders"][split] = {"classes": len(classes), "images_estimate": int(per_class * len(classes)),
+                                       "bytes_estimate": int(per_class * len(classes) * mean_bytes)}
+    report = data_dir / "convert_report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        facts["skipped_at_conversion"] = {s: len(r[s]["skipped"]) for s in ("train", "val") if s in r}
+    usage = shutil.disk_usage(data_dir)
+    facts["disk_free_gib"] = usage.free / GIB
+    return facts
+
+
+def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, batch_size: int = 64) -> dict:
+    import torch
+
+    from pipeline import build_loader
+
+    def build(bs):
+        return build_loader(data_dir, "train", "auto", batch_size=bs, resolution=160, workers=workers, device=device,
+                            dtype=torch.float32, seed=0, drop_last=False, verbose=False)
+
+    loader = build(batch_size)
+    if len(loader) < batches + 1:  # a small dataset: smaller batches, so the probe still times several
+        batch_size = max(1, loader.num_samples // (batches + 1))
+        loader = build(batch_size)
+    it = iter(loader)
+    t0 = time.perf_counter()
+    next(it)  # first batch: JIT compilation, worker start-up, cold cache
+    first = time.perf_counter() - t0
+    n, t0 = 0, time.perf_counter()
+    for _ in range(min(batches, len(loader) - 1)):
+        images, _ = next(it)
+        n += images.shape[0]
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - t0) if n else None
+    return {"backend": loader.backend, "first_batch_s": first, "images_per_s": rate, "batch_size": batch_size,
+            "resolution": 160, "workers": workers}
+
+
+def fitting_batch_size(res: int = 224, precision: str = "auto", probe_batch: int = 64) -> dict:
+    """Peak training memory at `probe_batch`, extrapolated linearly to the largest multiple of 32 that stays under
+    90% of the GPU's memory (activations dominate and scale with the batch)."""
+    import torch
+
+    from benchmarks.step_bench import measure_step
+
+    props = torch.cuda.get_device_properties(0)
+    torch.cuda.empty_cache()
+    small = measure_step("resnet50", res, probe_batch // 2, precision, False, True, "cuda", 2, 2, 1)
+    torch.cuda.empty_cache()
+    big = measure_step("resnet50", res, probe_batch, precision, False, True, "cuda", 2, 3, 1)
+    per_image = max((big["peak_memory_gib"] - small["peak_memory_gib"]) / (probe_batch - probe_batch // 2), 1e-6)
+    fixed = big["peak_memory_gib"] - per_image * probe_batch
+    budget = 0.9 * props.total_memory / GIB
+    fits = int((budget - fixed) / per_image) // 32 * 32
+    return {"res": res, "precision": big["precision"], "gib_per_image": per_image, "fixed_gib": fixed,
+            "max_batch_size": fits, "step_images_per_s_at_probe": big["images_per_s"], "probe_batch": probe_batch}
+
+
+def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
+    cores, gpus = info["cores"], (info["gpu"] or {}).get("count", 0)
+    per_gpu = max(1, cores // max(1, gpus))
+    ram = info["memory"]["total_gib"]
+    recs = []
+    if facts is None:
+        recs.append("pass --data-dir to check the dataset against this machine's memory and disk")
+    elif facts["betons"]:
+        size = sum(facts["betons"].values()) / GIB
+        recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
+        if size <= 0.8 * ram:
+            recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep os_cache on (the "
+                        "default); epoch 1 reads the disk, later epochs the page cache, shared by every GPU's process")
+        else:
+            recs.append(f"not in memory: the betons ({size:.1f} GiB) exceed 80% of RAM ({ram:.0f} GiB): use "
+                        "os_cache=False with order=quasi_random (FFCV's process cache reads only the pages coming "
+                        "batches need); or re-convert smaller -- published full-ImageNet train sizes: "
+                        + "; ".join(f"{k} {v:.0f} GB" for k, v in FFCV_SIZES_GB.items()))
+    elif facts["folders"]:
+        est = facts["folders"].get("train", {}).get("bytes_estimate", 0) / GIB
+        if gpus:
+            recs.append(f"loader: dali (image folders, GPU present): JPEGs decoded on the GPU; or convert once "
+                        f"(rn50 convert) for the ffcv loader")
+        else:
+            recs.append("loader: torchvision (image folders, no GPU); convert once with rn50 convert for the faster "
+                        "ffcv loader")
+        recs.append(f"conversion: train JPEGs ~{est:.2f} GiB here; rn50 convert's defaults (half stored raw) take "
+                    f"~2.4x that on disk (ffcv-imagenet users report ~340 GB for ImageNet's ~140 GB of train JPEGs); "
+                    f"--compress-prob 1.0 stays near the JPEG size; free disk: {facts['disk_free_gib']:.0f} GiB")
+    if gpus == 0:
+        recs.append("no GPU: training will run on the CPU (fine for tests and the demo, far too slow for ImageNet)")
+    elif "batch" in probes:
+        b = probes["batch"]
+        recs.append(f"batch size: up to {b['max_batch_size']} per GPU fits at {b['res']} px in {b['precision']} "
+                    f"(~{b['gib_per_image'] * 1024:.0f} MiB per image); ResNet-50 recipes use 256 or 512")
+    if "loader" in probes and "batch" in probes and probes["loader"]["images_per_s"]:
+        rate, need = probes["loader"]["images_per_s"], probes["batch"]["step_images_per_s_at_probe"]
+        verdict = "keeps up with" if rate >= 0.95 * need else "is slower than"
+        recs.append(f"quick probe: the loader ({rate:,.0f} img/s at 160 px) {verdict} the train step "
+                    f"({need:,.0f} img/s at {probes['batch']['res']} px); rn50 bench keepup measures it properly")
+    return recs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rn50 doctor", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="betons (train.beton) or an ImageNet-layout folder")
+    p.add_argument("--no-probe", action="store_true", help="skip the loader and GPU probes")
+    p.add_argument("--workers", type=int, default=None, help="loader workers for the probe (default: cores per GPU)")
+    p.add_argument("--json", help="also write everything to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    info = machine_info()
+    info["memory"] = memory()
+    info["driver"] = driver_version()
+    gpu = info["gpu"]
+    print(f"CPU      {info['cpu']}, {info['cores']} usable cores")
+    print(f"RAM      {info['memory']['total_gib']:.1f} GiB total, {info['memory']['available_gib']:.1f} GiB available")
+    if gpu:
+        print(f"GPU      {gpu['count']} x {gpu['name']} ({gpu['memory_gib']} GiB, compute {gpu['capability']}), "
+              f"driver {info['driver'] or '?'}, CUDA {gpu['cuda']}")
+    else:
+        print("GPU      none found (torch.cuda.is_available() is False): training and GPU benchmarks need one")
+    print("software " + ", ".join(f"{k} {v or 'missing'}" for k, v in info["versions"].items())
+          + f", python {info['python']}")
+    facts, probes = None, {}
+    if args.data_dir:
+        data_dir = Path(args.data_dir)
+        if not data_dir.is_dir():
+            print(f"rn50 doctor: error: {data_dir}: no such folder", file=sys.stderr)
+            return 2
+        facts = dataset_facts(data_dir)
+        for split, size in facts["betons"].items():
+            print(f"data     {split}.beton {size / GIB:.2f} GiB")
+        for split, f in facts["folders"].items():
+            print(f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "
+                  f"~{f['bytes_estimate'] / GIB:.2f} GiB (sampled)")
+        if not facts["betons"] and not facts["folders"]:
+            print(f"data     {data_dir} holds neither train.beton nor train/<wnid>/ folders")
+        if facts.get("skipped_at_conversion"):
+            print(f"data     files skipped at conversion: {facts['skipped_at_conversion']} (see convert_report.json)")
+        print(f"disk     {facts['disk_free_gib']:.0f} GiB free at {data_dir}")
+        if not args.no_probe and (facts["betons"] or facts["folders"]):
+            workers = args.workers or max(1, info["cores"] // max(1, (gpu or {}).get("count", 1)))
+            try:
+                probes["loader"] = probe_loader(data_dir, workers, "cuda" if gpu else "cpu")
+                p = probes["loader"]
+                print(f"probe    loader {p['backend']}: first batch {p['first_batch_s']:.1f} s, then "
+                      f"{p['images_per_s'] or 0:,.0f} img/s (160 px, batch {p['batch_size']}, {workers} workers)")
+            except Exception as e:  # a probe must not hide the rest of the report
+                print(f"probe    loader failed: {type(e).__name__}: {e}")
+    if gpu and not args.no_probe:
+        try:
+            probes["batch"] = fitting_batch_size()
+            b = probes["batch"]
+            print(f"probe    GPU step {b['step_images_per_s_at_probe']:,.0f} img/s (resnet50, {b['res']} px, batch "
+                  f"{b['probe_batch']}, {b['precision']}); ~{b['gib_per_image'] * 1024:.0f} MiB per image")
+        except Exception as e:
+            print(f"probe    GPU step failed: {type(e).__name__}: {e}")
+    elif not gpu:
+        print("probe    GPU step skipped: no GPU")
+    recs = recommend(info, facts, probes)
+    print("\nrecommendations:")
+    for r in recs:
+        print(f"  - {r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "data": facts, "probes": probes,
+                                               "recommendations": recs}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Benchmarks and doctor, run tiny on the CPU: they must produce valid JSON, Markdown and PNG (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import requires_ffcv
+
+TINY = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--windows", "2", "--arch", "resnet18"]
+
+
+def check_outputs(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    md = (out / f"{name}.md").read_text()
+    assert md.startswith(f"# rn50 bench {name}") and "| " in md
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu"]
+    assert data["machine"]["cpu"] in md  # every table names its hardware
+    with Image.open(out / f"{name}.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    return data
+
+
+def test_bench_step_cpu(tmp_path):
+    from benchmarks.cli import main
+
+    assert main(["step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
+    data = check_outputs(tmp_path, "step")
+    assert [r["res"] for r in data["results"]] == [32, 48]
+    for r in data["results"]:
+        assert len(r["windows_images_per_s"]) == 2 and r["images_per_s"] > 0 and r["device"] == "cpu"
+
+
+def test_bench_step_rejects_bad_res(capsys):
+    from benchmarks.step_bench import main
+
+    assert main(["--res", "abc"]) == 2
+    assert "--res" in capsys.readouterr().err
+
+
+@requires_ffcv
+def test_bench_keepup_cpu(tmp_path, coded_betons):
+    from benchmarks.cli import main
+
+    args = ["keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
+            "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY
+    assert main(args) == 0
+    data = check_outputs(tmp_path, "keepup")
+    (r,) = data["results"]
+    assert r["backend"] == "ffcv" and r["res"] == 32
+    assert r["ratio"] == pytest.approx(r["end_to_end_images_per_s"] / r["step_alone_images_per_s"])
+    assert 0 <= r["data_wait_share"] <= 1 and r["verdict"] in ("keeps up", "loader-bound") and r["advice"]
+
+
+def test_keepup_advice_names_the_first_fix():
+    from benchmarks.keepup_bench import advice
+
+    assert advice("ffcv", 0.99, 0.01, 8, 8).startswith("nothing")
+    assert "rn50 convert" in advice("torchvision", 0.5, 0.6, 8, 8)
+    assert "--workers from 4 to 16" in advice("ffcv", 0.7, 0.4, 4, 16)
+    assert "--compress-prob" in advice("ffcv", 0.7, 0.4, 16, 16)
+    assert "hw_decoder_load" in advice("dali", 0.7, 0.4, 16, 16)
+
+
+@requires_ffcv
+def test_bench_convert_tiny(tmp_path, coded_root):
+    from benchmarks.cli import main
+
+    assert main(["convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
+                 str(tmp_path)]) == 0
+    data = check_outputs(tmp_path, "convert")
+    assert data["images"] == 48
+    for writer in ("rn50 convert", "ffcv DatasetWriter"):
+        w = data["writers"][writer]
+        assert w["median_images_per_s"] > 0 and w["median_cpu_ms_per_image"] > 0 and w["bytes_per_image"] > 0
+    assert data["ratio_ours_over_ffcv"] > 0
+
+
+def test_bench_unknown_kind(capsys):
+    from benchmarks.cli import main
+
+    assert main(["nope"]) == 2
+    assert "unknown kind" in capsys.readouterr().err
+
+
+def test_doctor_without_gpu_says_so(tmp_path, capsys, coded_betons):
+    import torch
+
+    from benchmarks.doctor import main
+
+    out = tmp_path / "doctor.json"
+    assert main(["--data-dir", str(coded_betons), "--workers", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    if not torch.cuda.is_available():
+        assert "GPU      none found" in text and "GPU step skipped: no GPU" in text
+        assert any("no GPU" in r for r in data["recommendations"])
+    assert "train.beton" in text and "probe    loader ffcv" in text
+    assert data["probes"]["loader"]["images_per_s"] > 0
+    assert any("fit in RAM" in r for r in data["recommendations"])
+
+
+def test_doctor_image_folder_and_errors(tmp_path, capsys, coded_root):
+    from benchmarks.doctor import main
+
+    assert main(["--data-dir", str(coded_root), "--no-probe"]) == 0
+    text = capsys.readouterr().out
+    assert "train/ 4 classes, ~48 images" in text
+    assert main(["--data-dir", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_recommendations_follow_memory():
+    from benchmarks.doctor import GIB, recommend
+
+    info = {"cores": 16, "gpu": {"count": 2}, "memory": {"total_gib": 64.0}}
+    small = {"betons": {"train": 10 * GIB}, "folders": {}, "disk_free_gib": 100}
+    big = {"betons": {"train": 300 * GIB}, "folders": {}, "disk_free_gib": 100}
+    assert any("--workers 8 per GPU" in r for r in recommend(info, small, {}))
+    assert any("keep os_cache on" in r for r in recommend(info, small, {}))
+    assert any("os_cache=False with order=quasi_random" in r for r in recommend(info, big, {}))
