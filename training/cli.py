@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
     "lr-find": ("training.lr_finder", "LR range test: plot and suggested max LR"),
     "eval": ("training.evaluate", "top-1/top-5 of a checkpoint on the val split"),
+    "show-batch": ("pipeline.show_batch", "save a picture of one training batch with class names"),
 }
 
 
