@@ -19,7 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import bar_chart, describe_machine, machine_info, markdown_table, median, usable_cores, write_results
+from benchmarks.report import (
+    bar_chart,
+    describe_machine,
+    machine_info,
+    markdown_table,
+    median,
+    usable_cores,
+    write_results,
+)
 
 
 def _ffcv_writer(root: Path, dest: Path, max_res: int | None, quality: int, prob: float, workers: int) -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import machine_info, usable_cores
+from benchmarks.report import machine_info
 
 GIB = 2**30
 # Published FFCV dataset sizes for full ImageNet train (ffcv docs, benchmarks.rst), to suggest what fits in RAM.
@@ -140,8 +140,8 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
     elif facts["folders"]:
         est = facts["folders"].get("train", {}).get("bytes_estimate", 0) / GIB
         if gpus:
-            recs.append(f"loader: dali (image folders, GPU present): JPEGs decoded on the GPU; or convert once "
-                        f"(rn50 convert) for the ffcv loader")
+            recs.append("loader: dali (image folders, GPU present): JPEGs decoded on the GPU; or convert once "
+                        "(rn50 convert) for the ffcv loader")
         else:
             recs.append("loader: torchvision (image folders, no GPU); convert once with rn50 convert for the faster "
                         "ffcv loader")

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.report import describe_machine, machine_info, markdown_table, usable_cores, write_results
-from benchmarks.step_bench import make_parts, measure_step, parse_list
+from benchmarks.step_bench import make_parts, parse_list, resolve_device, run_windows, synthetic_batches
 
 KEEPS_UP = 0.95
 
@@ -56,57 +55,34 @@ def advice(backend: str, ratio: float, wait_share: float, workers: int, cores: i
 
 def measure_keepup(data_dir: Path, backend: str, res: int, batch_size: int, workers: int, precision: str,
                    compile_model: bool, device: str, arch: str, warmup: int, steps: int, windows: int) -> dict:
+    """The same model (compiled once) timed twice: on a synthetic batch already on the device, then fed by the
+    loader. Each run has its own warm-up (compilation and cuDNN autotuning in the first, the loader's JIT and
+    first batches in the second)."""
     import torch
 
     from pipeline import build_loader
-    from training.engine import train_step
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    from training.engine import resolve_precision
+
     loader = build_loader(data_dir, "train", backend, batch_size=batch_size, resolution=res, workers=workers,
-                          device=dev, dtype=torch.float32, seed=0, drop_last=True, verbose=False)
-    num_classes = loader.num_classes
-    alone = measure_step(arch, res, batch_size, precision, compile_model, True, str(dev), warmup, steps, windows,
-                         num_classes=num_classes)
-    parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, True)
-    loader = build_loader(data_dir, "train", backend, batch_size=batch_size, resolution=res, workers=workers,
-                          device=dev, dtype=prec.input_dtype, seed=0, drop_last=True, verbose=False)
+                          device=dev, dtype=resolve_precision(precision, dev).input_dtype, seed=0, drop_last=True,
+                          verbose=False)
+    parts, prec = make_parts(arch, loader.num_classes, precision, dev, compile_model, True)
+    alone = run_windows(parts, dev, synthetic_batches(batch_size, res, loader.num_classes, prec.input_dtype, dev),
+                        warmup, steps, windows)
     batches = endless(loader)
-    t0 = time.perf_counter()
-    for i in range(max(1, warmup)):
-        images, labels = next(batches)
-        train_step(parts, [(images, labels)], i, dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    warmup_s = time.perf_counter() - t0
-    rates, waits = [], []
-    for _ in range(windows):
-        wait = 0.0
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        for i in range(steps):
-            w0 = time.perf_counter()
-            images, labels = next(batches)
-            wait += time.perf_counter() - w0
-            train_step(parts, [(images, labels)], warmup + i, dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        elapsed = time.perf_counter() - start
-        rates.append(batch_size * steps / elapsed)
-        waits.append(wait / elapsed)
-    order = sorted(range(windows), key=lambda k: rates[k])
-    mid = order[len(order) // 2]
-    e2e = rates[mid]
-    ratio = e2e / alone["images_per_s"]
+    fed = run_windows(parts, dev, lambda: next(batches), warmup, steps, windows)
+    ratio = fed["images_per_s"] / alone["images_per_s"]
     return {"backend": loader.backend, "res": res, "batch_size": batch_size, "workers": workers,
-            "precision": alone["precision"], "compile": compile_model, "device": str(dev),
-            "step_alone_images_per_s": alone["images_per_s"], "end_to_end_images_per_s": e2e,
-            "windows_images_per_s": rates, "data_wait_share": waits[mid], "ratio": ratio,
-            "verdict": "keeps up" if ratio >= KEEPS_UP else "loader-bound", "warmup_s": warmup_s,
-            "advice": advice(loader.backend, ratio, waits[mid], workers, usable_cores())}
+            "precision": prec.name, "compile": compile_model, "device": str(dev),
+            "step_alone_images_per_s": alone["images_per_s"], "end_to_end_images_per_s": fed["images_per_s"],
+            "windows_images_per_s": fed["windows_images_per_s"], "data_wait_share": fed["data_wait_share"],
+            "ratio": ratio, "verdict": "keeps up" if ratio >= KEEPS_UP else "loader-bound",
+            "warmup_s": {"step_alone": alone["warmup_s"], "loader_fed": fed["warmup_s"]},
+            "advice": advice(loader.backend, ratio, fed["data_wait_share"], workers, usable_cores())}
 
 
 def build_parser() -> argparse.ArgumentParser:

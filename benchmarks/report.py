@@ -10,8 +10,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -69,40 +69,73 @@ class Timer:
         return time.perf_counter() - self._t0
 
 
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int) -> dict:
+    """Warm up, then time `windows` windows of `steps` train steps on batches from `next_batch()`.
+
+    Timing covers the device's timeline from the first step's launch to the last one's end (CUDA events), so a GPU
+    left idle while the host waits for data is counted. The host time spent inside `next_batch()` is reported as
+    the data-wait share (an upper bound on GPU idle time: queued work keeps the GPU busy meanwhile)."""
+    from training.engine import train_step
+
+    timer = Timer(device)
+    timer.start()
+    for i in range(max(1, warmup)):
+        images, labels = next_batch()
+        train_step(parts, [(images, labels)], i, device)
+    warmup_s = timer.stop()
+    rates, waits = [], []
+    for w in range(windows):
+        wait, samples = 0.0, 0
+        timer.start()
+        for i in range(steps):
+            t0 = time.perf_counter()
+            images, labels = next_batch()
+            wait += time.perf_counter() - t0
+            samples += images.shape[0]
+            train_step(parts, [(images, labels)], warmup + w * steps + i, device)
+        elapsed = timer.stop()
+        rates.append(samples / elapsed)
+        waits.append(min(1.0, wait / elapsed))
+    return {"warmup_s": warmup_s, "steps_per_window": steps, "windows_images_per_s": rates,
+            "images_per_s": median(rates), "data_wait_share": median(waits)}
+
+
+def synthetic_batches(batch_size: int, res: int, num_classes: int, dtype, device, channels_last: bool = True):
+    """`next_batch` for the step alone: one fixed batch already on the device."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch_size, 3, res, res, generator=gen).to(device, dtype=dtype)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
+    return lambda: (images, labels)
+
+
 def measure_step(arch: str = "resnet50", res: int = 160, batch_size: int = 256, precision: str = "auto",
                  compile_model: bool = False, channels_last: bool = True, device: str = "auto", warmup: int = 10,
                  steps: int = 20, windows: int = 5, num_classes: int = 1000) -> dict:
-    """Median img/s of the train step on synthetic data, plus compile/warm-up time and peak memory."""
+    """Median img/s of the train step on synthetic data, plus warm-up (compile) time and peak memory."""
     import torch
 
-    from training.engine import train_step
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
     parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, channels_last)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(batch_size, 3, res, res, generator=gen).to(dev, dtype=prec.input_dtype)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-    timer = Timer(dev)
-    timer.start()
-    for i in range(max(1, warmup)):
-        train_step(parts, [(images, labels)], i, dev)
-    warmup_s = timer.stop()
-    rates = []
-    for _ in range(windows):
-        timer.start()
-        for i in range(steps):
-            train_step(parts, [(images, labels)], warmup + i, dev)
-        rates.append(batch_size * steps / timer.stop())
+    timing = run_windows(parts, dev, synthetic_batches(batch_size, res, num_classes, prec.input_dtype, dev,
+                                                        channels_last), warmup, steps, windows)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     return {"arch": arch, "res": res, "batch_size": batch_size, "precision": prec.name, "compile": compile_model,
-            "channels_last": channels_last, "device": str(dev), "warmup_steps": warmup, "warmup_s": warmup_s,
-            "steps_per_window": steps, "windows_images_per_s": rates, "images_per_s": median(rates),
+            "channels_last": channels_last, "device": str(dev), "warmup_steps": warmup, **timing,
             "peak_memory_gib": peak}
 
 

@@ -137,7 +137,8 @@ def print_summary(s: dict, names: list[str] | None) -> None:
     print("  storage   : " + ", ".join(f"{k} {v}" for k, v in s["storage"].items()))
     hist = s["label_histogram"]
     shown = min(len(hist), 20)
-    label = (lambda i: names[i].split()[0] if names and i < len(names) else str(i))
+    def label(i):
+        return (names[i].split()[0] if names and i < len(names) else str(i))
     print("  histogram : " + ", ".join(f"{label(i)}:{hist[i]}" for i in range(shown))
           + (f", ... ({len(hist) - shown} more classes)" if len(hist) > shown else ""))
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import requires_ffcv
+from PIL import Image
 
 TINY = ["--batch-size", "4", "--warmup", "1", "--steps", "1", "--windows", "2", "--arch", "resnet18"]
 

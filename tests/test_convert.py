@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import decode_beton, requires_ffcv
+from PIL import Image
 
 pytestmark = requires_ffcv
 
@@ -160,7 +159,7 @@ def test_round_trip_pixels_and_labels(odd):
         images, labels = decode_beton(out / f"{split}.beton")
         assert len(images) == len(kept)
         assert labels.tolist() == [lab for _, lab in kept]
-        for (path, label), image in zip(kept, images):
+        for (path, _label), image in zip(kept, images):
             rel = str(Path(path).relative_to(root))
             if rel not in valid:  # bad_body.JPEG when libjpeg decoded it anyway
                 continue

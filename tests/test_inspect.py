@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import CODED_CLASSES, CODED_TRAIN_PER_CLASS, coded_value, decode_beton, requires_ffcv
+from PIL import Image
 
 pytestmark = requires_ffcv
 
