@@ -148,9 +148,16 @@ class Loader:
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The dataset indices this rank reads in `epoch` (default: the next one), in order."""
-        return plan_epoch(self.num_samples, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
-                          shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
-                          batch_size=self.batch_size, drop_last=self.drop_last)
+        epoch = self.epoch if epoch is None else int(epoch)
+        cached = getattr(self, "_cached_plan", None)
+        if cached is None or cached[0] != epoch:  # num_valid() asks once per batch; an ImageNet plan costs ~30 ms
+            cached = (epoch, self._make_plan(epoch))
+            self._cached_plan = cached
+        return cached[1]
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.num_samples, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last)
 
     def num_valid(self, batch_index: int, epoch: int | None = None) -> int:
         """Leading samples of batch `batch_index` that are real, not padding (drop_last=False under DDP)."""

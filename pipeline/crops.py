@@ -69,16 +69,23 @@ def random_resized_crop_boxes(heights, widths, keys, scale: tuple[float, float] 
     found = np.zeros(n, bool)
     area = (H * W).astype(np.float64)
     log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
-    for t in range(ATTEMPTS):
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 4 * t])
-        aspect = np.exp(log_r0 + (log_r1 - log_r0) * u[:, 4 * t + 1])
+    todo = np.arange(n)
+    for t in range(ATTEMPTS):  # only the samples still without a box (most find one in the first try or two)
+        ut = u[todo, 4 * t:4 * t + 4]
+        Ht, Wt = H[todo], W[todo]
+        target = area[todo] * (scale[0] + (scale[1] - scale[0]) * ut[:, 0])
+        aspect = np.exp(log_r0 + (log_r1 - log_r0) * ut[:, 1])
         cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
         ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
-        ok = ~found & (cw > 0) & (cw <= W) & (ch > 0) & (ch <= H)
-        top = np.where(ok, np.floor(u[:, 4 * t + 2] * (H - ch + 1)).astype(np.int64), top)
-        left = np.where(ok, np.floor(u[:, 4 * t + 3] * (W - cw + 1)).astype(np.int64), left)
-        h, w = np.where(ok, ch, h), np.where(ok, cw, w)
-        found |= ok
+        ok = (cw > 0) & (cw <= Wt) & (ch > 0) & (ch <= Ht)
+        hit = todo[ok]
+        top[hit] = np.floor(ut[ok, 2] * (Ht[ok] - ch[ok] + 1)).astype(np.int64)
+        left[hit] = np.floor(ut[ok, 3] * (Wt[ok] - cw[ok] + 1)).astype(np.int64)
+        h[hit], w[hit] = ch[ok], cw[ok]
+        found[hit] = True
+        todo = todo[~ok]
+        if len(todo) == 0:
+            break
     if not found.all():
         nf = ~found
         in_ratio = W / np.maximum(H, 1)

@@ -7,8 +7,8 @@ What is ours and why:
   (`pipeline.crops`, the same function the torchvision backend uses). How the epoch reaches compiled code: numba
   freezes closure arrays as constants, so the boxes travel as an extra per-sample buffer of the decoder's allocated
   memory (shape (B, 5): top, left, h, w, flip), which FFCV passes to the compiled decoder as an argument; our
-  EpochIterator fills it just before each batch runs. No recompilation per epoch; the cost is one vectorised numpy
-  call per batch (tens of microseconds for 256 samples).
+  EpochIterator fills it just before each batch runs. No recompilation per epoch; the boxes cost ~0.1 ms of numpy
+  per 256 samples (computed 16 batches at a time), measured on this project's 2-core CPU.
 - Val: FFCV's CenterCropRGBImageDecoder (centre square of side ratio * shorter side, as `center_crop_boxes`).
 - Resolution: the decoders' `output_size` is read when FFCV allocates an epoch's buffers, so `set_resolution` needs
   no recompile (ffcv-imagenet's trick, checked by the tests).
@@ -47,7 +47,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.folders import beton_classes
-from pipeline.order import EpochPlan, page_grouped_order
+from pipeline.order import EpochPlan, page_grouped_order, plan_epoch
 
 PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, left, h, w, flip
 
@@ -127,14 +127,14 @@ class PlannedOrder(TraversalOrder):
 class _ParamsEpochIterator(EpochIterator):
     """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded."""
 
-    def __init__(self, loader, order, node_id: int | None, fill: Callable[[np.ndarray, np.ndarray], None] | None):
+    def __init__(self, loader, order, node_id: int | None, fill: Callable[[int, np.ndarray, np.ndarray], None] | None):
         self._node_id, self._fill = node_id, fill  # set before super().__init__, which starts the thread
         super().__init__(loader, order)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         if self._fill is not None:
             params = self.memory_allocations["operation"][self._node_id][2][batch_slot][: len(batch_indices)]
-            self._fill(np.asarray(batch_indices), params)
+            self._fill(b_ix, np.asarray(batch_indices), params)
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
 
@@ -195,32 +195,41 @@ class FFCVLoader(Loader):
         self._fields = list(self._ffcv.pipeline_specs)  # output order of FFCV's batches
         self._node_id = self._ffcv.graph.operation_to_node[self._decoder][0].id
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
+    def _make_plan(self, epoch: int) -> EpochPlan:
         if self._sample_pages is None:
-            return super().plan(epoch)
-        from pipeline.order import plan_epoch
-
-        epoch = self.epoch if epoch is None else epoch
+            return super()._make_plan(epoch)
         order = page_grouped_order(self._sample_pages, self.seed, epoch, window_pages=2 * self.batch_size)
         return plan_epoch(self.num_samples, seed=self.seed, epoch=epoch, shuffle=True, rank=self.rank,
                           world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last,
                           order=order, shard="block")
 
-    def _crop_filler(self, epoch: int) -> Callable[[np.ndarray, np.ndarray], None]:
+    def _crop_filler(self, epoch: int, order: np.ndarray) -> Callable[[int, np.ndarray, np.ndarray], None]:
+        """fill(b_ix, indices, params) writes batch b_ix's boxes and flips. They are computed for 16 batches at a time:
+        numpy's per-call overhead then costs ~0.1 ms per 256 samples instead of ~0.5 ms, on the thread that feeds
+        FFCV's decoding threads."""
         heights, widths, seed, scale, ratio = self._heights, self._widths, self.seed, self.scale, self.ratio
+        chunk = 16 * self.batch_size  # a whole number of batches, so no batch straddles two chunks
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-        def fill(indices: np.ndarray, params: np.ndarray) -> None:
-            boxes, flips = random_resized_crop_boxes(heights[indices], widths[indices],
-                                                     sample_keys(seed, epoch, indices), scale, ratio)
-            params[:, :4] = boxes
-            params[:, 4] = flips
+        def fill(b_ix: int, indices: np.ndarray, params: np.ndarray) -> None:
+            first = b_ix * self.batch_size
+            c = first // chunk
+            if c not in cache:
+                cache.clear()
+                sel = order[c * chunk:(c + 1) * chunk].astype(np.int64)
+                cache[c] = random_resized_crop_boxes(heights[sel], widths[sel], sample_keys(seed, epoch, sel),
+                                                     scale, ratio)
+            boxes, flips = cache[c]
+            off = first - c * chunk
+            params[:, :4] = boxes[off:off + len(indices)]
+            params[:, 4] = flips[off:off + len(indices)]
 
         return fill
 
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._decoder.output_size = (resolution, resolution)
         order = plan.indices[start_batch * self.batch_size:].astype(np.uint64)
-        fill = self._crop_filler(self.epoch) if self.shuffle else None
+        fill = self._crop_filler(self.epoch, order) if self.shuffle else None
         it = self._ffcv.epoch_iterator(order, self._node_id, fill)
         image_at, label_at = self._fields.index("image"), self._fields.index("label")
         try:

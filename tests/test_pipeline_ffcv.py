@@ -39,10 +39,11 @@ def ramp_betons(tmp_path_factory) -> Path:
     return out
 
 
-def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons):
+@pytest.mark.parametrize("batch_size", [8, 1])  # 1: the boxes are computed 16 batches at a time, so two chunks
+def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons, batch_size):
     res = 50
-    loader = build_loader(ramp_betons, batch_size=8, resolution=res, workers=2, device="cpu", dtype=torch.float32,
-                          seed=11, verbose=False)
+    loader = build_loader(ramp_betons, batch_size=batch_size, resolution=res, workers=2, device="cpu",
+                          dtype=torch.float32, seed=11, verbose=False)
     loader.set_epoch(4)
     plan = loader.plan(4)
     batches = [denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader]
@@ -60,6 +61,9 @@ def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons):
     loader.set_epoch(4)
     again = np.concatenate([denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader])
     assert np.array_equal(out, again)  # pixel for pixel, whatever thread decoded which sample
+    loader.set_epoch(4, start_batch=17 // batch_size)  # a resumed epoch cuts the remaining samples the same way
+    tail = np.concatenate([denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader])
+    assert np.array_equal(tail, out[17 // batch_size * batch_size:])
 
 
 def test_val_is_the_centre_crop(ramp_betons):

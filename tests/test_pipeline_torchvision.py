@@ -22,6 +22,11 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(synth_root):
         workers.set_epoch(epoch)
         for (xa, ya), (xb, yb) in zip(in_process, workers, strict=True):
             assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    # a resumed epoch yields the remaining batches pixel for pixel (crops keyed by sample, not drawn in sequence)
+    in_process.set_epoch(1)
+    full = [x for x, _ in in_process]
+    workers.set_epoch(1, start_batch=3)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(full[3:], workers, strict=True))
 
 
 def test_each_sample_is_cut_at_the_box_keyed_by_seed_epoch_index(tmp_path):
