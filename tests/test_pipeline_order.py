@@ -119,3 +119,18 @@ def test_block_shards_are_contiguous_runs_of_the_order():
     assert [p.indices.tolist() for p in plans[:2]] == [order[:34].tolist(), order[34:68].tolist()]
     assert plans[2].num_real == 32 and len(plans[2].indices) == 34
     assert {p.num_batches for p in plans} == {5}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_normalize_nhwc_equals_torchvision_normalize_and_is_channels_last(dtype):
+    from torchvision.transforms import v2
+
+    from pipeline.contract import normalize_nhwc
+
+    pixels = torch.randint(0, 256, (4, 20, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = normalize_nhwc(pixels, dtype)
+    ref = v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(pixels.permute(0, 3, 1, 2).float() / 255)
+    assert out.shape == (4, 3, 20, 24) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
