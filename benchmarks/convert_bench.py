@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         p, list(w), [r["median_images_per_s"] for r in w.values()], f"conversion, {describe_machine(info)}",
         "images/s (median)"), args.out)
     print(md)
-    print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
+    print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_results("keepup", {"machine": info, "args": vars(args), "results": results}, md,
                           lambda p: _chart(p, results, describe_machine(info)), args.out)
     print(md)
-    print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
+    print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -110,8 +111,11 @@ def write_results(name: str, data: dict, markdown: str, chart: Callable[[Path], 
     paths["json"].write_text(json.dumps(data, indent=2) + "\n")
     paths["md"].write_text(markdown.rstrip() + "\n")
     if chart is not None:
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:  # a bare GPU image may lack it: the numbers matter more than the picture
+            print(f"note: matplotlib is not installed, so no {name}.png", file=sys.stderr)
+            return paths
         matplotlib.use("Agg")
         paths["png"] = out / f"{name}.png"
         chart(paths["png"])

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"train step only ({mode}, {results[0]['precision']}), {describe_machine(info)}", "images/s (median)"),
         args.out)
     print(md)
-    print(f"results: {paths['json']}, {paths['md']}, {paths['png']}")
+    print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
