@@ -121,3 +121,22 @@ def test_recommendations_follow_memory():
     assert any("--workers 8 per GPU" in r for r in recommend(info, small, {}))
     assert any("keep os_cache on" in r for r in recommend(info, small, {}))
     assert any("os_cache=False with order=quasi_random" in r for r in recommend(info, big, {}))
+
+
+def test_summary_collects_every_result(tmp_path):
+    from benchmarks.cli import main as bench
+    from benchmarks.summary import main
+
+    assert bench(["step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
+    assert main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "train step alone, eager" in text and "| 32 |" in text
+    assert main([str(tmp_path / "empty_dir_that_does_not_exist")]) == 2
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+
+    from conftest import REPO
+
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
