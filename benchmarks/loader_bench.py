@@ -9,9 +9,10 @@ Rows:
   backend should cost nothing over it (>= 0.95x).
 - torchvision, dali: our backends on ROOT/train (the image folders the beton was converted from).
 
-Every epoch is timed to its last batch (CUDA synchronised); img/s = images / seconds. The first epoch (FFCV's JIT
+Every epoch is timed to its last batch (CUDA synchronised); img/s = images / seconds. Epochs run in rounds, one of
+each backend per round, so other load on a shared machine hits all rows alike. The first epoch (FFCV's JIT
 compilation, worker start-up, cold page cache) is reported apart and the result is the median of the later epochs.
-CPU use is the whole machine's busy share over the later epochs. Writes loader.json, loader.md and loader.png to
+CPU use is the whole machine's busy share over the later epochs (other processes included). Writes loader.json, loader.md and loader.png to
 benchmarks/results/ (or --out), each naming the machine.
 """
 
@@ -51,45 +52,68 @@ def normalised(batches: Iterable, device, dtype) -> Iterable:
                           source_reuses_buffers=True)
 
 
-def time_epochs(make_epoch: Callable[[], Iterable], epochs: int, device) -> dict:
+def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float]:
+    """(images, seconds, machine CPU busy %) of one pass, timed to the last batch (CUDA synchronised)."""
     import psutil
     import torch
 
-    seconds, images = [], []
-    cpu_busy = []
-    for _ in range(epochs):
-        before = psutil.cpu_times()
-        start = time.perf_counter()
-        n = 0
-        for x, _ in make_epoch():
-            n += x.shape[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        images.append(n)
-        after = psutil.cpu_times()
-        busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "nice", "irq", "softirq"))
-        total = busy + (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
-        cpu_busy.append(100.0 * busy / total if total > 0 else float("nan"))
-    rates = [n / s for n, s in zip(images, seconds, strict=True)]
-    later = rates[1:] or rates
-    return {"images_per_epoch": images[0], "epoch_seconds": [round(s, 3) for s in seconds],
-            "first_epoch_img_s": round(rates[0], 1), "img_s": round(median(later), 1),
-            "cpu_busy_pct": round(median(cpu_busy[1:] or cpu_busy), 1)}
+    before = psutil.cpu_times()
+    start = time.perf_counter()
+    n = 0
+    for x, _ in make_epoch():
+        n += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    after = psutil.cpu_times()
+    busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "nice", "irq", "softirq"))
+    total = busy + (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
+    return n, seconds, 100.0 * busy / total if total > 0 else float("nan")
 
 
-def run_one(backend: str, args, resolution: int, device, dtype) -> dict:
+def summarise(epochs: list[tuple[int, float, float]]) -> dict:
+    rates = [n / s for n, s, _ in epochs]
+    later = epochs[1:] or epochs
+    return {"images_per_epoch": epochs[0][0], "epoch_seconds": [round(s, 3) for _, s, _ in epochs],
+            "first_epoch_img_s": round(rates[0], 1), "img_s": round(median(rates[1:] or rates), 1),
+            "cpu_busy_pct": round(median([c for _, _, c in later]), 1)}
+
+
+def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
     from pipeline import build_loader
 
     if backend == "ffcv-plain":
         loader = plain_ffcv_loader(Path(args.data_dir) / "train.beton", args.batch_size, resolution, args.workers,
                                    args.seed)
-        return time_epochs(lambda: normalised(loader, device, dtype), args.epochs, device)
+        return lambda: normalised(loader, device, dtype)
     data_dir = args.data_dir if backend == "ffcv" else args.image_folder
     loader = build_loader(data_dir, split="train", backend=backend, batch_size=args.batch_size, resolution=resolution,
                           workers=args.workers, device=device, dtype=dtype, seed=args.seed, drop_last=True,
                           verbose=False)
-    return time_epochs(lambda: loader, args.epochs, device)
+    return lambda: loader
+
+
+def run_resolution(backends: list[str], args, resolution: int, device, dtype) -> list[dict]:
+    """Epochs in rounds (one epoch of every backend per round), so load from other processes on a shared machine
+    falls on all backends alike instead of on whichever ran while it lasted."""
+    fns, epochs = {}, {}
+    for b in backends:
+        try:
+            fns[b] = make_epoch_fn(b, args, resolution, device, dtype)
+            epochs[b] = []
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"rn50 bench loader: {b} at {resolution} px failed: {str(e).splitlines()[0]}", file=sys.stderr)
+    for _ in range(args.epochs):
+        for b, fn in fns.items():
+            epochs[b].append(time_epoch(fn, device))
+    rows = []
+    for b in fns:
+        r = summarise(epochs[b])
+        r.update(backend=b, resolution=resolution)
+        rows.append(r)
+        print(f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
+              f"CPU busy {r['cpu_busy_pct']:.0f}%", flush=True)
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", default="160", help="comma-separated resolutions (160)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="FFCV threads / DataLoader workers / DALI threads (2)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per row; the first is reported apart (4)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs (rounds) per row; the first is reported apart (4)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
@@ -156,16 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine(info)}; device {device}; {args.workers} workers, batch {args.batch_size}")
     rows = []
     for resolution in resolutions:
-        for b in plan:
-            try:
-                r = run_one(b, args, resolution, device, dtype)
-            except (FileNotFoundError, ValueError, RuntimeError) as e:
-                print(f"rn50 bench loader: {b} at {resolution} px failed: {str(e).splitlines()[0]}", file=sys.stderr)
-                continue
-            r.update(backend=b, resolution=resolution)
-            rows.append(r)
-            print(f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
-                  f"CPU busy {r['cpu_busy_pct']:.0f}%", flush=True)
+        rows += run_resolution(plan, args, resolution, device, dtype)
     if not rows:
         return 1
 

@@ -21,6 +21,10 @@ use it with order="quasi_random" for datasets bigger than RAM: our page-grouped 
 pages, then samples within windows of 2 * batch_size pages, and under DDP gives each rank a contiguous block of it,
 so ranks read disjoint pages (FFCV's own QUASI_RANDOM raises NotImplementedError with distributed=True).
 Batches from a window are drawn from fewer pages than a full shuffle, so they are less random (ffcv issue #304).
+The validation split is always read in file order, which is already page-friendly.
+
+Threads: FFCV sets numba's *and torch's* intra-op thread count to `workers` (ffcv.pipeline.Compiler), in the process
+that builds the loader.
 """
 
 from __future__ import annotations
@@ -176,13 +180,11 @@ class FFCVLoader(Loader):
         self._widths = image_meta["width"].astype(np.int64)
         self._sample_pages = None
         if order == "quasi_random" and self.shuffle:
-            first = np.full(index.num_samples, -1, np.int64)
             alloc = index.alloc_table
-            ptr_page = (alloc["ptr"] // index.page_size).astype(np.int64)
-            # a sample may span pages; the first one it touches (highest ptr first, so the lowest write wins)
-            by_ptr = np.argsort(alloc["ptr"])[::-1]
-            first[alloc["sample_id"][by_ptr].astype(np.int64)] = ptr_page[by_ptr]
-            self._sample_pages = first
+            pages = np.full(index.num_samples, np.iinfo(np.int64).max, np.int64)
+            # a sample may span pages (or own several allocations): group it by the first page it touches
+            np.minimum.at(pages, alloc["sample_id"].astype(np.int64), (alloc["ptr"] // index.page_size).astype(np.int64))
+            self._sample_pages = pages
 
         size = (self.resolution, self.resolution)
         self._decoder = KeyedResizedCrop(size) if self.shuffle else CenterCropRGBImageDecoder(size, val_crop_ratio)
@@ -229,6 +231,8 @@ class FFCVLoader(Loader):
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._decoder.output_size = (resolution, resolution)
         order = plan.indices[start_batch * self.batch_size:].astype(np.uint64)
+        if len(order) == 0:  # resumed at the very end of an epoch
+            return
         fill = self._crop_filler(self.epoch, order) if self.shuffle else None
         it = self._ffcv.epoch_iterator(order, self._node_id, fill)
         image_at, label_at = self._fields.index("image"), self._fields.index("label")

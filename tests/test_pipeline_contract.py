@@ -117,6 +117,8 @@ def test_set_epoch_start_batch_resumes_without_repeats_or_gaps(make):
     tail = epoch_ids(loader)
     assert tail == full[4:]
     assert loader.epoch == 6
+    loader.set_epoch(5, start_batch=len(loader))  # resumed right at the end of an epoch: nothing left
+    assert list(loader) == [] and loader.epoch == 6
     with pytest.raises(ValueError, match="start_batch"):
         loader.set_epoch(0, start_batch=len(loader) + 1)
 
