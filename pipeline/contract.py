@@ -127,6 +127,8 @@ class Loader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.seed = int(seed)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device is cuda but torch sees no GPU; pass device='cpu' (every backend runs on the CPU)")
         self.dtype = dtype
         self.epoch = 0
         self.start_batch = 0

@@ -79,8 +79,6 @@ class DALILoader(Loader):
         super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=len(files),
                          classes=classes, drop_last=drop_last, rank=rank, world_size=world_size, seed=seed,
                          device=device, dtype=dtype)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device is cuda but torch sees no GPU; use device='cpu' to run DALI on the CPU")
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.data_dir = Path(data_dir)

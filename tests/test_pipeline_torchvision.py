@@ -62,6 +62,12 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
         epoch_ids(loader)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(coded_root):
+    with pytest.raises(RuntimeError, match="device is cuda but torch sees no GPU"):
+        build_loader(coded_root, backend="torchvision", device="cuda", verbose=False)
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither train.beton nor a train/ image folder"):
         build_loader(tmp_path, device="cpu", verbose=False)
