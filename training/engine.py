@@ -20,7 +20,6 @@ from torch import nn
 from training.distributed import DistContext, all_reduce_sum
 from training.schedules import Schedule, apply_schedule
 
-
 # ---------------------------------------------------------------------------------------------- precision
 
 

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from dataset_tools.files import list_classes
-
 from training.config import TrainConfig
 
 

@@ -1,0 +1,44 @@
+"""rn50 eval: reproduces the run's own validation numbers from a checkpoint; refuses a dataset of other classes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _train_helpers import records, trained_run
+
+from training.evaluate import main
+
+pytestmark = pytest.mark.slow  # needs the shared learning run (~40 s on 2 cores, once per session)
+
+
+def test_eval_matches_the_training_runs_validation(tmp_path_factory, tmp_path):
+    data, out, run = trained_run(tmp_path_factory)
+    best = max(records(out, run), key=lambda r: r["val_top1"])
+    target = tmp_path / "eval.json"
+    rc = main(["--checkpoint", str(out / "checkpoints" / run / "best.pt"), "--data-dir", str(data), "--loader",
+               "torchvision", "--workers", "0", "--batch-size", "7", "--precision", "fp32", "--out", str(target)])
+    assert rc == 0
+    result = json.loads(target.read_text())
+    assert result["samples"] == 40 and result["val_res"] == 48 and result["tta"] is False
+    assert result["top1"] == pytest.approx(best["val_top1"])
+    assert result["top5"] == pytest.approx(best["val_top5"])
+    assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
+
+    rc = main(["--checkpoint", str(out / "checkpoints" / run / "checkpoint.pt"), "--data-dir", str(data),
+               "--loader", "torchvision", "--workers", "0", "--precision", "fp32", "--tta", "--val-res", "56"])
+    assert rc == 0
+    written = out / "checkpoints" / run / "eval_checkpoint_56px_tta.json"
+    assert json.loads(written.read_text())["tta"] is True
+
+
+def test_eval_refuses_other_classes_and_missing_ema(tmp_path_factory, coded_root, capsys):
+    data, out, run = trained_run(tmp_path_factory)
+    ckpt = out / "checkpoints" / run / "best.pt"
+    assert main(["--checkpoint", str(ckpt), "--data-dir", str(coded_root), "--loader", "torchvision",
+                 "--workers", "0"]) == 2
+    assert "evaluate on the dataset the run used" in capsys.readouterr().err
+    assert main(["--checkpoint", str(ckpt), "--data-dir", str(data), "--loader", "torchvision", "--workers", "0",
+                 "--ema"]) == 2
+    assert "no EMA weights" in capsys.readouterr().err
+    assert main(["--checkpoint", str(out / "nope.pt"), "--data-dir", str(data)]) == 2

@@ -1,0 +1,137 @@
+"""Config: YAML presets + flags, strict keys, and the checks that fail in well under a second (before torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import CONFIGS_DIR, ConfigError, TrainConfig, apply_overrides, from_dict, load_yaml, preset_path
+from training.train import build_parser, resolve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def folders(root: Path, train: list[str], val: list[str]) -> Path:
+    for split, wnids in (("train", train), ("val", val)):
+        for w in wnids:
+            (root / split / w).mkdir(parents=True)
+    return root
+
+
+def parse(*flags: str):
+    return resolve_config(build_parser().parse_args(list(flags)))
+
+
+def test_presets_load_and_validate():
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    assert {"demo", "t4_budget", "imagenet100_quick", "reference_onecycle_120ep", "rn50_8xa100_16ep",
+            "rn50_8xa100_88ep"} <= set(names)
+    for name in names:
+        cfg = apply_overrides(TrainConfig(), load_yaml(preset_path(name)), name)
+        assert cfg.validate() == [], name
+
+
+def test_ffcv_presets_reproduce_their_recipe():
+    ramps = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+    for epochs, (start, end) in ramps.items():
+        cfg = from_dict(load_yaml(preset_path(f"rn50_8xa100_{epochs}ep")))
+        assert (cfg.epochs, cfg.start_ramp, cfg.end_ramp, cfg.min_res, cfg.max_res) == (epochs, start, end, 160, 192)
+        assert cfg.batch_size * 8 == cfg.lr_ref_batch == 4096 and cfg.max_lr == 1.7
+        assert cfg.lr_schedule == "triangular" and cfg.blurpool and cfg.val_res == 256 and cfg.tta
+    t4 = from_dict(load_yaml(preset_path("t4_budget")))
+    assert t4.precision == "fp16" and (t4.min_res, t4.max_res) == (160, 192)
+    from training.schedules import effective_max_lr
+
+    assert effective_max_lr(t4, world_size=1) == pytest.approx(1.7 * 256 / 4096)
+
+
+def test_flags_override_preset_and_preset_overrides_defaults(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"epochs": 7, "max_lr": 0.3, "blurpool": True, "step_epochs": [2, 4]}))
+    cfg = parse("--config", str(preset), "--data-dir", str(data), "--max-lr", "0.9", "--no-blurpool")
+    assert (cfg.epochs, cfg.max_lr, cfg.blurpool, cfg.step_epochs) == (7, 0.9, False, [2, 4])
+    assert cfg.batch_size == TrainConfig().batch_size
+
+
+def test_unknown_and_mistyped_keys_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nmax_lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'max_lrr' \(did you mean 'max_lr'\?\)"):
+        apply_overrides(TrainConfig(), load_yaml(bad), str(bad))
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        apply_overrides(TrainConfig(), {"epochs": "ten"}, "x.yaml")
+    with pytest.raises(ConfigError, match="tta must be true or false"):
+        apply_overrides(TrainConfig(), {"tta": 1}, "x.yaml")
+    assert apply_overrides(TrainConfig(), {"max_lr": 1}, "x.yaml").max_lr == 1.0  # ints are fine for floats
+    with pytest.raises(ConfigError, match="no such file, and no preset"):
+        preset_path("no_such_preset")
+
+
+def test_value_checks():
+    problems = TrainConfig(epochs=0, min_res=160, max_lr=-1, stop_after_epoch=99, lr_schedule="triangular",
+                           lr_peak_epoch=5).validate()
+    text = " ".join(problems)
+    for flag in ("--epochs", "--min-res", "--max-lr", "--stop-after-epoch", "--lr-peak-epoch"):
+        assert flag in text
+    assert TrainConfig().validate() == []
+
+
+def test_data_checks(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2", "n3"], ["n1", "n2", "n3"])
+    assert parse("--data-dir", str(data)).data_dir == str(data)
+    with pytest.raises(ValueError, match="has 3 classes but the config expects --num-classes 1000"):
+        parse("--data-dir", str(data), "--num-classes", "1000")
+    with pytest.raises(ValueError, match="no such folder"):
+        parse("--data-dir", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="--data-dir is required"):
+        parse()
+    odd = folders(tmp_path / "odd", ["n1"], ["n1", "n9"])
+    with pytest.raises(ValueError, match=r"classes \['n9'\] are not in train/"):
+        parse("--data-dir", str(odd))
+    betons = tmp_path / "b"
+    betons.mkdir()
+    with pytest.raises(ValueError, match="--loader ffcv needs train.beton and val.beton"):
+        parse("--data-dir", str(betons), "--loader", "ffcv")
+    (betons / "train.beton").touch()
+    (betons / "val.beton").touch()
+    (betons / "classes.json").write_text(json.dumps(["a", "b"]))
+    assert parse("--data-dir", str(betons), "--loader", "ffcv", "--num-classes", "2").num_classes == 2
+    with pytest.raises(ValueError, match="--resume: .*config.yaml not found"):
+        parse("--data-dir", str(data), "--run-name", "nope", "--resume", "--output-dir", str(tmp_path))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--data-dir", "/nonexistent/rn50"], "no such folder"),
+    (["--data-dir", "{data}", "--num-classes", "1000"], "has 2 classes"),
+    (["--data-dir", "{data}", "--min-res", "160"], "needs both --min-res and --max-res"),
+    (["--run-name", "x", "--resume", "--output-dir", "{data}"], "config.yaml not found"),
+])
+def test_bad_input_fails_before_torch_is_imported(tmp_path, flags, message):
+    """One clear line on stderr, exit code 2, and torch never imported (that is what keeps it under a second)."""
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    flags = [f.replace("{data}", str(data)) for f in flags]
+    probe = ("import sys\nfrom training.train import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    rc = e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', rc)\n")
+    r = subprocess.run([sys.executable, "-c", probe, *flags], capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.split() == ["NO_TORCH", "2"], (r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+
+
+def test_help_lists_the_reference_flags():
+    r = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0
+    for flag in ("--data-dir", "--batch-size", "--workers", "--epochs", "--max-lr", "--pct-start", "--div-factor",
+                 "--final-div-factor", "--label-smoothing", "--run-name", "--resume", "--config", "--output-dir",
+                 "--device", "--loader", "--arch", "--res", "--val-res", "--precision", "--compile", "--grad-accum",
+                 "--ema", "--mixup", "--cutmix", "--random-erase", "--auto-augment", "--blurpool", "--tta",
+                 "--lr-schedule", "--weight-decay", "--seed", "--min-res", "--max-res"):
+        assert flag in r.stdout, flag
