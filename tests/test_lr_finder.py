@@ -48,7 +48,8 @@ def test_suggestion_on_a_known_curve():
     i_min = int(np.argmin(loss))
     assert s["lr_at_min_loss"] == pytest.approx(lrs[i_min])
     assert 0.3 < s["lr_at_min_loss"] < 1.5
-    assert s["suggested_max_lr"] == pytest.approx(s["lr_at_min_loss"] / 10)
+    assert s["suggested_max_lr"] == s["lr_at_min_loss"]
+    assert s["conservative_max_lr"] == pytest.approx(s["lr_at_min_loss"] / 10)
     assert 0.005 < s["steepest_lr"] < 0.02
     with pytest.raises(ValueError, match="fewer than 3 finite"):
         suggest([1e-3, 1e-2], [1.0, float("nan")])
@@ -62,8 +63,8 @@ def test_command_writes_plot_and_suggestion(coded_root, tmp_path):
     result = json.loads((tmp_path / "lr_suggestion_t.json").read_text())
     assert result["iterations_run"] == len(result["lrs"]) == len(result["losses"]) <= 9
     assert result["lrs"][0] == pytest.approx(1e-4)
-    assert result["suggested_max_lr"] == pytest.approx(result["lr_at_min_loss"] / 10)
-    assert result["lr_at_min_loss"] in result["lrs"]
+    assert result["suggested_max_lr"] == result["lr_at_min_loss"] and result["lr_at_min_loss"] in result["lrs"]
+    assert result["conservative_max_lr"] == pytest.approx(result["suggested_max_lr"] / 10)
     assert result["global_batch"] == 8 and result["arch"] == "resnet18"
     png = tmp_path / "lr_finder_plots" / "lr_finder_t.png"
     with Image.open(png) as im:

@@ -10,9 +10,11 @@ its minimum. Writes, under --output-dir:
     lr_finder_plots/lr_finder_<run>.png   loss and smoothed loss against the LR (log scale), suggestions marked
     lr_suggestion_<run>.json              suggested_max_lr (+ the curve, the other candidates and the setup)
 
-suggested_max_lr is the LR at the smoothed-loss minimum divided by 10: "one order of magnitude before the minimum",
-the usual pick for OneCycle's max_lr. The LR is for the global batch the sweep used (batch size x GPUs x accumulation);
-the JSON records it, so rescale linearly if you train with a different global batch.
+suggested_max_lr follows Smith's rule for the 1cycle policy: the largest LR at which the smoothed loss still falls,
+i.e. the LR at its minimum (OneCycle starts at max_lr / div_factor and warms up to it, which is what makes such a
+high peak trainable). conservative_max_lr, a tenth of it, is fastai's "one order of magnitude before the minimum".
+The sweep is short and noisy on small data: read the plot, not only the number. The LR is for the global batch the
+sweep used (batch size x GPUs x accumulation); the JSON records it, so rescale linearly for another global batch.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def diverged(smoothed: list[float], factor: float) -> bool:
 
 def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5) -> dict:
     """Candidates from the smoothed curve after its first `skip_start` points (where the average is still mostly
-    the first losses): the LR at its minimum, the LR of steepest descent (most negative slope per log-LR, up to the
-    minimum), and suggested_max_lr = LR at the minimum / 10."""
+    the first losses): suggested_max_lr = the LR at its minimum, conservative_max_lr = a tenth of that, and the LR
+    of steepest descent (most negative slope per log-LR, up to the minimum)."""
     lr = np.asarray(lrs, dtype=np.float64)
     sm = np.asarray(smoothed, dtype=np.float64)
     if np.isfinite(sm).sum() < 3:
@@ -84,8 +86,8 @@ def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5) -> dic
         steepest = float(lr[lo + int(np.argmin(grads))])
     else:
         steepest = float(lr[i_min])
-    return {"suggested_max_lr": float(lr[i_min] / 10), "lr_at_min_loss": float(lr[i_min]),
-            "steepest_lr": steepest, "min_smoothed_loss": float(sm[i_min])}
+    return {"suggested_max_lr": float(lr[i_min]), "conservative_max_lr": float(lr[i_min] / 10),
+            "lr_at_min_loss": float(lr[i_min]), "steepest_lr": steepest, "min_smoothed_loss": float(sm[i_min])}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +216,8 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
               f"{seconds:.0f} s at global batch {global_batch}\n"
               f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
               f"steepest descent at LR {suggestion['steepest_lr']:.3g}\n"
-              f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g}  -> rn50 train ... --max-lr "
+              f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g} (conservative: "
+              f"{suggestion['conservative_max_lr']:.3g})  -> rn50 train ... --max-lr "
               f"{suggestion['suggested_max_lr']:.3g}\n  plot: {png}\n  json: {json_path}", flush=True)
         return 0
     finally:

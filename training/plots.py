@@ -84,9 +84,9 @@ def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequ
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(lrs, losses, ".", alpha=0.35, label="loss")
     ax.plot(lrs, smoothed, "-", label="smoothed loss")
-    for key, style, label in (("lr_at_min_loss", "k:", "min smoothed loss"),
-                              ("steepest_lr", "g--", "steepest descent"),
-                              ("suggested_max_lr", "r-", "suggested max LR")):
+    for key, style, label in (("steepest_lr", "g--", "steepest descent"),
+                              ("conservative_max_lr", "k:", "conservative (min / 10)"),
+                              ("suggested_max_lr", "r-", "suggested max LR (min loss)")):
         if suggestion.get(key):
             ax.axvline(suggestion[key], color=style[0], linestyle=style[1:], label=f"{label}: {suggestion[key]:.3g}")
     ax.set_xscale("log")
