@@ -82,6 +82,14 @@ def all_gather_object(obj, ctx: DistContext) -> list:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them before each forward, so
+    after the last training step each rank holds its own; evaluation and checkpoints should agree with rank 0."""
+    if ctx.distributed:
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -18,7 +18,14 @@ from torch import nn
 
 from training import checkpoint as ckpt
 from training.config import TrainConfig, dump_yaml, to_dict
-from training.distributed import DistContext, all_gather_object, broadcast_object, cleanup, init_distributed
+from training.distributed import (
+    DistContext,
+    all_gather_object,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+)
 from training.ema import ModelEMA
 from training.engine import NonFiniteLoss, TrainParts, evaluate, make_scaler, resolve_precision, train_one_epoch
 from training.logs import RunLog
@@ -148,6 +155,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
     step, best_top1 = 0, -1.0
     records: list[dict] = []
     if resume_state is not None:
+        if resume_state.get("classes") and resume_state["classes"] != train_loader.classes:
+            raise SystemExit(f"rn50 train: error: {cfg.data_dir} does not have the classes run {run!r} was trained "
+                             "on; resume with the same --data-dir")
         raw_model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scaler.load_state_dict(resume_state["scaler"])
@@ -206,8 +216,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         (ckpt_dir / "config.yaml").write_text(dump_yaml(cfg))
         for line in header:
             print(line.replace("- ", "", 1), flush=True)
-        print(f"setup took {time.perf_counter() - t_setup:.1f} s; training epochs {start_epoch}..{cfg.epochs - 1}",
-              flush=True)
+        todo = f"training epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else \
+            f"nothing to train: the run already finished its {cfg.epochs} epochs (raise --epochs to go on)"
+        print(f"setup took {time.perf_counter() - t_setup:.1f} s; {todo}", flush=True)
 
     def on_log(s: int, scalars: dict) -> None:
         if runlog is not None:
@@ -224,6 +235,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, batch_transform=batch_transform,
                                 log_every=cfg.log_every, on_log=on_log, progress=cfg.progress)
         step = (epoch + 1) * steps_per_epoch
+        broadcast_buffers(raw_model, ctx)
+        if ema is not None:
+            broadcast_buffers(ema.module, ctx)
         val = evaluate(eval_model, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch)
         ema_val = evaluate(ema.module, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch) if ema else None
         record = {
