@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,14 +179,9 @@ def flag_name(name: str) -> str:
     return name.replace("_", "-")
 
 
-_HINTS: dict[str, Any] | None = None
-
-
+@functools.cache
 def field_types() -> dict[str, Any]:
-    global _HINTS  # a cache of typing.get_type_hints, which is slow-ish and pure
-    if _HINTS is None:
-        _HINTS = typing.get_type_hints(TrainConfig)
-    return _HINTS
+    return typing.get_type_hints(TrainConfig)
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -291,7 +287,3 @@ def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainC
         cfg = apply_overrides(cfg, load_yaml(path), str(path))
     typed = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     return dataclasses.replace(cfg, **typed)
-
-
-def explicit_keys(args: argparse.Namespace) -> set[str]:
-    return {k for k in vars(args) if k in {f.name for f in dataclasses.fields(TrainConfig)}}

@@ -139,7 +139,6 @@ class EpochStats:
     loss: float
     top1: float
     samples: int  # all ranks
-    steps: int
     seconds: float
     data_wait_s: float  # this rank's time blocked on the loader
     lr: float
@@ -243,8 +242,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         bar.close()
     t = all_reduce_sum(totals, ctx).tolist()
     return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
-                      steps=step - epoch * steps_per_epoch - first_step, seconds=seconds, data_wait_s=waits[0],
-                      lr=lr)
+                      seconds=seconds, data_wait_s=waits[0], lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

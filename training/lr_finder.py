@@ -129,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_factor: float) -> int:
     import torch
-    from torch import nn
 
     from pipeline import build_loader
     from training.distributed import all_reduce_sum, cleanup, init_distributed
@@ -137,7 +136,7 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
     from training.model import build_model, build_optimizer
     from training.plots import plot_lr_finder
     from training.schedules import train_resolution
-    from training.trainer import seed_everything
+    from training.trainer import seed_everything, wrap_model
 
     ctx = init_distributed(cfg.device)
     try:
@@ -151,10 +150,7 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
         raw = build_model(cfg.arch, loader.num_classes, cfg.zero_init_residual, cfg.blurpool,
                           cfg.channels_last).to(ctx.device)
         optimizer, _ = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-        model: nn.Module = torch.compile(raw) if cfg.compile else raw
-        if ctx.distributed:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        model, _ = wrap_model(raw, cfg.compile, ctx)
         parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
                            schedule=sweep, precision=precision, label_smoothing=cfg.label_smoothing,  # type: ignore[arg-type]
                            grad_accum=cfg.grad_accum)

@@ -90,10 +90,55 @@ def build_batch_transform(cfg: TrainConfig, num_classes: int):
     return transform, gen
 
 
+class SetupError(RuntimeError):
+    """The run cannot start as configured; the message says why and what to change."""
+
+
+def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """(model to train, model to evaluate): torch.compile if asked, then DDP when distributed. Evaluation uses the
+    compiled module without the DDP wrapper (no gradient hooks, no buffer broadcasts)."""
+    model = torch.compile(raw_model) if compile_model else raw_model
+    eval_model = model
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return model, eval_model
+
+
+def restore(state: dict, parts: TrainParts, cfg: TrainConfig, classes: list[str], ctx: DistContext) -> tuple[int, float]:
+    """Load a checkpoint into the training parts (model, optimizer, scaler, EMA, this rank's RNGs); returns
+    (global step, best top-1). Warns where the resumed run differs from the saved one."""
+    if state.get("classes") and state["classes"] != classes:
+        raise SetupError(f"{cfg.data_dir} does not have the classes run {cfg.run_name!r} was trained on; resume "
+                         "with the same --data-dir")
+    parts.raw_model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None:
+        if state.get("ema") is None:
+            log0(ctx, "warning: the checkpoint has no EMA; starting one from the current weights")
+            parts.ema = ModelEMA(parts.raw_model, cfg.ema_decay)
+        else:
+            parts.ema.load_state_dict(state["ema"])
+    saved, schedule = state["scheduler"], parts.schedule
+    if saved["total_steps"] != schedule.total_steps or saved["max_lr"] != schedule.max_lr:
+        log0(ctx, f"warning: the LR schedule changed on resume (total steps {saved['total_steps']} -> "
+                  f"{schedule.total_steps}, max LR {saved['max_lr']:.4g} -> {schedule.max_lr:.4g})")
+    rngs = state.get("rng") or []
+    if len(rngs) == ctx.world_size:
+        ckpt.set_rng_state(rngs[ctx.rank])
+    else:
+        log0(ctx, f"warning: RNG states saved by {len(rngs)} ranks, running {ctx.world_size}; reseeding")
+    return int(state["step"]), float(state.get("best_top1", -1.0))
+
+
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
     ctx = init_distributed(cfg.device)
     try:
         return _train(cfg, ctx, argv or sys.argv)
+    except SetupError as e:
+        log0(ctx, f"rn50 train: error: {e}")
+        return 2
     except NonFiniteLoss as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 1
@@ -119,98 +164,50 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
     run = cfg.run_name
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints" / run
+    resume_state = ckpt.load_checkpoint(ckpt_dir / ckpt.LATEST, map_location=ctx.device) if cfg.resume else None
+    start_epoch = int(resume_state["next_epoch"]) if resume_state else 0
 
     # ---- data
-    start_epoch = 0
-    resume_state = None
-    if cfg.resume:
-        resume_state = ckpt.load_checkpoint(ckpt_dir / ckpt.LATEST, map_location=ctx.device)
-        start_epoch = int(resume_state["next_epoch"])
-    res = train_resolution(cfg, start_epoch)
     common = dict(backend=cfg.loader, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, verbose=ctx.is_main)
-    train_loader = build_loader(cfg.data_dir, split="train", batch_size=cfg.batch_size, resolution=res,
-                                drop_last=True, **common)
+    train_loader = build_loader(cfg.data_dir, split="train", batch_size=cfg.batch_size,
+                                resolution=train_resolution(cfg, start_epoch), drop_last=True, **common)
     val_loader = build_loader(cfg.data_dir, split="val", batch_size=cfg.val_batch_size or cfg.batch_size,
                               resolution=cfg.val_res, drop_last=False, **common)
-    if train_loader.classes != val_loader.classes:
-        raise SystemExit(f"rn50 train: error: train and val class lists differ in {cfg.data_dir}")
     num_classes = train_loader.num_classes
+    if train_loader.classes != val_loader.classes:
+        raise SetupError(f"train and val class lists differ in {cfg.data_dir}")
     if cfg.num_classes and cfg.num_classes != num_classes:
-        raise SystemExit(f"rn50 train: error: {cfg.data_dir} has {num_classes} classes, --num-classes says "
-                         f"{cfg.num_classes}")
+        raise SetupError(f"{cfg.data_dir} has {num_classes} classes, --num-classes says {cfg.num_classes}")
     cfg.num_classes = num_classes
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
-        raise SystemExit(f"rn50 train: error: {len(train_loader)} batches per rank cannot make one step of "
-                         f"--grad-accum {cfg.grad_accum}; lower --batch-size or --grad-accum")
+        raise SetupError(f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
+                         f"{cfg.grad_accum}; lower --batch-size or --grad-accum")
 
-    # ---- model, optimizer, schedule
+    # ---- model, optimizer, schedule, resume
     raw_model = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool,
                             cfg.channels_last).to(ctx.device)
     optimizer, counts = build_optimizer(raw_model, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    scaler = make_scaler(precision, ctx.device)
-    ema = ModelEMA(raw_model, cfg.ema_decay) if cfg.ema else None
     schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
+    parts = TrainParts(model=raw_model, raw_model=raw_model, optimizer=optimizer,
+                       scaler=make_scaler(precision, ctx.device), schedule=schedule, precision=precision,
+                       label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum,
+                       ema=ModelEMA(raw_model, cfg.ema_decay) if cfg.ema else None)
     step, best_top1 = 0, -1.0
-    records: list[dict] = []
     if resume_state is not None:
-        if resume_state.get("classes") and resume_state["classes"] != train_loader.classes:
-            raise SystemExit(f"rn50 train: error: {cfg.data_dir} does not have the classes run {run!r} was trained "
-                             "on; resume with the same --data-dir")
-        raw_model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scaler.load_state_dict(resume_state["scaler"])
-        if ema is not None:
-            if resume_state.get("ema") is None:
-                log0(ctx, "warning: the checkpoint has no EMA; starting one from the current weights")
-                ema = ModelEMA(raw_model, cfg.ema_decay)
-            else:
-                ema.load_state_dict(resume_state["ema"])
-        step = int(resume_state["step"])
-        best_top1 = float(resume_state.get("best_top1", -1.0))
-        saved = resume_state["scheduler"]
-        if saved["total_steps"] != schedule.total_steps or saved["max_lr"] != schedule.max_lr:
-            log0(ctx, f"warning: the LR schedule changed on resume (total steps {saved['total_steps']} -> "
-                      f"{schedule.total_steps}, max LR {saved['max_lr']:.4g} -> {schedule.max_lr:.4g})")
-        rngs = resume_state.get("rng") or []
-        if len(rngs) == ctx.world_size:
-            ckpt.set_rng_state(rngs[ctx.rank])
-        else:
-            log0(ctx, f"warning: RNG states saved by {len(rngs)} ranks, running {ctx.world_size}; reseeding")
-        if ctx.is_main:
-            records = RunLog.read_records(out, run)
+        step, best_top1 = restore(resume_state, parts, cfg, train_loader.classes, ctx)
         log0(ctx, f"resumed {ckpt_dir / ckpt.LATEST}: epoch {start_epoch}, step {step}, best top-1 {best_top1:.2f}")
-    model: nn.Module = raw_model
-    if cfg.compile:
-        model = torch.compile(raw_model)
-    eval_model = model  # compiled (if asked) but never the DDP wrapper
-    if ctx.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    parts = TrainParts(model=model, raw_model=raw_model, optimizer=optimizer, scaler=scaler, schedule=schedule,
-                       precision=precision, label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum, ema=ema)
+    parts.model, eval_model = wrap_model(raw_model, cfg.compile, ctx)
+    ema = parts.ema
     batch_transform, aug_generator = build_batch_transform(cfg, num_classes)
 
     # ---- logs (rank 0 only)
-    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
-    header = [
-        f"- command: `{' '.join(argv)}`",
-        f"- hardware: {ctx.world_size} x {device_name(ctx.device)}; torch {torch.__version__}",
-        f"- data: {cfg.data_dir} ({train_loader.backend} loader), {train_loader.num_samples} train / "
-        f"{val_loader.num_samples} val images, {num_classes} classes",
-        f"- model: {cfg.arch}{' + BlurPool' if cfg.blurpool else ''}, {precision.name}, "
-        f"{'channels_last' if cfg.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}",
-        f"- batch: {cfg.batch_size} per GPU x {ctx.world_size} x {cfg.grad_accum} accumulation = {global_batch}; "
-        f"{steps_per_epoch} steps per epoch",
-        f"- LR: {cfg.lr_schedule}, max {schedule.max_lr:.4g}; weight decay {cfg.weight_decay:g} on "
-        f"{counts['decay_tensors']} tensors, none on {counts['no_decay_tensors']} (BatchNorm, biases); "
-        f"label smoothing {cfg.label_smoothing:g}",
-        "- data wait %: share of the epoch spent blocked on the loader (time in next())",
-    ]
     runlog = None
     if ctx.is_main:
-        runlog = RunLog(out, run, header, records)
+        header = run_header(cfg, ctx, argv, train_loader, val_loader, precision.name, steps_per_epoch,
+                            schedule.max_lr, counts)
+        runlog = RunLog(out, run, header, RunLog.read_records(out, run) if resume_state else [])
         runlog.write_config(dump_yaml(cfg))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -219,10 +216,6 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         todo = f"training epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else \
             f"nothing to train: the run already finished its {cfg.epochs} epochs (raise --epochs to go on)"
         print(f"setup took {time.perf_counter() - t_setup:.1f} s; {todo}", flush=True)
-
-    def on_log(s: int, scalars: dict) -> None:
-        if runlog is not None:
-            runlog.step(s, scalars)
 
     # ---- epochs
     for epoch in range(start_epoch, cfg.epochs):
@@ -233,7 +226,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         if aug_generator is not None:
             aug_generator.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
         stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, batch_transform=batch_transform,
-                                log_every=cfg.log_every, on_log=on_log, progress=cfg.progress)
+                                log_every=cfg.log_every, on_log=runlog.step if runlog else None,
+                                progress=cfg.progress)
         step = (epoch + 1) * steps_per_epoch
         broadcast_buffers(raw_model, ctx)
         if ema is not None:
@@ -254,11 +248,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         fingerprints = all_gather_object(weight_fingerprint(raw_model), ctx)
         if len(set(fingerprints)) > 1:
             log0(ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
-        if ctx.is_main:
+        if runlog is not None:
             state = {
                 "format": ckpt.FORMAT_VERSION, "run_name": run, "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(step),
-                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch,
+                "scaler": parts.scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch,
                 "next_epoch": epoch + 1, "step": step,
                 "loader": {"epoch": epoch + 1, "batch": 0, "seed": cfg.seed,
                            "resolution": train_resolution(cfg, min(epoch + 1, cfg.epochs - 1))},
@@ -279,3 +273,23 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
         print(f"logs: {runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
               f"TensorBoard: tensorboard --logdir {out / 'runs'}\ncheckpoints: {ckpt_dir}", flush=True)
     return 0
+
+
+def run_header(cfg: TrainConfig, ctx: DistContext, argv: list[str], train_loader, val_loader, precision: str,
+               steps_per_epoch: int, max_lr: float, counts: dict[str, int]) -> list[str]:
+    """The lines above the Markdown table (also printed at start): what ran, where, on what, with which recipe."""
+    global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
+    return [
+        f"- command: `{' '.join(argv)}`",
+        f"- hardware: {ctx.world_size} x {device_name(ctx.device)}; torch {torch.__version__}",
+        f"- data: {cfg.data_dir} ({train_loader.backend} loader), {train_loader.num_samples} train / "
+        f"{val_loader.num_samples} val images, {train_loader.num_classes} classes",
+        f"- model: {cfg.arch}{' + BlurPool' if cfg.blurpool else ''}, {precision}, "
+        f"{'channels_last' if cfg.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}",
+        f"- batch: {cfg.batch_size} per GPU x {ctx.world_size} x {cfg.grad_accum} accumulation = {global_batch}; "
+        f"{steps_per_epoch} steps per epoch",
+        f"- LR: {cfg.lr_schedule}, max {max_lr:.4g}; weight decay {cfg.weight_decay:g} on "
+        f"{counts['decay_tensors']} tensors, none on {counts['no_decay_tensors']} (BatchNorm, biases); "
+        f"label smoothing {cfg.label_smoothing:g}",
+        "- data wait %: share of the epoch spent blocked on the loader (time in next())",
+    ]
