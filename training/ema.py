@@ -31,6 +31,7 @@ class ModelEMA:
                 model_float.append(m.detach())
             else:
                 e.copy_(m)
+        # one fused kernel per tensor group instead of one per tensor
         torch._foreach_lerp_(ema_float, model_float, 1.0 - self.decay)
 
     def state_dict(self) -> dict:

@@ -182,8 +182,11 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     first_step = start_batch // accum
     step = epoch * steps_per_epoch + first_step
     device = ctx.device
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, samples
-    window = torch.zeros(3, device=device, dtype=torch.float64)
+    # Loss and hit sums stay on the device; sample counts are known on the host. Building a device tensor from a
+    # Python number each step would be a blocking host-to-device copy, i.e. a sync point per step.
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
+    window = torch.zeros(2, device=device, dtype=torch.float64)
+    total_n = window_n = 0
     waits = [0.0]
     window_start, window_wait, lr = time.perf_counter(), 0.0, parts.schedule.lr_at(step)
     bar = None
@@ -208,15 +211,17 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         if len(micro) < accum:
             break  # the loader ran short (should not happen: len(loader) >= steps_per_epoch * accum)
         loss_sum, correct, n, lr = train_step(parts, micro, step, device)
-        stats = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(n), device=device,
-                                                                                dtype=torch.float64)])
+        stats = torch.stack([loss_sum.double(), correct.double()])
         totals += stats
         window += stats
+        total_n += n
+        window_n += n
         step += 1
         if bar is not None:
             bar.update(1)
         if step % log_every == 0 or step == (epoch + 1) * steps_per_epoch:
-            w = all_reduce_sum(window.clone(), ctx).tolist()  # the sync point of the loop
+            counted = torch.cat([window, torch.tensor([float(window_n)], dtype=torch.float64).to(device)])
+            w = all_reduce_sum(counted, ctx).tolist()  # the sync point of the loop
             now = time.perf_counter()
             wait = waits[0] - window_wait
             scalars = {"loss": w[0] / max(w[2], 1), "top1": 100.0 * w[1] / max(w[2], 1), "lr": lr,
@@ -232,6 +237,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", top1=f"{scalars['top1']:.1f}", lr=f"{lr:.4g}",
                                 img_s=f"{scalars['images_per_s']:.0f}")
             window.zero_()
+            window_n = 0
             window_start, window_wait = now, waits[0]
     if hasattr(source, "close"):
         source.close()  # an epoch cut short of the loader's end releases the backend's iterator now
@@ -240,7 +246,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     seconds = time.perf_counter() - t_start
     if bar is not None:
         bar.close()
-    t = all_reduce_sum(totals, ctx).tolist()
+    t = all_reduce_sum(torch.cat([totals, torch.tensor([float(total_n)], dtype=torch.float64).to(device)]), ctx).tolist()
     return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
                       seconds=seconds, data_wait_s=waits[0], lr=lr)
 
@@ -259,7 +265,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, t
     """
     model.eval()
     device = ctx.device
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits
+    samples = 0  # on the host: no per-batch host-to-device copy
     loader.set_epoch(epoch)
     for b, (images, labels) in enumerate(loader):
         valid = loader.num_valid(b, epoch=epoch)
@@ -274,7 +281,8 @@ def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, t
         logits = logits.float() / (2.0 if tta else 1.0)
         top1, top5 = topk_correct(logits, labels, (1, 5))
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
-                             top5.double(), torch.tensor(float(valid), device=device, dtype=torch.float64)])
-    s = all_reduce_sum(sums, ctx).tolist()
+                             top5.double()])
+        samples += valid
+    s = all_reduce_sum(torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64).to(device)]), ctx).tolist()
     n = max(s[3], 1.0)
     return {"loss": s[0] / n, "top1": 100.0 * s[1] / n, "top5": 100.0 * s[2] / n, "samples": int(s[3])}
