@@ -17,6 +17,7 @@ The caller gives a temporary path; `dataset_tools.convert` renames it when every
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -29,6 +30,25 @@ import numpy as np
 from dataset_tools.files import BadImage, load_rgb, turbojpeg_decoder
 
 PAGE_SIZE = 1 << 23  # 8 MiB, FFCV's default: holds one raw 1600 x 1600 image
+STALL_SECONDS = 600  # one chunk of images never takes this long; a silent worker is hung, not slow
+
+
+@contextlib.contextmanager
+def single_threaded_opencv():
+    """fork() copies a process but not its threads: a child that finds OpenCV's thread pool initialised (by any
+    earlier cv2 call in the parent) can hang forever on the pool's locks. With one OpenCV thread while forking, no
+    pool exists to inherit, and the workers -- one per core already -- run OpenCV single-threaded, as they should."""
+    try:
+        import cv2
+    except ImportError:
+        yield
+        return
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 @dataclass
@@ -54,10 +74,8 @@ def _page_size_for(max_side: int | None) -> int:
 
 def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params, parent_pid):
     """Runs in a forked process: decode, encode into the file via the shared allocator, report failures."""
-    import cv2
     from ffcv.fields import IntField, RGBImageField
 
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own thread pool would only oversubscribe
     max_side, quality = params
     jpg = RGBImageField(write_mode="jpg", jpeg_quality=quality)
     raw = RGBImageField(write_mode="raw")
@@ -134,12 +152,13 @@ def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None
         args = (tasks, writer.metadata_sm, writer.metadata_type, allocator, done, results, (max_side, jpeg_quality),
                 os.getpid())
         procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(workers)]
-        for p in procs:
-            p.start()
+        with single_threaded_opencv():
+            for p in procs:
+                p.start()
 
         bar = tqdm(total=n, unit="img", desc=desc, disable=not progress, smoothing=0.05, dynamic_ncols=True)
         allocations, failures, shown, received = [], [], 0, 0
-        all_exited_at = None
+        all_exited_at, last_progress = None, time.monotonic()
         try:
             while received < len(procs):
                 try:  # drain results before joining: a worker cannot exit while its result sits in the pipe
@@ -151,7 +170,10 @@ def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None
                     pass
                 if done.value > shown:
                     bar.update(done.value - shown)
-                    shown = done.value
+                    shown, last_progress = done.value, time.monotonic()
+                elif time.monotonic() - last_progress > STALL_SECONDS:
+                    raise WriterError(f"no image finished for {STALL_SECONDS // 60} minutes: a writer process is "
+                                      "stuck; the partial file is discarded")
                 crashed = [p for p in procs if p.exitcode not in (0, None)]
                 if crashed:
                     raise WriterError(f"a writer process died (exit code {crashed[0].exitcode}); "

@@ -325,3 +325,20 @@ def test_real_photo_encodings_round_trip(tmp_path):
         assert image.shape == ref.shape, path.name
         err = np.abs(image.astype(np.int16) - ref).mean()
         assert err < 2.5, (path.name, err)  # stored raw: only decoder (IDCT, DCT-domain scaling) differences
+
+
+def test_convert_after_opencv_threads_started_in_parent(tmp_path, coded_root):
+    """Regression: a parent that already ran OpenCV on its thread pool (as a test process or a notebook does) used to
+    fork writer processes that hung forever on the pool's locks. Run in a subprocess so a hang fails, not blocks."""
+    code = f"""
+import numpy as np, cv2
+a = np.zeros((1500, 1500, 3), np.uint8)
+for _ in range(3):
+    cv2.resize(a, (600, 600), interpolation=cv2.INTER_AREA)
+from dataset_tools.convert import ConvertOptions, convert
+report = convert({str(coded_root)!r}, {str(tmp_path / 'out')!r}, ["train"], ConvertOptions(workers=2, progress=False))
+print(report["train"]["written"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("48")
