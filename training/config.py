@@ -258,6 +258,13 @@ def dump_yaml(cfg: TrainConfig) -> str:
 # ---------------------------------------------------------------------------------------------- command line
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the usage block of ~60 flags would bury the line that matters."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per field. Defaults are SUPPRESSed so the namespace holds only what the user typed."""
     p.add_argument("--config", default=None, help="YAML preset: a path or a name from configs/ (flags override it)")

@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from training.config import DEVICES, LOADERS, PRECISIONS
+from training.config import DEVICES, LOADERS, PRECISIONS, Parser
 from training.preflight import DataError, dataset_classes
 
 PROG = "rn50 eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt / best.pt / model_XXX.pt of rn50 train")
     p.add_argument("--data-dir", required=True, help="folder with val.beton (+classes.json) or val/<wnid>/")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import ConfigError, TrainConfig, add_config_flags, resolve
+from training.config import ConfigError, Parser, TrainConfig, add_config_flags, resolve
 from training.preflight import DataError, check_data
 
 PROG = "rn50 lr-find"
@@ -91,7 +91,7 @@ def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("sweep")
     g.add_argument("--start-lr", type=float, default=1e-5, help="first LR (default 1e-5)")

@@ -17,14 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
+from training.config import ConfigError, Parser, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
 from training.preflight import DataError, check_data
 
 PROG = "rn50 train"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(p)
     return p
