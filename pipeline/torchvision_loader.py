@@ -63,6 +63,17 @@ class FolderCrops(Dataset):
         return np.asarray(out, dtype=np.uint8), label
 
 
+def _worker_init(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which stops them itself. Ctrl-C reaches every process of
+    the terminal's process group (systemd's shutdown SIGTERM every process of the service), and a worker dying of
+    it would fail the main process ("worker exited unexpectedly") before the trainer could save its checkpoint.
+    A worker still exits when the main process is gone (DataLoader's watchdog)."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def collate_uint8(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.stack([s[0] for s in samples]))
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
@@ -103,7 +114,7 @@ class TorchvisionLoader(Loader):
         self._sampler = _PlannedBatches()
         self._dataloader = DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=collate_uint8,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
             prefetch_factor=prefetch_factor if self.workers > 0 else None)
 
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

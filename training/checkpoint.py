@@ -1,14 +1,17 @@
 """Checkpoints: one function writes them, atomically; one reads them, with weights_only=True.
 
 Layout under `<output_dir>/checkpoints/<run>/`:
-    checkpoint.pt    the latest state (what --resume reads)
+    checkpoint.pt    the latest state (what --resume reads): an epoch end, or mid-epoch (--checkpoint-every, a signal)
     model_000.pt ... the state after each epoch (0-based), hard links to the bytes of checkpoint.pt when possible
     best.pt          the state of the epoch with the best validation top-1
     config.yaml      the run's resolved config (read by --resume before torch is imported)
 
 A checkpoint is a dict of plain containers and tensors only (no pickled classes), so `torch.load(weights_only=True)`
 reads it: model (unwrapped, uncompiled state_dict), optimizer, scheduler (step bookkeeping), scaler, ema, epoch and
-step counters, the loader position (epoch, batch, seed, resolution), the RNG states of every rank, and the config.
+step counters, the loader position (epoch, batch, seed, resolution, ranks, batch size), the phase (training.resume),
+the RNG states of every rank, and the config. The RNG states are gathered to rank 0 into this one file rather than
+written one file per rank: a single os.replace then commits the whole run's state at once, with no moment where
+ranks' files disagree, and they are small (a few kB per rank).
 """
 
 from __future__ import annotations
@@ -49,6 +52,19 @@ def atomic_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete temporary files of writes that a kill interrupted (`.<name>.tmp-<pid>`); the files they were meant to
+    replace are intact. Call on rank 0 before the run writes anything."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp-*"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """dst becomes another name for src's bytes (a hard link costs no disk); a copy where links are refused.
     The temp name + os.replace keeps dst whole at every moment, as for the checkpoint itself."""
@@ -79,6 +95,13 @@ def save_checkpoint(state: dict, run_dir: Path, epoch: int, is_best: bool, keep_
     return latest
 
 
+def save_latest(state: dict, run_dir: Path) -> Path:
+    """Replace the latest checkpoint only (mid-epoch and before-validation states). Call on rank 0 only."""
+    latest = Path(run_dir) / LATEST
+    atomic_save(state, latest)
+    return latest
+
+
 def epoch_files(run_dir: Path) -> list[Path]:
     """Per-epoch checkpoint files, oldest first."""
     found = [(int(m.group(1)), p) for p in Path(run_dir).glob("model_*.pt") if (m := _EPOCH_FILE.match(p.name))]
@@ -93,7 +116,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"{path}: not a readable rn50 checkpoint ({type(e).__name__}: {e})") from None
+        # weights_only=True refuses pickled classes and code: a file that needs them is not ours, or was tampered with
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable rn50 checkpoint, damaged or truncated or not ours "
+                         f"({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "model" not in state:
         raise ValueError(f"{path}: not an rn50 checkpoint of format {FORMAT_VERSION} (written by another tool?)")
     return state

@@ -33,15 +33,18 @@ DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("onecycle", "triangular", "cosine", "step")
 AUTO_AUGMENT = ("none", "trivialaugment")
+RESUME = ("no", "yes", "auto")
 
 
 class ConfigError(ValueError):
     """A bad key, value or file; the message names it and says what would be accepted."""
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None, **kw: Any) -> Any:
-    """A dataclass field whose metadata also drives the command line."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None,
+       const: str | None = None, **kw: Any) -> Any:
+    """A dataclass field whose metadata also drives the command line. `const`: the value of the bare flag, for a
+    string option whose argument may be left out (`--resume` = `--resume yes`)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "const": const}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -107,7 +110,15 @@ class TrainConfig:
     # --- run, logs, checkpoints ---
     run_name: str = _f("", "name of the run's folders under logs/, runs/ and checkpoints/ (default: arch-time)")
     output_dir: str = _f(".", "root of logs/, runs/ and checkpoints/")
-    resume: bool = _f(False, "continue run --run-name from checkpoints/<run>/checkpoint.pt")
+    resume: str = _f("no", "continue run --run-name from checkpoints/<run>/checkpoint.pt; 'auto': if that file exists, "
+                           "else start the run (for restarts under torchrun --max-restarts or a job scheduler)",
+                     RESUME, const="yes")
+    checkpoint_every: int = _f(0, "also write checkpoint.pt every this many optimizer steps inside an epoch, with the "
+                                  "loader position, so a kill costs at most that many steps (0: at epoch ends only)")
+    checkpoint_minutes: float = _f(0.0, "also write checkpoint.pt when this many minutes passed since the last one "
+                                        "(rank 0's clock; 0: off)")
+    deterministic: bool = _f(False, "deterministic kernels; on the CPU a killed and resumed run ends bit-identical to "
+                                    "an uninterrupted one (with ffcv or torchvision; see README)")
     keep_last: int = _f(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
     stop_after_epoch: int = _f(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
     log_every: int = _f(50, "optimizer steps between TensorBoard points and progress-bar updates")
@@ -132,7 +143,7 @@ class TrainConfig:
         problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
         if self.workers < 0:
             problems.append("--workers must be >= 0")
-        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch"):
+        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch", "checkpoint_every", "checkpoint_minutes"):
             if getattr(self, n) < 0:
                 problems.append(f"--{flag_name(n)} must be >= 0")
         if self.max_lr <= 0:
@@ -165,8 +176,8 @@ class TrainConfig:
             problems.append("--warmup-epochs must be in [0, --epochs)")
         if self.lr_schedule == "step" and sorted(self.step_epochs) != list(self.step_epochs):
             problems.append("--step-epochs must be increasing")
-        if self.resume and not self.run_name:
-            problems.append("--resume needs --run-name (the run to continue)")
+        if self.resume != "no" and not self.run_name:
+            problems.append(f"--resume {self.resume} needs --run-name (the run to continue)")
         if self.stop_after_epoch >= self.epochs:
             problems.append("--stop-after-epoch must be < --epochs (epochs are counted from 0)")
         return problems
@@ -191,6 +202,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: {name} must be a list of integers (got {value!r})")
         return list(value)
+    if name == "resume" and isinstance(value, bool):
+        return "yes" if value else "no"  # config.yaml files written when --resume was a plain switch
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be true or false (got {value!r})")
@@ -279,6 +292,8 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         common = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif meta.get("const") is not None:
+            p.add_argument(flag, nargs="?", const=meta["const"], choices=meta.get("choices"), **common)
         elif isinstance(kind, types.GenericAlias):
             p.add_argument(flag, type=int, nargs="+", metavar="N", **common)
         else:

@@ -82,7 +82,9 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 # ---------------------------------------------------------------------------------------------- training
 
-BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (images, labels, epoch, batch index in the epoch) -> (images, targets). The batch index lets the transform derive
+# its random draws from (seed, epoch, batch, rank) instead of carrying a generator's state from batch to batch.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -135,6 +137,26 @@ def train_step(parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.
 
 
 @dataclass
+class EpochProgress:
+    """Running sums of an epoch over all ranks: what a mid-epoch checkpoint keeps so that the resumed epoch's log
+    line (loss, top-1, img/s, data wait) covers the whole epoch. seconds/data_wait_s: rank 0's, downtime excluded."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    data_wait_s: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "samples": int(self.samples),
+                "seconds": float(self.seconds), "data_wait_s": float(self.data_wait_s)}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> EpochProgress:
+        return cls(**state) if state else cls()
+
+
+@dataclass
 class EpochStats:
     loss: float
     top1: float
@@ -142,6 +164,7 @@ class EpochStats:
     seconds: float
     data_wait_s: float  # this rank's time blocked on the loader
     lr: float
+    completed: bool = True  # False: stopped early at a step boundary (a stop request)
 
     @property
     def images_per_s(self) -> float:
@@ -150,6 +173,14 @@ class EpochStats:
     @property
     def data_wait_pct(self) -> float:
         return 100.0 * self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "top1": self.top1, "samples": self.samples, "seconds": self.seconds,
+                "data_wait_s": self.data_wait_s, "lr": self.lr}
+
+    @classmethod
+    def from_state(cls, state: dict) -> EpochStats:
+        return cls(**state)
 
 
 def _timed(it: Iterator, waits: list[float]):
@@ -168,43 +199,66 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+# boundary(steps done in this epoch, snapshot) -> stop? Called after every optimizer step. `snapshot()` all-reduces
+# the epoch's running sums (a collective: call it on every rank or on none).
+Boundary = Callable[[int, Callable[[], EpochProgress]], bool]
+
+
 def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int, ctx: DistContext, *,
                     start_batch: int = 0, batch_transform: BatchTransform | None = None, log_every: int = 50,
-                    on_log: Callable[[int, dict], None] | None = None, progress: bool = False) -> EpochStats:
-    """Train one epoch from `start_batch` (0 for a whole epoch; room for exact mid-epoch resume). The caller has
-    set the loader's epoch/position/resolution. Only the first steps_per_epoch * grad_accum batches are used, so
-    every optimizer step sees a full accumulated batch.
+                    on_log: Callable[[int, dict], None] | None = None, progress: bool = False,
+                    resumed: EpochProgress | None = None, boundary: Boundary | None = None) -> EpochStats:
+    """Train one epoch from `start_batch` (0 for a whole epoch; a multiple of grad_accum when resuming mid-epoch,
+    with `resumed` holding the running sums saved at that point). The caller has set the loader's
+    epoch/position/resolution. Only the first steps_per_epoch * grad_accum batches are used, so every optimizer
+    step sees a full accumulated batch.
 
     on_log(step, scalars): called at log intervals with the window's all-reduced loss/top-1, LR, img/s, data wait.
+    boundary: see `Boundary`; returning True ends the epoch there (stats.completed is then False).
     """
     parts.model.train()
     accum = parts.grad_accum
+    if start_batch % accum:
+        raise ValueError(f"start_batch {start_batch} is not a multiple of grad_accum {accum}")
     first_step = start_batch // accum
     step = epoch * steps_per_epoch + first_step
     device = ctx.device
+    resumed = resumed or EpochProgress()
     # Loss and hit sums stay on the device; sample counts are known on the host. Building a device tensor from a
     # Python number each step would be a blocking host-to-device copy, i.e. a sync point per step.
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
+    if ctx.is_main:  # the saved sums are all ranks' together: add them once
+        totals += torch.tensor([resumed.loss_sum, resumed.correct], dtype=torch.float64).to(device)
     window = torch.zeros(2, device=device, dtype=torch.float64)
-    total_n = window_n = 0
-    waits = [0.0]
-    window_start, window_wait, lr = time.perf_counter(), 0.0, parts.schedule.lr_at(step)
+    total_n = resumed.samples if ctx.is_main else 0
+    window_n = 0
+    waits = [resumed.data_wait_s]
+    window_start, window_wait, lr = time.perf_counter(), waits[0], parts.schedule.lr_at(step)
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", unit="step", leave=True,
                    dynamic_ncols=True)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - resumed.seconds
+
+    def snapshot() -> EpochProgress:
+        t = all_reduce_sum(torch.cat([totals, torch.tensor([float(total_n)], dtype=torch.float64).to(device)]),
+                           ctx).tolist()
+        return EpochProgress(t[0], t[1], int(t[2]), time.perf_counter() - t_start, waits[0])
+
     source = iter(loader)
     batches = _timed(source, waits)
     micro: list[tuple[torch.Tensor, torch.Tensor]] = []
+    batch_index = start_batch
+    completed = True
     for _ in range(first_step, steps_per_epoch):
         micro.clear()
         for images, labels in batches:
             targets = labels
             if batch_transform is not None:
-                images, targets = batch_transform(images, labels)
+                images, targets = batch_transform(images, labels, epoch, batch_index)
+            batch_index += 1
             micro.append((images, targets))
             if len(micro) == accum:
                 break
@@ -239,6 +293,9 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
             window.zero_()
             window_n = 0
             window_start, window_wait = now, waits[0]
+        if boundary is not None and boundary(step - epoch * steps_per_epoch, snapshot):
+            completed = step == (epoch + 1) * steps_per_epoch
+            break
     if hasattr(source, "close"):
         source.close()  # an epoch cut short of the loader's end releases the backend's iterator now
     if device.type == "cuda":
@@ -248,7 +305,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         bar.close()
     t = all_reduce_sum(torch.cat([totals, torch.tensor([float(total_n)], dtype=torch.float64).to(device)]), ctx).tolist()
     return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
-                      seconds=seconds, data_wait_s=waits[0], lr=lr)
+                      seconds=seconds, data_wait_s=waits[0], lr=lr, completed=completed)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -256,19 +313,26 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, tta: bool = False,
-             epoch: int = 0) -> dict:
+             epoch: int = 0, should_stop: Callable[[], bool] | None = None) -> dict | None:
     """Top-1/top-5 (%) and mean cross-entropy over the whole split, each sample counted once across ranks.
 
     Under DDP the loader pads the last shard with repeats of other ranks' samples; `loader.num_valid(b)` says how
     many leading samples of batch b are real, and only those are counted. tta: the logits of the horizontally
     flipped batch are added (ffcv-imagenet's lr_tta). Pass the plain module, not the DDP wrapper.
+    should_stop: polled before every batch (on every rank: it may be a collective); True abandons the pass and
+    returns None.
     """
     model.eval()
     device = ctx.device
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits
     samples = 0  # on the host: no per-batch host-to-device copy
     loader.set_epoch(epoch)
-    for b, (images, labels) in enumerate(loader):
+    source = iter(loader)
+    for b, (images, labels) in enumerate(source):
+        if should_stop is not None and should_stop():
+            if hasattr(source, "close"):
+                source.close()
+            return None
         valid = loader.num_valid(b, epoch=epoch)
         if valid < images.shape[0]:
             images, labels = images[:valid], labels[:valid]

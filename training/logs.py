@@ -53,7 +53,9 @@ class RunLog:
     """Per-epoch records to Markdown/JSON/PNG and scalars to TensorBoard. Construct it on rank 0 only."""
 
     def __init__(self, output_dir: Path, run: str, header_lines: list[str], records: list[dict] | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, purge_step: int | None = None):
+        """purge_step: a resumed run's global step; TensorBoard hides the points the interrupted process logged from
+        there on, which the resumed run logs again."""
         self.run = run
         self.dir = Path(output_dir) / "logs" / run
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs" / run))
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs" / run), purge_step=purge_step)
 
     @staticmethod
     def read_records(output_dir: Path, run: str) -> list[dict]:

@@ -37,7 +37,7 @@ PROG = "rn50 lr-find"
 _SKIP = ("resume", "keep_last", "stop_after_epoch", "ema", "ema_decay", "tta", "val_res", "val_batch_size",
          "lr_schedule", "pct_start", "div_factor", "final_div_factor", "cycle_momentum", "base_momentum",
          "max_momentum", "lr_peak_epoch", "warmup_epochs", "step_epochs", "step_gamma", "max_lr", "lr_ref_batch",
-         "epochs", "log_every")
+         "epochs", "log_every", "checkpoint_every", "checkpoint_minutes", "deterministic")
 
 
 @dataclass(frozen=True)

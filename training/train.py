@@ -2,7 +2,8 @@
 
     rn50 train --data-dir /data/betons --config t4_budget                      # one GPU (or CPU)
     torchrun --standalone --nproc_per_node 8 -m training --config rn50_8xa100_40ep --data-dir /data/betons
-    rn50 train --run-name my-run --resume                                       # continue from the last epoch
+    rn50 train --run-name my-run --resume                                       # continue where it stopped
+    torchrun --max-restarts 3 ... -m training --run-name R --resume auto --checkpoint-every 500   # spot-safe
 
 The same code runs with and without torchrun; --batch-size is per GPU. Outputs under --output-dir (default .):
 logs/<run>/ (training_log.md/.json, loss/accuracy/lr .png, config.yaml), runs/<run>/ (TensorBoard),
@@ -36,23 +37,32 @@ def run_dir(cfg: TrainConfig, kind: str) -> Path:
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < saved config of a resumed run < --config preset < typed flags; then the cheap checks.
-    Raises ConfigError or DataError with a one-line message."""
+    Raises ConfigError or DataError with a one-line message.
+
+    --resume auto continues the run when checkpoints/<run>/checkpoint.pt exists and starts it otherwise, so the
+    same command line serves the first launch and every restart (torchrun --max-restarts, a spot job re-queued)."""
     base = None
-    if getattr(args, "resume", False):
+    mode = getattr(args, "resume", "no")
+    if mode != "no":
         if not getattr(args, "run_name", ""):
-            raise ConfigError("--resume needs --run-name (the run to continue)")
+            raise ConfigError(f"--resume {mode} needs --run-name (the run to continue)")
         probe = TrainConfig(run_name=args.run_name, output_dir=getattr(args, "output_dir", "."))
         saved = run_dir(probe, "checkpoints") / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} not found; is --output-dir the one the run used? "
-                              f"(runs there: {', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})")
-        base = from_dict(load_yaml(saved), str(saved))
+        latest = saved.with_name("checkpoint.pt")
+        if mode == "yes" or latest.is_file():
+            if not saved.is_file():
+                raise ConfigError(f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
+                                  f"{', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})")
+            if not latest.is_file():
+                raise ConfigError(f"--resume: {latest} not found: run {args.run_name!r} stopped before its first "
+                                  "checkpoint; start it again with --resume auto (or without --resume)")
+            base = from_dict(load_yaml(saved), str(saved))
     cfg = resolve(args, base)
     problems = cfg.validate()
     if problems:
         raise ConfigError("; ".join(problems))
     check_data(cfg)
-    if cfg.run_name and not cfg.resume and (run_dir(cfg, "checkpoints") / "checkpoint.pt").exists():
+    if cfg.run_name and cfg.resume == "no" and (run_dir(cfg, "checkpoints") / "checkpoint.pt").exists():
         raise ConfigError(f"run {cfg.run_name!r} already has {run_dir(cfg, 'checkpoints') / 'checkpoint.pt'}; "
                           "pass --resume to continue it, or choose another --run-name")
     return cfg

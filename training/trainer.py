@@ -1,6 +1,11 @@
 """The training run: set up (distributed context, loaders, model, optimizer, resume), then epochs of
 train -> validate -> checkpoint -> log. `train(cfg)` is what `rn50 train` and `torchrun -m training` call once the
 config has passed the cheap checks in training.train.
+
+Resume is exact at any optimizer step: the loader position, the epoch's running sums and the whole training state go
+into mid-epoch checkpoints (training.resume describes the phases); everything random in a step is a pure function of
+(seed, epoch, sample or batch index, rank), so nothing drawn before the kill needs replaying. SIGTERM/SIGINT save at
+the next step boundary and exit with 128 + the signal number (training.signals).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import platform
 import random
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +23,33 @@ import torch
 from torch import nn
 
 from training import checkpoint as ckpt
+from training import resume
 from training.config import TrainConfig, dump_yaml, to_dict
 from training.distributed import (
     DistContext,
     all_gather_object,
+    all_reduce_max_cpu,
+    barrier,
     broadcast_buffers,
     broadcast_object,
     cleanup,
+    cpu_group,
     init_distributed,
 )
 from training.ema import ModelEMA
-from training.engine import NonFiniteLoss, TrainParts, evaluate, make_scaler, resolve_precision, train_one_epoch
+from training.engine import (
+    EpochStats,
+    NonFiniteLoss,
+    TrainParts,
+    evaluate,
+    make_scaler,
+    resolve_precision,
+    train_one_epoch,
+)
 from training.logs import RunLog
 from training.model import build_model, build_optimizer
 from training.schedules import build_schedule, train_resolution
+from training.signals import StopSignals, exit_code, signal_name
 
 
 def log0(ctx: DistContext, msg: str) -> None:
@@ -61,18 +80,26 @@ def weight_fingerprint(model: nn.Module) -> float:
     return float(total)
 
 
-def build_batch_transform(cfg: TrainConfig, num_classes: int):
-    """(transform, generator) applying, in torchvision's order, the per-sample policy, random erasing, then
-    mixup or cutmix (soft targets) from pipeline.augment; (None, None) when all are off. The generator is a CPU
-    one (pipeline.augment draws its few numbers per sample on the CPU, so no device sync); the trainer reseeds it
-    every epoch from (seed, epoch, rank)."""
+def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The batch augmentations' seed for one micro-batch: a pure function of (seed, epoch, batch index, rank), so a
+    run resumed at any step draws the same mixup/cutmix/erasing/TrivialAugment decisions as the uninterrupted one,
+    with no generator state to save. Different ranks draw differently (their batches differ too)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, batch, rank, 0xA0C]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def build_batch_transform(cfg: TrainConfig, num_classes: int, rank: int):
+    """The transform applying, in torchvision's order, the per-sample policy, random erasing, then mixup or cutmix
+    (soft targets) from pipeline.augment, or None when all are off. Its generator is a CPU one (pipeline.augment
+    draws its few numbers per sample on the CPU, so no device sync), reseeded for every micro-batch by batch_seed."""
     if not (cfg.mixup or cfg.cutmix or cfg.random_erase or cfg.auto_augment != "none"):
-        return None, None
+        return None
     from pipeline import augment
 
     gen = torch.Generator()
 
-    def transform(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen.manual_seed(batch_seed(cfg.seed, epoch, batch, rank))
         if cfg.auto_augment == "trivialaugment":
             images = augment.trivial_augment(images, generator=gen)
         if cfg.random_erase > 0:
@@ -87,11 +114,19 @@ def build_batch_transform(cfg: TrainConfig, num_classes: int):
                                                p=cfg.mix_prob, generator=gen)
         return images, labels
 
-    return transform, gen
+    return transform
 
 
 class SetupError(RuntimeError):
     """The run cannot start as configured; the message says why and what to change."""
+
+
+class Interrupted(Exception):
+    """A stop signal was honoured: the checkpoint is written (or was already current); `where` says what it holds."""
+
+    def __init__(self, signum: int, where: str) -> None:
+        super().__init__(where)
+        self.signum, self.where = signum, where
 
 
 def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
@@ -105,12 +140,50 @@ def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> t
     return model, eval_model
 
 
-def restore(state: dict, parts: TrainParts, cfg: TrainConfig, classes: list[str], ctx: DistContext) -> tuple[int, float]:
-    """Load a checkpoint into the training parts (model, optimizer, scaler, EMA, this rank's RNGs); returns
-    (global step, best top-1). Warns where the resumed run differs from the saved one."""
-    if state.get("classes") and state["classes"] != classes:
-        raise SetupError(f"{cfg.data_dir} does not have the classes run {cfg.run_name!r} was trained on; resume "
-                         "with the same --data-dir")
+def make_deterministic(device: torch.device) -> tuple[bool, bool]:
+    """--deterministic: deterministic kernels everywhere; returns the previous (enabled, warn_only) to restore.
+
+    On CUDA, cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its handle is created, i.e. before
+    the first matmul) and cuDNN must not benchmark. Some CUDA kernels ResNet needs have no deterministic version
+    (adaptive average pooling's backward), so there torch only warns: on a GPU the run is resumable exactly in
+    position and state, but bit-identical weights are not promised (cuDNN's and NCCL's reduction orders)."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    return previous
+
+
+def load_resume_state(cfg: TrainConfig, path: Path, ctx: DistContext) -> dict | None:
+    """The checkpoint to continue from, or None to start (--resume auto without a checkpoint). Every rank reads the
+    file itself; they must all see the same one (shared storage for multi-node runs), which is checked."""
+    state, error = None, ""
+    if cfg.resume == "yes" or (cfg.resume == "auto" and path.is_file()):
+        try:
+            state = ckpt.load_checkpoint(path, map_location="cpu")
+        except (FileNotFoundError, ValueError) as e:
+            previous = ckpt.epoch_files(path.parent)
+            hint = (f"; the newest per-epoch file is {previous[-1].name}: copy it over {path.name} to resume from "
+                    "there, or start a new --run-name" if previous else "; start a new --run-name, or delete "
+                    f"{path.parent} to start this run over")
+            error = f"{e}{hint}"
+    seen = all_gather_object((bool(error), state is not None, state and int(state.get("step", -1)),
+                              state and state.get("phase")), ctx)
+    if error:
+        raise SetupError(error)
+    if any(s[0] for s in seen):
+        raise SetupError(f"another rank could not read {path} (see its message); every rank must see the same file")
+    if len({s[1:] for s in seen}) > 1:
+        raise SetupError(f"ranks see different checkpoints at {path} ({seen}); put --output-dir on storage every "
+                         "node shares (EFS, FSx, NFS)")
+    return state
+
+
+def restore(state: dict, parts: TrainParts, cfg: TrainConfig, ctx: DistContext) -> float:
+    """Load a checkpoint that check_compatible accepted into the training parts (model, optimizer, scaler, EMA, this
+    rank's RNGs); returns the best top-1 so far. Warns where the resumed run differs from the saved one."""
     parts.raw_model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scaler.load_state_dict(state["scaler"])
@@ -129,33 +202,77 @@ def restore(state: dict, parts: TrainParts, cfg: TrainConfig, classes: list[str]
         ckpt.set_rng_state(rngs[ctx.rank])
     else:
         log0(ctx, f"warning: RNG states saved by {len(rngs)} ranks, running {ctx.world_size}; reseeding")
-    return int(state["step"]), float(state.get("best_top1", -1.0))
+    threads = (state.get("deterministic") or {}).get("threads")
+    if cfg.deterministic and threads and threads != torch.get_num_threads():
+        log0(ctx, f"--deterministic: {threads} CPU threads as in the saved run (not {torch.get_num_threads()})")
+        torch.set_num_threads(threads)
+    return float(state.get("best_top1", -1.0))
 
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> int:
     ctx = init_distributed(cfg.device)
+    previous = make_deterministic(ctx.device) if cfg.deterministic else None
     try:
-        return _train(cfg, ctx, argv or sys.argv)
+        with StopSignals() as signals:
+            return _train(cfg, ctx, argv or sys.argv, signals)
     except SetupError as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 2
     except NonFiniteLoss as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 1
+    except Interrupted as e:
+        log0(ctx, f"rn50 train: {signal_name(e.signum)} received: stopped with the checkpoint at {e.where}; "
+                  f"continue with --run-name {cfg.run_name} --output-dir {cfg.output_dir} --resume "
+                  f"(exit code {exit_code(e.signum)})")
+        return exit_code(e.signum)
     except KeyboardInterrupt:
-        log0(ctx, "rn50 train: interrupted; checkpoints of finished epochs are intact (--resume continues)")
+        log0(ctx, "rn50 train: interrupted; the latest checkpoint is intact (--resume continues from it)")
         return 130
     finally:
+        if previous is not None:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         cleanup()
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
+class StepControl:
+    """What happens at a step boundary: save a mid-epoch checkpoint (every N steps, every M minutes), stop (a
+    signal). Under DDP the ranks agree through one all-reduce of two integers per step on a CPU (gloo) group: the
+    signal may reach ranks at different steps, and the minutes are counted on rank 0's clock, yet all ranks must
+    save and stop at the same step. The cost is one small host round trip per step, no GPU sync."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, group, signals: StopSignals) -> None:
+        self.every, self.seconds = cfg.checkpoint_every, cfg.checkpoint_minutes * 60.0
+        self.ctx, self.group, self.signals = ctx, group, signals
+        self.last_save = time.monotonic()
+        self.stop = 0  # the agreed signal number once a stop is decided
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.every > 0 or self.seconds > 0
+
+    def poll(self) -> tuple[int, bool]:
+        """(signal number or 0, minutes due), the same on every rank."""
+        due = self.ctx.is_main and self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
+        signum, due = all_reduce_max_cpu([self.signals.requested, int(due)], self.ctx, self.group)
+        if signum:
+            self.stop = signum
+        return signum, bool(due)
+
+    def stop_requested(self) -> bool:
+        return bool(self.poll()[0])
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSignals) -> int:
     from pipeline import build_loader
 
     t_setup = time.perf_counter()
     seed_everything(cfg.seed, ctx.rank)
     if ctx.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # fixed shapes per resolution: pick the fastest
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = resolve_precision(cfg.precision, ctx.device)
@@ -164,14 +281,17 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
     run = cfg.run_name
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints" / run
-    resume_state = ckpt.load_checkpoint(ckpt_dir / ckpt.LATEST, map_location=ctx.device) if cfg.resume else None
-    start_epoch = int(resume_state["next_epoch"]) if resume_state else 0
+    latest = ckpt_dir / ckpt.LATEST
+    group = cpu_group(ctx)
+    resume_state = load_resume_state(cfg, latest, ctx) if cfg.resume != "no" else None
+    pos = resume.position_of(resume_state) if resume_state else resume.START
 
     # ---- data
     common = dict(backend=cfg.loader, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, verbose=ctx.is_main)
     train_loader = build_loader(cfg.data_dir, split="train", batch_size=cfg.batch_size,
-                                resolution=train_resolution(cfg, start_epoch), drop_last=True, **common)
+                                resolution=train_resolution(cfg, min(pos.epoch, cfg.epochs - 1)), drop_last=True,
+                                **common)
     val_loader = build_loader(cfg.data_dir, split="val", batch_size=cfg.val_batch_size or cfg.batch_size,
                               resolution=cfg.val_res, drop_last=False, **common)
     num_classes = train_loader.num_classes
@@ -180,10 +300,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
     if cfg.num_classes and cfg.num_classes != num_classes:
         raise SetupError(f"{cfg.data_dir} has {num_classes} classes, --num-classes says {cfg.num_classes}")
     cfg.num_classes = num_classes
-    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    accum = cfg.grad_accum
+    steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch < 1:
         raise SetupError(f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
-                         f"{cfg.grad_accum}; lower --batch-size or --grad-accum")
+                         f"{accum}; lower --batch-size or --grad-accum")
+    if cfg.deterministic and train_loader.backend == "dali":
+        log0(ctx, "--deterministic with DALI: order and position resume exactly, but DALI draws its crops per "
+                  "pipeline, so a resumed epoch's crops differ from the uninterrupted run's (use ffcv or torchvision "
+                  "for bit-identical resumes)")
 
     # ---- model, optimizer, schedule, resume
     raw_model = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool,
@@ -192,79 +317,187 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str]) -> int:
     schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
     parts = TrainParts(model=raw_model, raw_model=raw_model, optimizer=optimizer,
                        scaler=make_scaler(precision, ctx.device), schedule=schedule, precision=precision,
-                       label_smoothing=cfg.label_smoothing, grad_accum=cfg.grad_accum,
+                       label_smoothing=cfg.label_smoothing, grad_accum=accum,
                        ema=ModelEMA(raw_model, cfg.ema_decay) if cfg.ema else None)
-    step, best_top1 = 0, -1.0
+    best_top1 = -1.0
     if resume_state is not None:
-        step, best_top1 = restore(resume_state, parts, cfg, train_loader.classes, ctx)
-        log0(ctx, f"resumed {ckpt_dir / ckpt.LATEST}: epoch {start_epoch}, step {step}, best top-1 {best_top1:.2f}")
+        try:  # everything is checked before the first tensor is copied: a checkpoint loads whole or not at all
+            resume.check_compatible(resume_state, latest, arch=cfg.arch, classes=train_loader.classes,
+                                    data_dir=cfg.data_dir, model=raw_model, optimizer=optimizer,
+                                    ema_module=parts.ema.module if parts.ema else None)
+            for warning in resume.check_position(resume_state, latest, world_size=ctx.world_size,
+                                                 batch_size=cfg.batch_size, grad_accum=accum, seed=cfg.seed,
+                                                 num_samples=train_loader.num_samples):
+                log0(ctx, f"warning: {warning}")
+        except resume.ResumeError as e:
+            raise SetupError(str(e)) from None
+        if pos.phase == "mid_epoch" and pos.batch % accum:
+            raise SetupError(f"{latest}: loader batch {pos.batch} is not a multiple of --grad-accum {accum}")
+        best_top1 = restore(resume_state, parts, cfg, ctx)
+        saved_res = (resume_state.get("loader") or {}).get("resolution")
+        if pos.phase == "mid_epoch" and saved_res and saved_res != train_resolution(cfg, pos.epoch):
+            log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says "
+                      f"{train_resolution(cfg, pos.epoch)} px (progressive resizing flags changed?)")
+        best = f", best top-1 {best_top1:.2f}%" if best_top1 >= 0 else ""
+        log0(ctx, f"resumed {latest}: {pos.describe(steps_per_epoch, accum)}{best}")
+    # The last logged epoch's record travels in every checkpoint: a kill between the checkpoint write and the log
+    # write would otherwise lose that epoch's log line for good.
+    last_record = resume_state.get("metrics") if resume_state else None
+    del resume_state  # the optimizer and model hold copies now; free the host memory
     parts.model, eval_model = wrap_model(raw_model, cfg.compile, ctx)
-    ema = parts.ema
-    batch_transform, aug_generator = build_batch_transform(cfg, num_classes)
+    batch_transform = build_batch_transform(cfg, num_classes, ctx.rank)
+    threads = torch.get_num_threads()
 
     # ---- logs (rank 0 only)
     runlog = None
     if ctx.is_main:
         header = run_header(cfg, ctx, argv, train_loader, val_loader, precision.name, steps_per_epoch,
                             schedule.max_lr, counts)
-        runlog = RunLog(out, run, header, RunLog.read_records(out, run) if resume_state else [])
+        resumed = pos is not resume.START
+        runlog = RunLog(out, run, header, RunLog.read_records(out, run) if resumed else [],
+                        purge_step=pos.step if resumed else None)
         runlog.write_config(dump_yaml(cfg))
+        if last_record and last_record["epoch"] not in {r["epoch"] for r in runlog.records}:
+            runlog.epoch(last_record, schedule.lr_at, schedule.total_steps, steps_per_epoch, last_record["step"])
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in ckpt.remove_unfinished(ckpt_dir):
+            print(f"removed {tmp}, the temporary file of a checkpoint write that was interrupted", flush=True)
         (ckpt_dir / "config.yaml").write_text(dump_yaml(cfg))
         for line in header:
             print(line.replace("- ", "", 1), flush=True)
-        todo = f"training epochs {start_epoch}..{cfg.epochs - 1}" if start_epoch < cfg.epochs else \
-            f"nothing to train: the run already finished its {cfg.epochs} epochs (raise --epochs to go on)"
+        if pos.epoch >= cfg.epochs and pos.validate_first is None:
+            todo = f"nothing to train: the run already finished its {cfg.epochs} epochs (raise --epochs to go on)"
+        elif pos.phase == "mid_epoch":
+            todo = f"continuing epoch {pos.epoch} at step {pos.batch // accum}, then epochs up to {cfg.epochs - 1}"
+        else:
+            todo = f"training epochs {pos.epoch}..{cfg.epochs - 1}"
         print(f"setup took {time.perf_counter() - t_setup:.1f} s; {todo}", flush=True)
 
-    # ---- epochs
-    for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.perf_counter()
-        res = train_resolution(cfg, epoch)
-        train_loader.set_resolution(res)
-        train_loader.set_epoch(epoch, 0)
-        if aug_generator is not None:
-            aug_generator.manual_seed(int(np.random.SeedSequence([cfg.seed, epoch, ctx.rank]).generate_state(1)[0]))
-        stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, batch_transform=batch_transform,
-                                log_every=cfg.log_every, on_log=runlog.step if runlog else None,
-                                progress=cfg.progress)
+    control = StepControl(cfg, ctx, group, signals)
+    ema = parts.ema
+
+    def state_dict(phase: str, *, epoch_done: int, next_epoch: int, batch: int, step: int, **extra) -> dict | None:
+        """The whole run's state (rank 0; None elsewhere). Every rank must call it: it gathers the RNG states."""
+        rngs = all_gather_object(ckpt.rng_state(), ctx, group)
+        if not ctx.is_main:
+            return None
+        return {
+            "format": ckpt.FORMAT_VERSION, "run_name": run, "phase": phase, "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(step),
+            "scaler": parts.scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch_done,
+            "next_epoch": next_epoch, "step": step,
+            "loader": {"epoch": next_epoch, "batch": batch, "seed": cfg.seed,
+                       "resolution": train_resolution(cfg, min(next_epoch, cfg.epochs - 1)),
+                       "world_size": ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": accum,
+                       "num_samples": train_loader.num_samples},
+            "rng": rngs, "config": to_dict(cfg), "classes": train_loader.classes, "best_top1": best_top1,
+            "deterministic": {"threads": threads} if cfg.deterministic else None, "metrics": last_record, **extra,
+        }
+
+    def save_mid_epoch(epoch: int, steps_done: int, snapshot) -> str:
+        progress = snapshot()
+        step = epoch * steps_per_epoch + steps_done
+        state = state_dict("mid_epoch", epoch_done=epoch - 1, next_epoch=epoch, batch=steps_done * accum, step=step,
+                           epoch_progress=progress.state_dict())
+        if state is not None:
+            ckpt.save_latest(state, ckpt_dir)
+        control.saved()
+        return f"epoch {epoch}, step {steps_done} of {steps_per_epoch} (global step {step})"
+
+    def save_before_validation(epoch: int, stats: EpochStats) -> str:
         step = (epoch + 1) * steps_per_epoch
+        state = state_dict("before_validation", epoch_done=epoch, next_epoch=epoch + 1, batch=0, step=step,
+                           epoch_stats=stats.state_dict())
+        if state is not None:
+            ckpt.save_latest(state, ckpt_dir)
+        control.saved()
+        return f"the end of epoch {epoch}'s training, before its validation (step {step})"
+
+    def stop_here(where: str) -> typing.NoReturn:
+        barrier(ctx, group)  # no rank exits while rank 0 is still writing
+        raise Interrupted(control.stop, where)
+
+    def finish_epoch(epoch: int, stats: EpochStats, before_validation_saved: bool) -> None:
+        """Validate a trained epoch, write its checkpoint files and log line."""
+        nonlocal best_top1, last_record
+        t_val = time.perf_counter()
+        res = train_resolution(cfg, epoch)
         broadcast_buffers(raw_model, ctx)
         if ema is not None:
             broadcast_buffers(ema.module, ctx)
-        val = evaluate(eval_model, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch)
-        ema_val = evaluate(ema.module, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch) if ema else None
+        if (control.mid_epoch or control.stop) and not before_validation_saved:
+            # a kill during validation then costs the validation only, not the epoch
+            where = save_before_validation(epoch, stats)
+            before_validation_saved = True
+            if control.stop:
+                stop_here(where)
+        val = evaluate(eval_model, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch,
+                       should_stop=control.stop_requested)
+        ema_val = None
+        if val is not None and ema is not None:
+            ema_val = evaluate(ema.module, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch,
+                               should_stop=control.stop_requested)
+        if val is None or (ema is not None and ema_val is None):
+            where = f"the end of epoch {epoch}'s training, before its validation (step {(epoch + 1) * steps_per_epoch})"
+            if not before_validation_saved:
+                where = save_before_validation(epoch, stats)
+            stop_here(where)
+        step = (epoch + 1) * steps_per_epoch
         record = {
             "epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val["loss"],
             "val_top1": val["top1"], "val_top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None,
-            "lr": stats.lr, "res": res, "val_res": cfg.val_res, "epoch_time_s": time.perf_counter() - t_epoch,
-            "train_time_s": stats.seconds, "images_per_s": stats.images_per_s, "data_wait_pct": stats.data_wait_pct,
-            "step": step, "val_samples": val["samples"],
+            "lr": stats.lr, "res": res, "val_res": cfg.val_res,
+            "epoch_time_s": stats.seconds + time.perf_counter() - t_val, "train_time_s": stats.seconds,
+            "images_per_s": stats.images_per_s, "data_wait_pct": stats.data_wait_pct, "step": step,
+            "val_samples": val["samples"],
         }
         is_best = val["top1"] > best_top1
         best_top1 = max(best_top1, val["top1"])
-        # every rank takes part in the gathers; only rank 0 writes
-        rngs = all_gather_object(ckpt.rng_state(), ctx)
-        fingerprints = all_gather_object(weight_fingerprint(raw_model), ctx)
+        fingerprints = all_gather_object(weight_fingerprint(raw_model), ctx, group)
         if len(set(fingerprints)) > 1:
             log0(ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
-        if runlog is not None:
-            state = {
-                "format": ckpt.FORMAT_VERSION, "run_name": run, "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(step),
-                "scaler": parts.scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch,
-                "next_epoch": epoch + 1, "step": step,
-                "loader": {"epoch": epoch + 1, "batch": 0, "seed": cfg.seed,
-                           "resolution": train_resolution(cfg, min(epoch + 1, cfg.epochs - 1))},
-                "rng": rngs, "rank_weight_fingerprints": fingerprints, "config": to_dict(cfg),
-                "classes": train_loader.classes, "best_top1": best_top1, "metrics": record,
-            }
+        last_record = record
+        state = state_dict("end_of_epoch", epoch_done=epoch, next_epoch=epoch + 1, batch=0, step=step,
+                           rank_weight_fingerprints=fingerprints)
+        if state is not None and runlog is not None:
             ckpt.save_checkpoint(state, ckpt_dir, epoch, is_best, cfg.keep_last)
             runlog.epoch(record, schedule.lr_at, schedule.total_steps, steps_per_epoch, step)
             ema_txt = f", EMA top-1 {ema_val['top1']:.2f}" if ema_val else ""
             print(f"epoch {epoch}: train loss {stats.loss:.4f}, val loss {val['loss']:.4f}, top-1 {val['top1']:.2f}%, "
                   f"top-5 {val['top5']:.2f}%{ema_txt}, {res} px, {record['epoch_time_s']:.1f} s, "
                   f"{stats.images_per_s:.0f} img/s, data wait {stats.data_wait_pct:.0f}%", flush=True)
+        control.saved()
+
+    # ---- epochs
+    first_epoch = pos.epoch
+    if pos.validate_first is not None:
+        finish_epoch(pos.validate_first, pos.pending, before_validation_saved=True)
+        if pos.validate_first == cfg.stop_after_epoch:
+            log0(ctx, f"stopping after epoch {pos.validate_first} as asked; continue with --run-name {run} --resume")
+            first_epoch = cfg.epochs
+    for epoch in range(first_epoch, cfg.epochs):
+        if control.stop_requested():  # arrived between epochs: the latest checkpoint already holds everything
+            stop_here(f"the start of epoch {epoch}")
+        resumed_here = pos.phase == "mid_epoch" and epoch == pos.epoch
+        start_batch = pos.batch if resumed_here else 0
+        train_loader.set_resolution(train_resolution(cfg, epoch))
+        train_loader.set_epoch(epoch, start_batch)
+
+        def boundary(steps_done: int, snapshot, epoch: int = epoch) -> bool:
+            signum, due = control.poll()
+            if steps_done == steps_per_epoch:
+                return bool(signum)  # the epoch's end writes (before validation) what a save here would
+            if signum or due or (control.every and steps_done % control.every == 0):
+                where = save_mid_epoch(epoch, steps_done, snapshot)
+                if signum:
+                    stop_here(where)
+            return False
+
+        stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, start_batch=start_batch,
+                                batch_transform=batch_transform, log_every=cfg.log_every,
+                                on_log=runlog.step if runlog else None, progress=cfg.progress,
+                                resumed=pos.progress if resumed_here else None, boundary=boundary)
+        finish_epoch(epoch, stats, before_validation_saved=False)
         if epoch == cfg.stop_after_epoch:
             log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
             break

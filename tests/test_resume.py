@@ -1,0 +1,226 @@
+"""Exact resume: a run SIGKILLed anywhere (mid-epoch, inside a checkpoint write, during validation, between epochs,
+at a random moment) and resumed ends bit-identical to the uninterrupted run; damaged, mismatched or unsafe
+checkpoints are refused whole with one clear line."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _resume_helpers import (
+    RUNNER,
+    assert_same_final_state,
+    env,
+    flags,
+    killed_by,
+    latest,
+    reference,
+    run_in_process,
+    run_killed,
+)
+from conftest import make_coded_dataset
+
+from training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
+from training.model import build_model, build_optimizer
+from training.resume import ResumeError, check_compatible, check_position
+
+
+def _temp_files(out):
+    return sorted((out / "checkpoints" / "r").glob(".*.tmp-*"))
+
+
+@pytest.mark.slow  # five short subprocess runs of the trainer (~1 min on 2 cores)
+def test_sigkill_at_random_points_then_resume_is_bit_identical_torchvision(coded_root, tmp_path_factory):
+    expected = reference("torchvision", coded_root, tmp_path_factory)
+    out = tmp_path_factory.mktemp("killed_tv")
+    argv = flags(coded_root, out, resume="auto")
+    rng = random.Random(6)  # reproducible "random" kill points; 3 epochs x 3 steps, 4 writes and 4 val batches each
+    kills = [("step", rng.randint(1, 5)), ("write", rng.randint(2, 4)), ("val", rng.randint(1, 4)), ("epoch_end", 1)]
+    for event, n in kills:
+        r = run_killed(argv, event, n)
+        assert killed_by(r), (event, n, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        path = out / "checkpoints" / "r" / "checkpoint.pt"
+        if event == "write":
+            # the kill came with half of the new checkpoint in its temporary file; the previous one is whole
+            assert _temp_files(out), "the kill was meant to land inside a write"
+            assert latest(out)["phase"] in ("mid_epoch", "before_validation", "end_of_epoch")
+        elif event == "val":
+            assert latest(out)["phase"] == "before_validation"  # resuming re-runs validation, not the epoch
+        elif event == "epoch_end":
+            assert latest(out)["phase"] == "end_of_epoch"
+        elif path.exists():
+            load_checkpoint(path)
+    r = run_killed(argv)  # no kill: runs to the end
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "removed" not in r.stdout or not _temp_files(out)
+    assert not _temp_files(out)
+    assert_same_final_state(expected, out)
+
+
+@pytest.mark.slow  # ffcv's import and JIT cost ~20 s per process
+def test_sigkill_at_random_moment_then_resume_is_bit_identical_ffcv(coded_betons, tmp_path_factory):
+    """Stock FFCV draws crops from numba's unseeded np.random; ours are keyed by (seed, epoch, index), so the
+    resumed epoch cuts the same crops. One kill lands at a random moment from outside, one inside validation."""
+    expected = reference("ffcv", coded_betons, tmp_path_factory, loader="ffcv", workers=1)
+    out = tmp_path_factory.mktemp("killed_ffcv")
+    argv = flags(coded_betons, out, resume="auto", loader="ffcv", workers=1)
+    rng = random.Random(11)
+    after_step, delay = rng.randint(2, 6), rng.uniform(0.0, 0.4)
+    proc = subprocess.Popen([sys.executable, str(RUNNER), "{}", "--", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env())
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.strip() == f"STEP {after_step}":
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    r = run_killed(argv, "val", rng.randint(1, 4))
+    assert killed_by(r), r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_killed(argv)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_final_state(expected, out)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.fixture
+def run_copy(coded_root, tmp_path_factory, tmp_path):
+    """A copy of the finished reference run's checkpoint folder (the latest checkpoint and config.yaml)."""
+    src = reference("torchvision", coded_root, tmp_path_factory) / "checkpoints" / "r"
+    dst = tmp_path / "checkpoints" / "r"
+    dst.mkdir(parents=True)
+    for name in ("checkpoint.pt", "config.yaml"):
+        shutil.copy(src / name, dst / name)
+    return tmp_path
+
+
+def _resume(out, capsys, *extra: str) -> tuple[int, str]:
+    rc = run_in_process(["--output-dir", str(out), "--run-name", "r", "--resume", "--epochs", "4", *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_damaged_checkpoint_is_refused_with_the_file_and_the_fix(run_copy, capsys):
+    path = run_copy / "checkpoints" / "r" / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # what a full disk or a torn copy leaves
+    rc, text = _resume(run_copy, capsys)
+    assert rc == 2
+    error = [line for line in text.splitlines() if "error" in line]
+    assert len(error) == 1 and str(path) in error[0] and "not a readable rn50 checkpoint" in error[0]
+    assert "start a new --run-name" in error[0]
+    assert path.read_bytes() == data[: len(data) // 3]  # refused, not rewritten
+    assert not (run_copy / "logs" / "r" / "training_log.json").exists()  # nothing started
+
+
+def test_damaged_checkpoint_points_at_the_newest_epoch_file(run_copy, capsys):
+    d = run_copy / "checkpoints" / "r"
+    shutil.copy(d / "checkpoint.pt", d / "model_002.pt")
+    (d / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    rc, text = _resume(run_copy, capsys)
+    assert rc == 2 and "model_002.pt: copy it over checkpoint.pt" in text
+
+
+def test_other_arch_is_refused(run_copy, capsys):
+    rc, text = _resume(run_copy, capsys, "--arch", "resnet34")
+    assert rc == 2
+    assert "holds a resnet18, this run builds a resnet34; resume with --arch resnet18" in text
+
+
+def test_other_class_count_is_refused(run_copy, tmp_path, capsys):
+    three = make_coded_dataset(tmp_path / "three", classes=3, train_per_class=8, val_per_class=1)
+    rc, text = _resume(run_copy, capsys, "--data-dir", str(three))
+    assert rc == 2 and "has 3 classes but the config expects --num-classes 4" in text  # caught before torch loads
+    rc, text = _resume(run_copy, capsys, "--data-dir", str(three), "--num-classes", "0")
+    assert rc == 2
+    assert "trained on 4 classes" in text and "has 3" in text and "start a new --run-name" in text
+
+
+def test_half_fitting_checkpoint_is_refused_before_anything_loads(run_copy, capsys):
+    """The model part fits, the EMA part does not: refused whole (the checks run before the first tensor copy)."""
+    path = run_copy / "checkpoints" / "r" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    state["ema"]["module"]["fc.weight"] = torch.zeros(7, 512)
+    atomic_save(state, path)
+    rc, text = _resume(run_copy, capsys)
+    assert rc == 2 and "EMA does not fit" in text and "fc.weight: saved (7, 512)" in text
+
+
+def test_checks_compare_every_part_without_touching_the_model():
+    model = build_model("resnet18", 4, channels_last=False)
+    optimizer, _ = build_optimizer(model, 5e-5, 0.9, False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = {"format": FORMAT_VERSION, "model": {k: v.clone() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": {}, "scaler": {}, "step": 0, "next_epoch": 1,
+            "config": {"arch": "resnet18"}, "classes": ["a", "b", "c", "d"]}
+    kw = dict(arch="resnet18", classes=["a", "b", "c", "d"], data_dir="d", model=model, optimizer=optimizer,
+              ema_module=None)
+    check_compatible(good, Path("c.pt"), **kw)
+    other = build_model("resnet18", 4, blurpool=True, channels_last=False)
+    bad_model = {**good, "model": other.state_dict()}
+    with pytest.raises(ResumeError, match="c.pt: its model does not fit this run's resnet18 .*unexpected"):
+        check_compatible(bad_model, Path("c.pt"), **kw)
+    bad_opt = {**good, "optimizer": {"state": {}, "param_groups": [{"params": [0, 1]}]}}
+    with pytest.raises(ResumeError, match="parameter groups of sizes"):
+        check_compatible(bad_opt, Path("c.pt"), **kw)
+    with pytest.raises(ResumeError, match="incomplete checkpoint .no scaler"):
+        check_compatible({k: v for k, v in good.items() if k != "scaler"}, Path("c.pt"), **kw)
+    with pytest.raises(ResumeError, match="mid-epoch checkpoint without its epoch progress"):
+        check_compatible({**good, "phase": "mid_epoch"}, Path("c.pt"), **kw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_mid_epoch_position_needs_the_same_shards(tmp_path):
+    mid = {"phase": "mid_epoch", "next_epoch": 3, "loader": {"epoch": 3, "batch": 40, "seed": 0, "world_size": 8,
+                                                              "batch_size": 256, "grad_accum": 1,
+                                                              "num_samples": 1281167}}
+    same = dict(world_size=8, batch_size=256, grad_accum=1, seed=0, num_samples=1281167)
+    assert check_position(mid, tmp_path / "checkpoint.pt", **same) == []
+    with pytest.raises(ResumeError, match=r"middle of epoch 3 with world_size 8 \(now 4\).*same number of processes"):
+        check_position(mid, tmp_path / "checkpoint.pt", **{**same, "world_size": 4})
+    (tmp_path / "model_002.pt").touch()
+    with pytest.raises(ResumeError, match="copy model_002.pt over checkpoint.pt"):
+        check_position(mid, tmp_path / "checkpoint.pt", **{**same, "batch_size": 128})
+    boundary = {**mid, "phase": "end_of_epoch", "loader": {**mid["loader"], "batch": 0}}
+    warnings = check_position(boundary, tmp_path / "checkpoint.pt", **{**same, "world_size": 4})
+    assert len(warnings) == 1 and "world_size 8 -> 4" in warnings[0]
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_load_weights_only_so_a_pickled_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": FORMAT_VERSION, "model": {}, "x": _Exploit(marker)}, path)
+    with pytest.raises(ValueError, match="checkpoint.pt: not a readable rn50 checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_resume_auto_starts_a_missing_run_and_continues_an_existing_one(coded_root, tmp_path, capsys):
+    argv = flags(coded_root, tmp_path, epochs=1, resume="auto", checkpoint_every=0, ema=False, mixup=0.0,
+                 cutmix=0.0, random_erase=0.0, auto_augment="none")
+    assert run_in_process(argv) == 0
+    assert latest(tmp_path)["step"] == 3 and "training epochs 0..0" in capsys.readouterr().out
+    assert run_in_process(argv) == 0  # the same line again: nothing left to do, said so
+    assert "nothing to train" in capsys.readouterr().out

@@ -1,0 +1,64 @@
+"""SIGTERM and SIGINT as a request to stop at the next step boundary, with a checkpoint.
+
+A reclaimed spot instance (systemd sends SIGTERM, then SIGKILL ~90 s later), `torchrun` shutting down (it forwards
+SIGTERM/SIGINT to its workers, then sends SIGKILL after 30 s) and Ctrl-C all arrive here. The handler only records
+the signal: saving from inside a handler could interrupt a collective or a half-done optimizer step. The trainer
+polls `requested` at every step boundary (and between validation batches), agrees with the other ranks, writes the
+checkpoint and exits with 128 + the signal number (143 for SIGTERM, 130 for SIGINT), the code a shell reports for a
+process killed by that signal: schedulers and `torchrun --max-restarts` treat it as a failure, so they restart the
+job (which then resumes with `--resume auto`) instead of taking it for a finished run.
+
+A third SIGINT raises KeyboardInterrupt: a person pressing Ctrl-C again and again wants out now (the last
+checkpoint stays intact, as after a SIGKILL). One Ctrl-C under torchrun can deliver two SIGINTs to a worker (from
+the terminal and forwarded by torchrun), so the second one does not count as impatience.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORCE_AFTER_SIGINTS = 3
+
+
+def exit_code(signum: int) -> int:
+    return 128 + int(signum)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM/SIGINT set `requested` (the first signal's number) instead of killing
+    the process. Handlers can only be installed from the main thread; elsewhere this is inert (requested stays 0)."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self._sigints = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested:
+            self.requested = signum
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= FORCE_AFTER_SIGINTS:
+                raise KeyboardInterrupt
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
