@@ -7,6 +7,12 @@
 Epochs: `set_epoch(e, start_batch)` chooses what the next `for` loop yields: epoch e's batches from `start_batch` on
 (no sample repeated, none skipped). When a loop runs to the end, the loader moves on to the next epoch by itself, so
 calling set_epoch every epoch is optional; breaking out of a loop does not advance it.
+
+Mid-epoch checkpoints: for ffcv and torchvision (epoch, start_batch) is the whole position, since their crops are
+pure functions of (seed, epoch, sample index). A backend with random state of its own (DALI) returns it from
+`position_state()` while a loop is under way (the state after the batches handed out so far); passing that back
+through `restore_position(epoch, batch, state)` before `set_epoch(epoch, batch)` makes the resumed loop yield what
+the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -151,6 +157,13 @@ class Loader:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def position_state(self) -> dict | None:
+        """Backend state beyond (epoch, batch) needed to resume the running loop exactly; None if there is none."""
+        return None
+
+    def restore_position(self, epoch: int, batch: int, state: dict | None) -> None:
+        """Use `state` (from position_state) when the loop of (epoch, batch) starts. A no-op where there is none."""
 
     def set_resolution(self, resolution: int) -> None:
         """Output side of the next epoch's images (progressive resizing). Takes effect at the next `for` loop."""

@@ -15,8 +15,13 @@ so the iterator's policy is DROP; otherwise PARTIAL (a short last batch).
 
 What holds for determinism: the order, the shards and `set_epoch(e, start_batch)` are exact, as on every backend.
 The crops and flips come from DALI's own generators, seeded from (seed, epoch, rank, start_batch): the same epoch
-gives the same augmentation when started from the same batch, but a resumed epoch's remaining batches are not cut
-the way the uninterrupted epoch would have cut them (DALI draws per pipeline, not per sample index).
+gives the same augmentation when started from the same batch. DALI draws per pipeline, not per sample index, so
+for a mid-epoch resume the train pipeline runs with DALI's checkpointing (`enable_checkpointing`): `position_state()`
+serialises the reader position and the random operators' states after the batches handed out, and a loop started
+through `restore_position` rebuilds the epoch's pipeline from that checkpoint, so the remaining batches are cut as
+the uninterrupted epoch would have cut them (checked on the CPU; on the GPU this rests on DALI's checkpointing of
+the mixed decoder's random crop, which this project could not test without a GPU). Without such a state (a
+checkpoint written by another backend) a resumed epoch gets the right samples with different crops.
 
 Corrupt files: DALI cannot skip an undecodable file; the whole pipeline stops (NVIDIA/DALI#3913). `rn50 convert`
 lists such files in convert_report.json ("skipped"); pass that report as `skip_listed_in=` (build_loader) to leave
@@ -87,14 +92,35 @@ class DALILoader(Loader):
         self.hw_decoder_load = hw_decoder_load
         self._paths = np.array([p for p, _ in files])
         self._labels = np.array([label for _, label in files], dtype=np.int64)
+        self._iterator: DALIGenericIterator | None = None  # the running loop's, for position_state()
+        self._restore: tuple[int, int, bytes] | None = None  # (epoch, batch, DALI checkpoint) for the next loop
 
     def pipeline_seed(self, epoch: int, start_batch: int) -> int:
         key = sample_keys(self.seed, epoch, [(self.rank << 32) + start_batch])[0]
         return int(key & np.uint64(0x7FFFFFFF))
 
+    def position_state(self) -> dict | None:
+        if self._iterator is None:
+            return None
+        # a uint8 tensor rather than bytes: plain tensors are what torch.load(weights_only=True) reads back
+        data = self._iterator.checkpoints()[0]
+        return {"dali_checkpoint": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+
+    def restore_position(self, epoch: int, batch: int, state: dict | None) -> None:
+        self._restore = None
+        if state and state.get("dali_checkpoint") is not None:
+            self._restore = (int(epoch), int(batch), bytes(state["dali_checkpoint"].numpy().tobytes()))
+
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = plan.indices[start_batch * self.batch_size:]
-        if len(indices) == 0:
+        checkpoint = None
+        if self._restore is not None and self._restore[:2] == (self.epoch, start_batch) and self.shuffle:
+            # the epoch's whole pipeline, fast-forwarded by DALI to where the checkpoint was taken
+            checkpoint, first = self._restore[2], 0
+        else:
+            first = start_batch
+        self._restore = None
+        indices = plan.indices[first * self.batch_size:]
+        if len(plan.indices[start_batch * self.batch_size:]) == 0:
             return
         gpu = self.device.type == "cuda"
         pipe = imagenet_pipeline(
@@ -102,11 +128,13 @@ class DALILoader(Loader):
             resolution=resolution, gpu=gpu, scale=self.scale, ratio=self.ratio, val_crop_ratio=self.val_crop_ratio,
             hw_decoder_load=self.hw_decoder_load, half=self.dtype == torch.float16, batch_size=self.batch_size,
             num_threads=self.workers, device_id=(self.device.index or 0) if gpu else None,
-            seed=self.pipeline_seed(self.epoch, start_batch), prefetch_queue_depth=2)
+            seed=self.pipeline_seed(self.epoch, first), prefetch_queue_depth=2, enable_checkpointing=self.shuffle,
+            checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         try:
             it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
                                      auto_reset=False)
+            self._iterator = it if self.shuffle else None
             for batch in it:
                 images, labels = batch[0]["images"], batch[0]["labels"]
                 # HWC from DALI -> NCHW view with channels_last strides; only bfloat16 needs a conversion here
@@ -117,4 +145,5 @@ class DALILoader(Loader):
                                "undecodable file: find it with rn50 convert (convert_report.json lists skipped files) "
                                "and pass that report as skip_listed_in=, or use the ffcv/torchvision backend") from e
         finally:
+            self._iterator = None
             del pipe

@@ -20,11 +20,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "tests" / "_resume_runner.py"
 
-# ResNet-18 at 32 px on the coded fixtures (48 train / 16 val images): batch 8 with 2-step accumulation makes 3
-# optimizer steps per epoch; every batch augmentation and the EMA are on, so the per-batch seeds and the EMA state
-# are part of what must survive a kill.
+# ResNet-18 at 32 px on the synth fixtures (photo-like, 64 train / 16 val images: flat-colour images would hide a
+# crop that differs): batch 8 with 2-step accumulation makes 4 optimizer steps per epoch; every batch augmentation
+# and the EMA are on, so the per-batch seeds and the EMA state are part of what must survive a kill.
 TINY = {"loader": "torchvision", "arch": "resnet18", "res": 32, "val_res": 32, "batch_size": 8, "grad_accum": 2,
-        "workers": 0, "epochs": 3, "max_lr": 0.05, "precision": "fp32", "progress": False, "log_every": 2,
+        "workers": 0, "epochs": 2, "max_lr": 0.05, "precision": "fp32", "progress": False, "log_every": 2,
         "deterministic": True, "checkpoint_every": 1, "ema": True, "ema_decay": 0.9, "mixup": 0.2, "cutmix": 1.0,
         "random_erase": 0.25, "auto_augment": "trivialaugment"}
 

@@ -3,8 +3,9 @@
     python tests/_resume_runner.py '{"event": "step", "n": 4, "signal": "KILL"}' -- <rn50 train flags>
     torchrun --nproc_per_node 2 --max-restarts 2 tests/_resume_runner.py '[{"rank": 1, "attempt": 0, ...}, ...]' -- ...
 
-Under torchrun the spec may be a list: the entry whose "rank" and "attempt" (torchrun's restart count) match this
-process applies; a process no entry matches runs without a kill.
+Under torchrun the spec may be a list: the first entry whose "rank", "attempt" (torchrun's restart count) or
+"from_attempt" match this process applies, unless its "once" file exists (it is created at the kill); a process no
+entry matches runs without a kill.
 
 Events (counted from the start of this process; the signal is sent to the process itself, so the moment is exact
 and the test reproducible):
@@ -19,6 +20,7 @@ Every optimizer step prints "STEP <n>" so a parent can also watch the run. The p
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
 import os
@@ -30,10 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid> prints where a hung run is stuck
     spec = json.loads(sys.argv[1])
     if isinstance(spec, list):
         rank, attempt = int(os.environ.get("RANK", 0)), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        spec = next((s for s in spec if s.get("rank", rank) == rank and s.get("attempt", attempt) == attempt), {})
+        spec = next((s for s in spec if s.get("rank", rank) == rank and s.get("attempt", attempt) == attempt
+                     and attempt >= s.get("from_attempt", 0) and not Path(s.get("once", "/nonexistent")).exists()),
+                    {})
     argv = sys.argv[sys.argv.index("--") + 1:]
     event, n = spec.get("event", "none"), int(spec.get("n", 0))
     signum = getattr(signal, "SIG" + spec.get("signal", "KILL"))
@@ -47,6 +52,8 @@ def main() -> int:
     def hit(name: str) -> None:
         counts[name] += 1
         if name == event and counts[name] == n:
+            if "once" in spec:
+                Path(spec["once"]).touch()
             sys.stdout.flush()
             os.kill(os.getpid(), signum)
 

@@ -4,6 +4,7 @@ checkpoints are refused whole with one clear line."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -25,7 +26,7 @@ from _resume_helpers import (
     run_in_process,
     run_killed,
 )
-from conftest import make_coded_dataset
+from conftest import make_coded_dataset, requires_dali
 
 from training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
 from training.model import build_model, build_optimizer
@@ -37,12 +38,12 @@ def _temp_files(out):
 
 
 @pytest.mark.slow  # five short subprocess runs of the trainer (~1 min on 2 cores)
-def test_sigkill_at_random_points_then_resume_is_bit_identical_torchvision(coded_root, tmp_path_factory):
-    expected = reference("torchvision", coded_root, tmp_path_factory)
+def test_sigkill_at_random_points_then_resume_is_bit_identical_torchvision(synth_root, tmp_path_factory):
+    expected = reference("torchvision", synth_root, tmp_path_factory)
     out = tmp_path_factory.mktemp("killed_tv")
-    argv = flags(coded_root, out, resume="auto")
-    rng = random.Random(6)  # reproducible "random" kill points; 3 epochs x 3 steps, 4 writes and 4 val batches each
-    kills = [("step", rng.randint(1, 5)), ("write", rng.randint(2, 4)), ("val", rng.randint(1, 4)), ("epoch_end", 1)]
+    argv = flags(synth_root, out, resume="auto")
+    rng = random.Random(6)  # reproducible "random" kill points; 2 epochs x 4 steps, 5 writes and 4 val batches each
+    kills = [("step", rng.randint(1, 5)), ("write", rng.randint(2, 5)), ("val", rng.randint(1, 4)), ("epoch_end", 1)]
     for event, n in kills:
         r = run_killed(argv, event, n)
         assert killed_by(r), (event, n, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
@@ -65,12 +66,12 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical_torchvision(coded
 
 
 @pytest.mark.slow  # ffcv's import and JIT cost ~20 s per process
-def test_sigkill_at_random_moment_then_resume_is_bit_identical_ffcv(coded_betons, tmp_path_factory):
+def test_sigkill_at_random_moment_then_resume_is_bit_identical_ffcv(synth_betons, tmp_path_factory):
     """Stock FFCV draws crops from numba's unseeded np.random; ours are keyed by (seed, epoch, index), so the
     resumed epoch cuts the same crops. One kill lands at a random moment from outside, one inside validation."""
-    expected = reference("ffcv", coded_betons, tmp_path_factory, loader="ffcv", workers=1)
+    expected = reference("ffcv", synth_betons, tmp_path_factory, loader="ffcv", workers=1)
     out = tmp_path_factory.mktemp("killed_ffcv")
-    argv = flags(coded_betons, out, resume="auto", loader="ffcv", workers=1)
+    argv = flags(synth_betons, out, resume="auto", loader="ffcv", workers=1)
     rng = random.Random(11)
     after_step, delay = rng.randint(2, 6), rng.uniform(0.0, 0.4)
     proc = subprocess.Popen([sys.executable, str(RUNNER), "{}", "--", *argv], stdout=subprocess.PIPE,
@@ -93,13 +94,42 @@ def test_sigkill_at_random_moment_then_resume_is_bit_identical_ffcv(coded_betons
     assert_same_final_state(expected, out)
 
 
+@requires_dali
+@pytest.mark.slow  # three in-process runs with DALI's CPU pipeline (~30 s)
+def test_dali_resumes_mid_epoch_with_its_checkpointed_random_state(synth_root, tmp_path_factory, monkeypatch):
+    """DALI draws crops per pipeline, not per sample; its pipeline checkpoint (saved per rank in ours) makes the
+    resumed epoch cut the same crops. Checked on the CPU pipeline; a SIGTERM (in-process) stops the first try."""
+    from training import engine
+
+    kw = dict(loader="dali", workers=2, device="cpu", epochs=1)
+    expected = reference("dali", synth_root, tmp_path_factory, **kw)
+    out = tmp_path_factory.mktemp("stopped_dali")
+    train_step, steps = engine.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(engine, "train_step", step_then_sigterm)
+    assert run_in_process(flags(synth_root, out, checkpoint_every=0, **kw)) == 143
+    state = latest(out)
+    assert state["phase"] == "mid_epoch" and state["loader"]["batch"] == 4
+    assert state["loader_states"][0]["dali_checkpoint"].dtype == torch.uint8
+    monkeypatch.setattr(engine, "train_step", train_step)
+    assert run_in_process(flags(synth_root, out, checkpoint_every=0, resume="yes", **kw)) == 0
+    assert_same_final_state(expected, out)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
 @pytest.fixture
-def run_copy(coded_root, tmp_path_factory, tmp_path):
+def run_copy(synth_root, tmp_path_factory, tmp_path):
     """A copy of the finished reference run's checkpoint folder (the latest checkpoint and config.yaml)."""
-    src = reference("torchvision", coded_root, tmp_path_factory) / "checkpoints" / "r"
+    src = reference("torchvision", synth_root, tmp_path_factory) / "checkpoints" / "r"
     dst = tmp_path / "checkpoints" / "r"
     dst.mkdir(parents=True)
     for name in ("checkpoint.pt", "config.yaml"):
@@ -108,7 +138,7 @@ def run_copy(coded_root, tmp_path_factory, tmp_path):
 
 
 def _resume(out, capsys, *extra: str) -> tuple[int, str]:
-    rc = run_in_process(["--output-dir", str(out), "--run-name", "r", "--resume", "--epochs", "4", *extra])
+    rc = run_in_process(["--output-dir", str(out), "--run-name", "r", "--resume", "--epochs", "3", *extra])
     captured = capsys.readouterr()
     return rc, captured.out + captured.err
 
@@ -128,10 +158,10 @@ def test_damaged_checkpoint_is_refused_with_the_file_and_the_fix(run_copy, capsy
 
 def test_damaged_checkpoint_points_at_the_newest_epoch_file(run_copy, capsys):
     d = run_copy / "checkpoints" / "r"
-    shutil.copy(d / "checkpoint.pt", d / "model_002.pt")
+    shutil.copy(d / "checkpoint.pt", d / "model_001.pt")
     (d / "checkpoint.pt").write_bytes(b"\x00" * 100)
     rc, text = _resume(run_copy, capsys)
-    assert rc == 2 and "model_002.pt: copy it over checkpoint.pt" in text
+    assert rc == 2 and "model_001.pt: copy it over checkpoint.pt" in text
 
 
 def test_other_arch_is_refused(run_copy, capsys):
@@ -217,10 +247,10 @@ def test_checkpoints_load_weights_only_so_a_pickled_payload_never_runs(tmp_path)
     assert not marker.exists()
 
 
-def test_resume_auto_starts_a_missing_run_and_continues_an_existing_one(coded_root, tmp_path, capsys):
-    argv = flags(coded_root, tmp_path, epochs=1, resume="auto", checkpoint_every=0, ema=False, mixup=0.0,
+def test_resume_auto_starts_a_missing_run_and_continues_an_existing_one(synth_root, tmp_path, capsys):
+    argv = flags(synth_root, tmp_path, epochs=1, resume="auto", checkpoint_every=0, ema=False, mixup=0.0,
                  cutmix=0.0, random_erase=0.0, auto_augment="none")
     assert run_in_process(argv) == 0
-    assert latest(tmp_path)["step"] == 3 and "training epochs 0..0" in capsys.readouterr().out
+    assert latest(tmp_path)["step"] == 4 and "training epochs 0..0" in capsys.readouterr().out
     assert run_in_process(argv) == 0  # the same line again: nothing left to do, said so
     assert "nothing to train" in capsys.readouterr().out

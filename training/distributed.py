@@ -49,8 +49,22 @@ def init_distributed(requested_device: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                store=_attempt_store(rank, world_size), rank=rank, world_size=world_size)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's store, with keys of this restart attempt only.
+
+    Under `torchrun --max-restarts`, restarted workers join the same agent-hosted store; the keys the previous
+    attempt's process group wrote there (each rank's gloo address, NCCL's unique id) are still in it, and a new
+    group that reads them connects to processes that are gone: refused, or waiting 30 minutes (seen with gloo on
+    torch 2.14). A prefix per TORCHELASTIC_RESTART_COUNT gives each attempt fresh keys."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://", rank, world_size))
+    return dist.PrefixStore(f"rn50/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup() -> None:

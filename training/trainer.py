@@ -156,7 +156,7 @@ def make_deterministic(device: torch.device) -> tuple[bool, bool]:
     return previous
 
 
-def load_resume_state(cfg: TrainConfig, path: Path, ctx: DistContext) -> dict | None:
+def load_resume_state(cfg: TrainConfig, path: Path, ctx: DistContext, group=None) -> dict | None:
     """The checkpoint to continue from, or None to start (--resume auto without a checkpoint). Every rank reads the
     file itself; they must all see the same one (shared storage for multi-node runs), which is checked."""
     state, error = None, ""
@@ -170,7 +170,7 @@ def load_resume_state(cfg: TrainConfig, path: Path, ctx: DistContext) -> dict | 
                     f"{path.parent} to start this run over")
             error = f"{e}{hint}"
     seen = all_gather_object((bool(error), state is not None, state and int(state.get("step", -1)),
-                              state and state.get("phase")), ctx)
+                              state and state.get("phase")), ctx, group)
     if error:
         raise SetupError(error)
     if any(s[0] for s in seen):
@@ -283,7 +283,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
     ckpt_dir = out / "checkpoints" / run
     latest = ckpt_dir / ckpt.LATEST
     group = cpu_group(ctx)
-    resume_state = load_resume_state(cfg, latest, ctx) if cfg.resume != "no" else None
+    resume_state = load_resume_state(cfg, latest, ctx, group) if cfg.resume != "no" else None
     pos = resume.position_of(resume_state) if resume_state else resume.START
 
     # ---- data
@@ -305,10 +305,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
     if steps_per_epoch < 1:
         raise SetupError(f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
                          f"{accum}; lower --batch-size or --grad-accum")
-    if cfg.deterministic and train_loader.backend == "dali":
-        log0(ctx, "--deterministic with DALI: order and position resume exactly, but DALI draws its crops per "
-                  "pipeline, so a resumed epoch's crops differ from the uninterrupted run's (use ffcv or torchvision "
-                  "for bit-identical resumes)")
+    if cfg.deterministic and train_loader.backend == "dali" and ctx.device.type == "cuda":
+        log0(ctx, "--deterministic with DALI on the GPU: order, position and DALI's own checkpointed random state "
+                  "resume exactly; bit-identical weights are not promised on a GPU (see README)")
 
     # ---- model, optimizer, schedule, resume
     raw_model = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool,
@@ -334,7 +333,14 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         if pos.phase == "mid_epoch" and pos.batch % accum:
             raise SetupError(f"{latest}: loader batch {pos.batch} is not a multiple of --grad-accum {accum}")
         best_top1 = restore(resume_state, parts, cfg, ctx)
-        saved_res = (resume_state.get("loader") or {}).get("resolution")
+        saved_loader = resume_state.get("loader") or {}
+        loader_states = resume_state.get("loader_states") or []
+        if pos.phase == "mid_epoch" and len(loader_states) == ctx.world_size:
+            train_loader.restore_position(pos.epoch, pos.batch, loader_states[ctx.rank])
+        if pos.phase == "mid_epoch" and saved_loader.get("backend", train_loader.backend) != train_loader.backend:
+            log0(ctx, f"warning: epoch {pos.epoch} was started with the {saved_loader['backend']} loader and continues "
+                      f"with {train_loader.backend}: the same samples, but their crops differ from the interrupted run's")
+        saved_res = saved_loader.get("resolution")
         if pos.phase == "mid_epoch" and saved_res and saved_res != train_resolution(cfg, pos.epoch):
             log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says "
                       f"{train_resolution(cfg, pos.epoch)} px (progressive resizing flags changed?)")
@@ -378,7 +384,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
 
     def state_dict(phase: str, *, epoch_done: int, next_epoch: int, batch: int, step: int, **extra) -> dict | None:
         """The whole run's state (rank 0; None elsewhere). Every rank must call it: it gathers the RNG states."""
-        rngs = all_gather_object(ckpt.rng_state(), ctx, group)
+        gathered = all_gather_object((ckpt.rng_state(), train_loader.position_state()), ctx, group)
         if not ctx.is_main:
             return None
         return {
@@ -389,8 +395,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
             "loader": {"epoch": next_epoch, "batch": batch, "seed": cfg.seed,
                        "resolution": train_resolution(cfg, min(next_epoch, cfg.epochs - 1)),
                        "world_size": ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": accum,
-                       "num_samples": train_loader.num_samples},
-            "rng": rngs, "config": to_dict(cfg), "classes": train_loader.classes, "best_top1": best_top1,
+                       "num_samples": train_loader.num_samples, "backend": train_loader.backend},
+            "loader_states": [g[1] for g in gathered] if phase == "mid_epoch" else None,
+            "rng": [g[0] for g in gathered], "config": to_dict(cfg), "classes": train_loader.classes, "best_top1": best_top1,
             "deterministic": {"threads": threads} if cfg.deterministic else None, "metrics": last_record, **extra,
         }
 
