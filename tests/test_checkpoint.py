@@ -13,8 +13,10 @@ from training.checkpoint import (
     atomic_save,
     epoch_files,
     load_checkpoint,
+    remove_unfinished,
     rng_state,
     save_checkpoint,
+    save_latest,
     set_rng_state,
 )
 
@@ -79,3 +81,17 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(9)
     set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == expected
+
+
+def test_mid_epoch_saves_replace_the_latest_only_and_interrupted_writes_are_cleaned(tmp_path):
+    save_checkpoint(state(0), tmp_path, 0, is_best=True)
+    save_latest(state(7), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 7
+    assert load_checkpoint(tmp_path / "model_000.pt")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+    # what SIGKILL in the middle of writes leaves: temporary files next to intact ones
+    (tmp_path / ".checkpoint.pt.tmp-4242").write_bytes(b"half a checkpoint")
+    (tmp_path / ".model_001.pt.tmp-4242").write_bytes(b"")
+    removed = remove_unfinished(tmp_path)
+    assert sorted(p.name for p in removed) == [".checkpoint.pt.tmp-4242", ".model_001.pt.tmp-4242"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "checkpoint.pt", "model_000.pt"]

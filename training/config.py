@@ -117,8 +117,8 @@ class TrainConfig:
                                   "loader position, so a kill costs at most that many steps (0: at epoch ends only)")
     checkpoint_minutes: float = _f(0.0, "also write checkpoint.pt when this many minutes passed since the last one "
                                         "(rank 0's clock; 0: off)")
-    deterministic: bool = _f(False, "deterministic kernels; on the CPU a killed and resumed run ends bit-identical to "
-                                    "an uninterrupted one (with ffcv or torchvision; see README)")
+    deterministic: bool = _f(False, "deterministic kernels, no cuDNN autotuning: a killed and resumed run ends "
+                                    "bit-identical to an uninterrupted one on the CPU (GPUs: see README)")
     keep_last: int = _f(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
     stop_after_epoch: int = _f(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
     log_every: int = _f(50, "optimizer steps between TensorBoard points and progress-bar updates")
@@ -143,7 +143,8 @@ class TrainConfig:
         problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
         if self.workers < 0:
             problems.append("--workers must be >= 0")
-        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch", "checkpoint_every", "checkpoint_minutes"):
+        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch", "checkpoint_every",
+                  "checkpoint_minutes"):
             if getattr(self, n) < 0:
                 problems.append(f"--{flag_name(n)} must be >= 0")
         if self.max_lr <= 0:

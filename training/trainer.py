@@ -98,7 +98,8 @@ def build_batch_transform(cfg: TrainConfig, num_classes: int, rank: int):
 
     gen = torch.Generator()
 
-    def transform(images: torch.Tensor, labels: torch.Tensor, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                  batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen.manual_seed(batch_seed(cfg.seed, epoch, batch, rank))
         if cfg.auto_augment == "trivialaugment":
             images = augment.trivial_augment(images, generator=gen)
@@ -144,9 +145,12 @@ def make_deterministic(device: torch.device) -> tuple[bool, bool]:
     """--deterministic: deterministic kernels everywhere; returns the previous (enabled, warn_only) to restore.
 
     On CUDA, cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its handle is created, i.e. before
-    the first matmul) and cuDNN must not benchmark. Some CUDA kernels ResNet needs have no deterministic version
-    (adaptive average pooling's backward), so there torch only warns: on a GPU the run is resumable exactly in
-    position and state, but bit-identical weights are not promised (cuDNN's and NCCL's reduction orders)."""
+    the first matmul) and cuDNN must not autotune: cudnn.benchmark times kernels in each process and may pick other
+    ones after a restart, which alone made a resumed bf16 run end with different weights on an H100 (torch 2.11),
+    while with this flag the same check ended bit-identical (bf16 and fp16; tests/_resume_gpu_check.py). torch lists
+    kernels ResNet needs as nondeterministic on CUDA (adaptive average pooling's backward), so there it only warns:
+    on a GPU, bit-identity is measured on one device, not promised (other GPUs, NCCL's reduction order under DDP);
+    position and state resume exactly either way."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -338,8 +342,9 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         if pos.phase == "mid_epoch" and len(loader_states) == ctx.world_size:
             train_loader.restore_position(pos.epoch, pos.batch, loader_states[ctx.rank])
         if pos.phase == "mid_epoch" and saved_loader.get("backend", train_loader.backend) != train_loader.backend:
-            log0(ctx, f"warning: epoch {pos.epoch} was started with the {saved_loader['backend']} loader and continues "
-                      f"with {train_loader.backend}: the same samples, but their crops differ from the interrupted run's")
+            log0(ctx, f"warning: epoch {pos.epoch} was started with the {saved_loader['backend']} loader and "
+                      f"continues with {train_loader.backend}: the same samples, but their crops differ from the "
+                      "interrupted run's")
         saved_res = saved_loader.get("resolution")
         if pos.phase == "mid_epoch" and saved_res and saved_res != train_resolution(cfg, pos.epoch):
             log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says "
@@ -397,7 +402,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
                        "world_size": ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": accum,
                        "num_samples": train_loader.num_samples, "backend": train_loader.backend},
             "loader_states": [g[1] for g in gathered] if phase == "mid_epoch" else None,
-            "rng": [g[0] for g in gathered], "config": to_dict(cfg), "classes": train_loader.classes, "best_top1": best_top1,
+            "rng": [g[0] for g in gathered], "config": to_dict(cfg), "classes": train_loader.classes,
+            "best_top1": best_top1,
             "deterministic": {"threads": threads} if cfg.deterministic else None, "metrics": last_record, **extra,
         }
 
@@ -476,40 +482,44 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         control.saved()
 
     # ---- epochs
-    first_epoch = pos.epoch
-    if pos.validate_first is not None:
-        finish_epoch(pos.validate_first, pos.pending, before_validation_saved=True)
-        if pos.validate_first == cfg.stop_after_epoch:
-            log0(ctx, f"stopping after epoch {pos.validate_first} as asked; continue with --run-name {run} --resume")
-            first_epoch = cfg.epochs
-    for epoch in range(first_epoch, cfg.epochs):
-        if control.stop_requested():  # arrived between epochs: the latest checkpoint already holds everything
-            stop_here(f"the start of epoch {epoch}")
-        resumed_here = pos.phase == "mid_epoch" and epoch == pos.epoch
-        start_batch = pos.batch if resumed_here else 0
-        train_loader.set_resolution(train_resolution(cfg, epoch))
-        train_loader.set_epoch(epoch, start_batch)
+    try:  # a stop or an error still flushes the TensorBoard events written so far
+        first_epoch = pos.epoch
+        if pos.validate_first is not None:
+            finish_epoch(pos.validate_first, pos.pending, before_validation_saved=True)
+            if pos.validate_first == cfg.stop_after_epoch:
+                log0(ctx, f"stopping after epoch {pos.validate_first} as asked; continue with --run-name {run} "
+                          "--resume")
+                first_epoch = cfg.epochs
+        for epoch in range(first_epoch, cfg.epochs):
+            if control.stop_requested():  # arrived between epochs: the latest checkpoint already holds everything
+                stop_here(f"the start of epoch {epoch}")
+            resumed_here = pos.phase == "mid_epoch" and epoch == pos.epoch
+            start_batch = pos.batch if resumed_here else 0
+            train_loader.set_resolution(train_resolution(cfg, epoch))
+            train_loader.set_epoch(epoch, start_batch)
 
-        def boundary(steps_done: int, snapshot, epoch: int = epoch) -> bool:
-            signum, due = control.poll()
-            if steps_done == steps_per_epoch:
-                return bool(signum)  # the epoch's end writes (before validation) what a save here would
-            if signum or due or (control.every and steps_done % control.every == 0):
-                where = save_mid_epoch(epoch, steps_done, snapshot)
-                if signum:
-                    stop_here(where)
-            return False
+            def boundary(steps_done: int, snapshot, epoch: int = epoch) -> bool:
+                signum, due = control.poll()
+                if steps_done == steps_per_epoch:
+                    return bool(signum)  # the epoch's end writes (before validation) what a save here would
+                if signum or due or (control.every and steps_done % control.every == 0):
+                    where = save_mid_epoch(epoch, steps_done, snapshot)
+                    if signum:
+                        stop_here(where)
+                return False
 
-        stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, start_batch=start_batch,
-                                batch_transform=batch_transform, log_every=cfg.log_every,
-                                on_log=runlog.step if runlog else None, progress=cfg.progress,
-                                resumed=pos.progress if resumed_here else None, boundary=boundary)
-        finish_epoch(epoch, stats, before_validation_saved=False)
-        if epoch == cfg.stop_after_epoch:
-            log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
-            break
+            stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, start_batch=start_batch,
+                                    batch_transform=batch_transform, log_every=cfg.log_every,
+                                    on_log=runlog.step if runlog else None, progress=cfg.progress,
+                                    resumed=pos.progress if resumed_here else None, boundary=boundary)
+            finish_epoch(epoch, stats, before_validation_saved=False)
+            if epoch == cfg.stop_after_epoch:
+                log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
+                break
+    finally:
+        if runlog is not None:
+            runlog.close()
     if runlog is not None:
-        runlog.close()
         print(f"logs: {runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
               f"TensorBoard: tensorboard --logdir {out / 'runs'}\ncheckpoints: {ckpt_dir}", flush=True)
     return 0
