@@ -8,8 +8,9 @@ Layout under `<output_dir>/checkpoints/<run>/`:
 
 A checkpoint is a dict of plain containers and tensors only (no pickled classes), so `torch.load(weights_only=True)`
 reads it: model (unwrapped, uncompiled state_dict), optimizer, scheduler (step bookkeeping), scaler, ema, epoch and
-step counters, the loader position (epoch, batch, seed, resolution, ranks, batch size), the phase (training.resume),
-the RNG states of every rank, and the config. The RNG states are gathered to rank 0 into this one file rather than
+step counters, the loader position (epoch, batch, seed, resolution, ranks, batch size), the phase (training.resume)
+with the epoch's running sums, the loaders' own states where a backend has one (DALI), the RNG states of every rank,
+the last epoch's log record, and the config. The RNG states are gathered to rank 0 into this one file rather than
 written one file per rank: a single os.replace then commits the whole run's state at once, with no moment where
 ranks' files disagree, and they are small (a few kB per rank).
 """
