@@ -6,7 +6,8 @@
 #
 # - Every node needs the betons at the same path (a local copy per node is fastest; FFCV reads them at random).
 # - Only global rank 0 writes logs and checkpoints, to OUT on its node. Resuming reads them on every node, so put
-#   OUT on shared storage (EFS, FSx, NFS) if you want to resume; the scripts add --resume when a checkpoint is there.
+#   OUT on shared storage (EFS, FSx, NFS) if you want to resume (the script passes --resume auto; torchrun restarts
+#   failed workers MAX_RESTARTS times, default 2, and they continue from the checkpoint).
 # - The LR follows the global batch: with the rn50_8xa100 presets (lr_ref_batch 4096), 2 nodes x 8 GPUs x 512 =
 #   8192 images per step -> LR 3.4. Linear scaling is known to hold up to about 8k images (Goyal et al. 2017);
 #   beyond that, lower batch_size per GPU or expect to retune the LR and warm-up (lr_peak_epoch).
@@ -33,8 +34,10 @@ BIN=${RN50_VENV:-.venv}/bin
 [ -x "$BIN/torchrun" ] || [ -n "${DRY_RUN:-}" ] || { echo "no torchrun: run make setup (or activate the venv)" >&2; exit 2; }
 
 args=(--config "$CONFIG" --data-dir "$DATA" --run-name "$RUN" --output-dir "$OUT")
-[ -f "$OUT/checkpoints/$RUN/checkpoint.pt" ] && args+=(--resume)
-cmd=("$BIN/torchrun" --nnodes "$NNODES" --nproc_per_node "$GPUS" --rdzv_backend c10d
+# --resume auto: continue checkpoints/<run>/checkpoint.pt when it exists, else start. It also covers a restart
+# by torchrun itself, which re-runs this same command line.
+args+=(--resume auto)
+cmd=("$BIN/torchrun" --nnodes "$NNODES" --nproc_per_node "$GPUS" --max-restarts "${MAX_RESTARTS:-2}" --rdzv_backend c10d
      --rdzv_endpoint "$MASTER_ADDR:$PORT" --rdzv_id "$RUN" -m training "${args[@]}" "$@")
 if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"

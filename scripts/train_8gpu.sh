@@ -5,7 +5,8 @@
 #   bash scripts/train_8gpu.sh /data/betons 16         # 16 | 24 | 32 | 40 | 56 | 88 epochs
 #   bash scripts/train_8gpu.sh /data/betons 88 --compile --output-dir /mnt/runs
 #
-# Run the same line again after an interruption: it finds checkpoints/<run>/checkpoint.pt and adds --resume.
+# Run the same line again after an interruption: --resume auto continues checkpoints/<run>/checkpoint.pt. A worker
+# that fails is restarted by torchrun (MAX_RESTARTS, default 2) and resumes from that checkpoint by itself.
 # Fewer GPUs (NGPU=4, or what nvidia-smi shows): batch 512 per GPU stays, the preset's lr_ref_batch (4096) rescales
 # the LR linearly to the smaller global batch. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
@@ -28,7 +29,9 @@ BIN=${RN50_VENV:-.venv}/bin
 [ -x "$BIN/torchrun" ] || [ -n "${DRY_RUN:-}" ] || { echo "no torchrun: run make setup (or activate the venv)" >&2; exit 2; }
 
 args=(--config "$CONFIG" --data-dir "$DATA" --run-name "$RUN" --output-dir "$OUT")
-[ -f "$OUT/checkpoints/$RUN/checkpoint.pt" ] && args+=(--resume)
-cmd=("$BIN/torchrun" --standalone --nproc_per_node "$NGPU" -m training "${args[@]}" "$@")
+# --resume auto: continue checkpoints/<run>/checkpoint.pt when it exists, else start. It also covers a restart
+# by torchrun itself, which re-runs this same command line.
+args+=(--resume auto)
+cmd=("$BIN/torchrun" --standalone --nproc_per_node "$NGPU" --max-restarts "${MAX_RESTARTS:-2}" -m training "${args[@]}" "$@")
 if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 exec "${cmd[@]}"
