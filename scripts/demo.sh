@@ -24,8 +24,16 @@ rm -rf "$OUT"/logs/demo "$OUT"/runs/demo "$OUT"/checkpoints/demo "$OUT"/lr_finde
 rn50 lr-find --config demo --data-dir "$OUT/betons" --output-dir "$OUT" --run-name demo --num-iter 40 \
   --start-lr 1e-3 --end-lr 10 --smooth 0.9
 
-step "6. train a ResNet-18 for 5 epochs on the CPU (OneCycle, BlurPool, progressive 64->80 px, flip TTA)"
-rn50 train --config demo --data-dir "$OUT/betons" --output-dir "$OUT" --run-name demo
+# The reference workflow: the finder's suggested_max_lr becomes OneCycle's --max-lr.
+MAX_LR=$(python - "$OUT/lr_suggestion_demo.json" <<'PY'
+import json, sys
+print(json.load(open(sys.argv[1]))["suggested_max_lr"])
+PY
+)
+echo "suggested max LR: $MAX_LR"
+
+step "6. train a ResNet-18 for 5 epochs on the CPU (OneCycle peaking at the suggested LR, BlurPool, 64->80 px, TTA)"
+rn50 train --config demo --data-dir "$OUT/betons" --output-dir "$OUT" --run-name demo --max-lr "$MAX_LR"
 
 step "7. evaluate the best checkpoint"
 rn50 eval --checkpoint "$OUT/checkpoints/demo/best.pt" --data-dir "$OUT/betons" --workers 2 --batch-size 64
