@@ -77,10 +77,9 @@ class DALILoader(Loader):
                  drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  val_crop_ratio: float = VAL_CROP_RATIO, hw_decoder_load: float = 0.65,
                  skip_listed_in: str | Path | None = None) -> None:
-        from pipeline.folders import folder_listing, skipped_in_report
+        from pipeline.folders import loader_listing
 
-        exclude = skipped_in_report(Path(skip_listed_in)) if skip_listed_in else set()
-        classes, files = folder_listing(Path(data_dir), split, exclude)
+        classes, files = loader_listing(data_dir, split, skip_listed_in)
         super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=len(files),
                          classes=classes, drop_last=drop_last, rank=rank, world_size=world_size, seed=seed,
                          device=device, dtype=dtype)

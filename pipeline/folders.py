@@ -33,6 +33,13 @@ def folder_listing(data_dir: Path, split: str, exclude: set[str] | None = None) 
     return classes, files
 
 
+def loader_listing(data_dir: str | Path, split: str, skip_listed_in: str | Path | None) -> tuple[list[str], list[tuple[str, int]]]:
+    """folder_listing for the folder backends, leaving out what convert_report.json `skip_listed_in` lists as faulty
+    (DALI cannot skip a corrupt file by itself; PIL would raise mid-epoch)."""
+    exclude = skipped_in_report(Path(skip_listed_in)) if skip_listed_in else set()
+    return folder_listing(Path(data_dir), split, exclude)
+
+
 def skipped_in_report(report: Path) -> set[str]:
     """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
     if not report.is_file():
