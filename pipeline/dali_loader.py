@@ -21,7 +21,9 @@ serialises the reader position and the random operators' states after the batche
 through `restore_position` rebuilds the epoch's pipeline from that checkpoint, so the remaining batches are cut as
 the uninterrupted epoch would have cut them (checked on the CPU; on the GPU this rests on DALI's checkpointing of
 the mixed decoder's random crop, which this project could not test without a GPU). Without such a state (a
-checkpoint written by another backend) a resumed epoch gets the right samples with different crops.
+checkpoint written by another backend) a resumed epoch gets the right samples with different crops. A DALI build
+that cannot checkpoint one of these operators is met by rebuilding the pipeline without checkpointing (one line on
+stderr says so): training goes on, and resumes then hold that weaker guarantee.
 
 Corrupt files: DALI cannot skip an undecodable file; the whole pipeline stops (NVIDIA/DALI#3913). `rn50 convert`
 lists such files in convert_report.json ("skipped"); pass that report as `skip_listed_in=` (build_loader) to leave
@@ -30,6 +32,7 @@ them out, or delete them from the folders.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +96,7 @@ class DALILoader(Loader):
         self._labels = np.array([label for _, label in files], dtype=np.int64)
         self._iterator: DALIGenericIterator | None = None  # the running loop's, for position_state()
         self._restore: tuple[int, int, bytes] | None = None  # (epoch, batch, DALI checkpoint) for the next loop
+        self._checkpointing = True  # False once this DALI build refused to checkpoint the pipeline
 
     def pipeline_seed(self, epoch: int, start_batch: int) -> int:
         key = sample_keys(self.seed, epoch, [(self.rank << 32) + start_batch])[0]
@@ -110,30 +114,46 @@ class DALILoader(Loader):
         if state and state.get("dali_checkpoint") is not None:
             self._restore = (int(epoch), int(batch), bytes(state["dali_checkpoint"].numpy().tobytes()))
 
-    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        checkpoint = None
-        if self._restore is not None and self._restore[:2] == (self.epoch, start_batch) and self.shuffle:
-            # the epoch's whole pipeline, fast-forwarded by DALI to where the checkpoint was taken
-            checkpoint, first = self._restore[2], 0
-        else:
-            first = start_batch
-        self._restore = None
+    def _start(self, plan: EpochPlan, start_batch: int, resolution: int, checkpoint: bytes | None) -> DALIGenericIterator:
+        """This loop's pipeline and iterator (DALIGenericIterator builds the pipeline). With a DALI checkpoint the
+        pipeline covers the whole epoch and DALI fast-forwards it to the checkpoint's batch."""
+        checkpointing = self.shuffle and self._checkpointing
+        checkpoint = checkpoint if checkpointing else None
+        first = 0 if checkpoint is not None else start_batch
         indices = plan.indices[first * self.batch_size:]
-        if len(plan.indices[start_batch * self.batch_size:]) == 0:
-            return
         gpu = self.device.type == "cuda"
         pipe = imagenet_pipeline(
             files=self._paths[indices].tolist(), labels=self._labels[indices].tolist(), train=self.shuffle,
             resolution=resolution, gpu=gpu, scale=self.scale, ratio=self.ratio, val_crop_ratio=self.val_crop_ratio,
             hw_decoder_load=self.hw_decoder_load, half=self.dtype == torch.float16, batch_size=self.batch_size,
             num_threads=self.workers, device_id=(self.device.index or 0) if gpu else None,
-            seed=self.pipeline_seed(self.epoch, first), prefetch_queue_depth=2, enable_checkpointing=self.shuffle,
+            seed=self.pipeline_seed(self.epoch, first), prefetch_queue_depth=2, enable_checkpointing=checkpointing,
             checkpoint=checkpoint)
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         try:
-            it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
-                                     auto_reset=False)
-            self._iterator = it if self.shuffle else None
+            return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
+                                       auto_reset=False)
+        except RuntimeError as e:
+            # An operator of this DALI build without checkpointing support ("Checkpointing is not implemented for
+            # this operator"): train on without it rather than not at all.
+            if not checkpointing or "checkpointing" not in str(e).lower():
+                raise
+            self._checkpointing = False
+            print(f"rn50 dali: this DALI cannot checkpoint the pipeline ({str(e).strip().splitlines()[-1]}); "
+                  "training goes on without it: a mid-epoch resume reads the same samples with other crops",
+                  file=sys.stderr, flush=True)
+            return self._start(plan, start_batch, resolution, None)
+
+    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        restore, self._restore = self._restore, None
+        if len(plan.indices[start_batch * self.batch_size:]) == 0:
+            return
+        checkpoint = None
+        if restore is not None and restore[:2] == (self.epoch, start_batch) and self.shuffle:
+            checkpoint = restore[2]  # the epoch's whole pipeline, fast-forwarded by DALI to where it was taken
+        try:
+            it = self._start(plan, start_batch, resolution, checkpoint)
+            self._iterator = it if self.shuffle and self._checkpointing else None
             for batch in it:
                 images, labels = batch[0]["images"], batch[0]["labels"]
                 # HWC from DALI -> NCHW view with channels_last strides; only bfloat16 needs a conversion here
@@ -145,4 +165,3 @@ class DALILoader(Loader):
                                "and pass that report as skip_listed_in=, or use the ffcv/torchvision backend") from e
         finally:
             self._iterator = None
-            del pipe

@@ -69,3 +69,34 @@ def test_a_corrupt_file_stops_dali(root_with_corrupt_file):
     assert done.returncode != 0
     if done.returncode == 1:  # it raised: the message names the folder and the way out
         assert "DALI stopped reading" in done.stderr and "convert_report.json" in done.stderr
+
+
+def test_a_dali_without_checkpointing_still_trains_and_resumes_the_right_samples(coded_root, monkeypatch, capsys):
+    """If this DALI build cannot checkpoint an operator of the train pipeline (its Build raises "Checkpointing is not
+    implemented for this operator"), the loader rebuilds the pipeline without checkpointing, says so once, and a
+    resume at batch 2 still reads the plan's samples from batch 2 on (with other crops)."""
+    import pipeline.dali_loader as dali_loader
+
+    real = dali_loader.DALIGenericIterator
+    refused = []
+
+    def refusing(pipe, *args, **kwargs):
+        if pipe._enable_checkpointing:
+            refused.append(1)
+            raise RuntimeError("[operator.h:214] Checkpointing is not implemented for this operator: RandomCrop")
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(dali_loader, "DALIGenericIterator", refusing)
+    loader = build_loader(coded_root, backend="dali", workers=1, seed=3, **KW)
+    reference = build_loader(coded_root, backend="torchvision", workers=0, seed=3, **KW)
+    assert epoch_ids(loader) == epoch_ids(reference)
+    assert len(refused) == 1 and "cannot checkpoint the pipeline" in capsys.readouterr().err
+    running = iter(loader)
+    next(running)
+    assert loader.position_state() is None  # nothing to save: a checkpoint holds the position alone
+    running.close()
+
+    loader.restore_position(1, 2, {"dali_checkpoint": torch.zeros(4, dtype=torch.uint8)})  # from a DALI that could
+    loader.set_epoch(1, start_batch=2)
+    reference.set_epoch(1, start_batch=2)
+    assert epoch_ids(loader) == epoch_ids(reference) and len(refused) == 1
