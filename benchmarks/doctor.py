@@ -74,9 +74,8 @@ def dataset_facts(data_dir: Path) -> dict:
 def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, batch_size: int = 64) -> dict:
     import torch
 
-    from pipeline import build_loader
-
     from dataset_tools.beton_format import read_index
+    from pipeline import build_loader
     from pipeline.folders import has_beton
 
     def build(bs):

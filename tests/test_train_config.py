@@ -135,3 +135,37 @@ def test_help_lists_the_reference_flags():
                  "--ema", "--mixup", "--cutmix", "--random-erase", "--auto-augment", "--blurpool", "--tta",
                  "--lr-schedule", "--weight-decay", "--seed", "--min-res", "--max-res"):
         assert flag in r.stdout, flag
+
+
+def test_loader_options_are_flags_and_are_checked(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    report = tmp_path / "convert_report.json"
+    report.write_text("{}")
+    cfg = parse("--data-dir", str(data), "--no-os-cache", "--loader-order", "quasi_random", "--hw-decoder-load", "0.3",
+                "--skip-listed-in", str(report))
+    assert cfg.loader_options() == {"os_cache": False, "order": "quasi_random", "hw_decoder_load": 0.3,
+                                    "skip_listed_in": str(report)}
+    assert parse("--data-dir", str(data)).loader_options() == {"os_cache": True, "order": "random",
+                                                               "hw_decoder_load": 0.65, "skip_listed_in": None}
+    with pytest.raises(ValueError, match="--skip-listed-in .*missing.json: no such file"):
+        parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "missing.json"))
+    assert "--hw-decoder-load must be in [0, 1]" in TrainConfig(hw_decoder_load=1.5).validate()
+    with pytest.raises(SystemExit):
+        parse("--data-dir", str(data), "--loader-order", "sequential")
+
+
+def test_betons_bigger_than_ram_get_one_line_of_advice(tmp_path):
+    from training.preflight import page_cache_advice
+
+    betons = tmp_path / "b"
+    betons.mkdir()
+    for split, size in (("train", 3000), ("val", 1000)):
+        with open(betons / f"{split}.beton", "wb") as f:
+            f.truncate(size)  # sparse: a size without the bytes
+    cfg = TrainConfig(data_dir=str(betons))
+    advice = page_cache_advice(cfg, ram_bytes=4000)
+    assert advice and "--no-os-cache --loader-order quasi_random" in advice and str(betons) in advice
+    assert page_cache_advice(cfg, ram_bytes=5000) is None  # 4000 bytes fit in 80% of 5000
+    assert page_cache_advice(TrainConfig(data_dir=str(betons), os_cache=False), ram_bytes=4000) is None
+    assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="dali"), ram_bytes=4000) is None
+    assert page_cache_advice(TrainConfig(data_dir=str(tmp_path)), ram_bytes=1) is None  # no betons there

@@ -143,3 +143,26 @@ def test_existing_run_is_not_overwritten(tmp_path_factory, capsys):
     assert rc == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "checkpoints" / run / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_betons, tmp_path, monkeypatch):
+    """--no-os-cache --loader-order quasi_random (betons bigger than RAM): the trainer's loaders get them, and the
+    ffcv backend trains on FFCV's process cache with the page-grouped order."""
+    import pipeline
+
+    seen = []
+    real = pipeline.build_loader
+
+    def spy(*args, **kwargs):
+        loader = real(*args, **kwargs)
+        seen.append((kwargs["split"], kwargs["os_cache"], kwargs["order"], loader.backend,
+                     getattr(loader, "_sample_pages", None) is not None))
+        return loader
+
+    monkeypatch.setattr(pipeline, "build_loader", spy)  # the trainer imports it from here when it starts
+    rc = main(argv(coded_betons, tmp_path, "pc", loader="ffcv", workers=1, epochs=1, res=32, val_res=32, batch_size=8,
+                   os_cache=False, loader_order="quasi_random"))
+    assert rc == 0
+    # train reads pages in windows (page-grouped order); val stays in file order
+    assert seen == [("train", False, "quasi_random", "ffcv", True), ("val", False, "quasi_random", "ffcv", False)]
+    assert records(tmp_path, "pc")[0]["epoch"] == 0

@@ -34,6 +34,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("onecycle", "triangular", "cosine", "step")
 AUTO_AUGMENT = ("none", "trivialaugment")
 RESUME = ("no", "yes", "auto")
+LOADER_ORDERS = ("random", "quasi_random")
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,15 @@ class TrainConfig:
     batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
     val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
     num_classes: int = _f(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
+    os_cache: bool = _f(True, "ffcv: map the betons and let the OS page cache hold them (best when they fit in RAM); "
+                              "--no-os-cache: FFCV's process cache, for betons bigger than RAM (with --loader-order "
+                              "quasi_random)")
+    loader_order: str = _f("random", "ffcv train order: random, or quasi_random (shuffles pages, then samples within "
+                                     "a window of them: far fewer pages read at a time; less random batches)",
+                           LOADER_ORDERS)
+    hw_decoder_load: float = _f(0.65, "dali: share of the JPEGs sent to the A100/H100 hardware JPEG decoder")
+    skip_listed_in: str = _f("", "dali/torchvision: a convert_report.json; the files it lists as skipped "
+                                 "(undecodable) are left out, so DALI does not stop on them")
     # --- resolution: fixed --res, or progressive min_res -> max_res between start_ramp and end_ramp ---
     res: int = _f(224, "training resolution when no progressive schedule is set")
     val_res: int = _f(224, "validation resolution (centre crop of ratio 224/256, then resized to this)")
@@ -131,6 +141,11 @@ class TrainConfig:
     def progressive(self) -> bool:
         return self.min_res > 0 and self.max_res > 0
 
+    def loader_options(self) -> dict[str, Any]:
+        """build_loader's backend options; each backend takes its own and ignores the rest."""
+        return dict(os_cache=self.os_cache, order=self.loader_order, hw_decoder_load=self.hw_decoder_load,
+                    skip_listed_in=self.skip_listed_in or None)
+
     def validate(self) -> list[str]:
         """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
         problems = []
@@ -147,6 +162,8 @@ class TrainConfig:
                   "checkpoint_minutes"):
             if getattr(self, n) < 0:
                 problems.append(f"--{flag_name(n)} must be >= 0")
+        if not 0 <= self.hw_decoder_load <= 1:
+            problems.append("--hw-decoder-load must be in [0, 1]")
         if self.max_lr <= 0:
             problems.append("--max-lr must be > 0")
         if not 0 < self.pct_start < 1:

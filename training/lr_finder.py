@@ -146,7 +146,7 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
         loader = build_loader(cfg.data_dir, split="train", backend=cfg.loader, batch_size=cfg.batch_size,
                               resolution=res, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
                               rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, drop_last=True,
-                              verbose=ctx.is_main)
+                              verbose=ctx.is_main, **cfg.loader_options())
         raw = build_model(cfg.arch, loader.num_classes, cfg.zero_init_residual, cfg.blurpool,
                           cfg.channels_last).to(ctx.device)
         optimizer, _ = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from dataset_tools.files import list_classes
@@ -62,9 +63,33 @@ def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[st
 
 def check_data(cfg: TrainConfig) -> int:
     """Number of classes; raises DataError when the layout or the class count does not fit the config."""
+    if cfg.skip_listed_in and not Path(cfg.skip_listed_in).is_file():
+        raise DataError(f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "
+                        "convert_report.json in its --out-dir)")
     classes = dataset_classes(cfg.data_dir, cfg.loader)
     if cfg.num_classes and cfg.num_classes != len(classes):
         raise DataError(f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "
                         f"--num-classes {cfg.num_classes}; pass --num-classes {len(classes)} (or 0 to take it from "
                         "the data), or point --data-dir at the right dataset")
     return len(classes)
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def page_cache_advice(cfg: TrainConfig, ram_bytes: int | None = None) -> str | None:
+    """One line of advice when the ffcv loader would map betons that cannot stay in the page cache: with os_cache
+    every epoch then reads most of the file from disk again, in random order. None when there is nothing to say."""
+    d = Path(cfg.data_dir)
+    betons = [d / f"{s}.beton" for s in ("train", "val")]
+    if not cfg.os_cache or cfg.loader not in ("auto", "ffcv") or not betons[0].is_file():
+        return None
+    size = sum(b.stat().st_size for b in betons if b.is_file())
+    ram = physical_memory_bytes() if ram_bytes is None else ram_bytes
+    if size <= 0.8 * ram:
+        return None
+    gib = 1024 ** 3
+    return (f"note: the betons in {d} ({size / gib:.0f} GiB) do not fit in this machine's RAM ({ram / gib:.0f} GiB): "
+            "each epoch reads them from disk again. --no-os-cache --loader-order quasi_random reads only the pages "
+            "coming batches need (or re-convert smaller: rn50 convert --compress-prob 1 stores every image as JPEG)")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from training.config import ConfigError, Parser, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
-from training.preflight import DataError, check_data
+from training.preflight import DataError, check_data, page_cache_advice
 
 PROG = "rn50 train"
 
@@ -62,6 +62,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if problems:
         raise ConfigError("; ".join(problems))
     check_data(cfg)
+    advice = page_cache_advice(cfg)
+    if advice and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{PROG}: {advice}", file=sys.stderr)
     if cfg.run_name and cfg.resume == "no" and (run_dir(cfg, "checkpoints") / "checkpoint.pt").exists():
         raise ConfigError(f"run {cfg.run_name!r} already has {run_dir(cfg, 'checkpoints') / 'checkpoint.pt'}; "
                           "pass --resume to continue it, or choose another --run-name")

@@ -292,7 +292,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
 
     # ---- data
     common = dict(backend=cfg.loader, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
-                  rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, verbose=ctx.is_main)
+                  rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, verbose=ctx.is_main,
+                  **cfg.loader_options())
     train_loader = build_loader(cfg.data_dir, split="train", batch_size=cfg.batch_size,
                                 resolution=train_resolution(cfg, min(pos.epoch, cfg.epochs - 1)), drop_last=True,
                                 **common)
