@@ -136,12 +136,12 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
         size = sum(facts["betons"].values()) / GIB
         recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
         if size <= 0.8 * ram:
-            recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep os_cache on (the "
-                        "default); epoch 1 reads the disk, later epochs the page cache, shared by every GPU's process")
+            recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep the page cache "
+                        "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every GPU's process")
         else:
             recs.append(f"not in memory: the betons ({size:.1f} GiB) exceed 80% of RAM ({ram:.0f} GiB): use "
-                        "os_cache=False with order=quasi_random (FFCV's process cache reads only the pages coming "
-                        "batches need); or re-convert smaller -- published full-ImageNet train sizes: "
+                        "rn50 train --no-os-cache --loader-order quasi_random (FFCV's process cache reads only the "
+                        "pages coming batches need); or re-convert smaller -- published full-ImageNet train sizes: "
                         + "; ".join(f"{k} {v:.0f} GB" for k, v in FFCV_SIZES_GB.items()))
     elif facts["folders"]:
         est = facts["folders"].get("train", {}).get("bytes_estimate", 0) / GIB

@@ -119,8 +119,8 @@ def test_recommendations_follow_memory():
     small = {"betons": {"train": 10 * GIB}, "folders": {}, "disk_free_gib": 100}
     big = {"betons": {"train": 300 * GIB}, "folders": {}, "disk_free_gib": 100}
     assert any("--workers 8 per GPU" in r for r in recommend(info, small, {}))
-    assert any("keep os_cache on" in r for r in recommend(info, small, {}))
-    assert any("os_cache=False with order=quasi_random" in r for r in recommend(info, big, {}))
+    assert any("keep the page cache on" in r for r in recommend(info, small, {}))
+    assert any("--no-os-cache --loader-order quasi_random" in r for r in recommend(info, big, {}))
 
 
 def test_summary_collects_every_result(tmp_path):
