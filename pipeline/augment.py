@@ -10,9 +10,9 @@ Shapes and dtypes:
 - labels: (B,) int64 class indices, or (B, C) float soft targets. mixup/cutmix return (B, C) float32 soft targets
   whose rows sum to 1.
 
-Semantics follow torchvision.transforms.v2 (MixUp, CutMix, RandomErasing, TrivialAugmentWide), which the tests use as
-the reference; the difference is that TrivialAugment here picks an operation and magnitude per sample for a whole
-batch at once, instead of per image on the CPU.
+Semantics follow torchvision (v2 MixUp, CutMix, RandomErasing, TrivialAugmentWide; AutoAugment's IMAGENET policy),
+which the tests use as the reference; the difference is that TrivialAugment and AutoAugment here draw an operation and
+magnitude per sample for a whole batch at once, instead of per image on the CPU.
 """
 
 from __future__ import annotations
@@ -375,3 +375,108 @@ def trivial_augment(images: torch.Tensor, *, num_magnitude_bins: int = 31, p: fl
         idx = idx_cpu.to(images.device)
         out[idx] = apply_op(x[idx], name, mags[idx_cpu])
     return from_pixels(out, images)
+
+
+# ------------------------------------------------------------------------ per-sample AutoAugment (ImageNet policy)
+
+# torchvision's AutoAugment(AutoAugmentPolicy.IMAGENET): 25 sub-policies of two (operation, probability, magnitude
+# bin) steps, from "AutoAugment: Learning Augmentation Strategies from Data" (the reference README's augmentation).
+AUTO_AUGMENT_IMAGENET: tuple[tuple[tuple[str, float, int | None], tuple[str, float, int | None]], ...] = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+    (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+)
+
+
+def _auto_augment_space(height: int, width: int, bins: int = 10) -> dict[str, tuple[torch.Tensor | None, bool]]:
+    """name -> (magnitudes over bins, signed): torchvision's AutoAugment._augmentation_space. Solarize thresholds are
+    on the 0..255 scale here, as in torchvision's AutoAugment."""
+    lin = torch.linspace
+    return {
+        "ShearX": (lin(0.0, 0.3, bins), True),
+        "ShearY": (lin(0.0, 0.3, bins), True),
+        "TranslateX": (lin(0.0, 150.0 / 331.0 * width, bins), True),
+        "TranslateY": (lin(0.0, 150.0 / 331.0 * height, bins), True),
+        "Rotate": (lin(0.0, 30.0, bins), True),
+        "Brightness": (lin(0.0, 0.9, bins), True),
+        "Color": (lin(0.0, 0.9, bins), True),
+        "Contrast": (lin(0.0, 0.9, bins), True),
+        "Sharpness": (lin(0.0, 0.9, bins), True),
+        "Posterize": ((8 - (torch.arange(bins) / ((bins - 1) / 4)).round().int()).float(), False),
+        "Solarize": (lin(255.0, 0.0, bins), False),
+        "AutoContrast": (None, False),
+        "Equalize": (None, False),
+        "Invert": (None, False),
+    }
+
+
+def auto_augment_params(n: int, height: int, width: int, *, p: float = 1.0,
+                        generator: torch.Generator | None = None) -> list[tuple[list[str], torch.Tensor]]:
+    """For each of the two steps: (operation name per sample, magnitude per sample). As torchvision's
+    AutoAugment.get_params, per sample: a uniform sub-policy, two uniform draws against the steps' probabilities,
+    two signs (negative on 0). A step that does not fire, or a sample skipped with probability 1 - p, is "Identity"."""
+    space = _auto_augment_space(height, width)
+    policy = torch.randint(len(AUTO_AUGMENT_IMAGENET), (n,), generator=generator)
+    probs = torch.rand((n, 2), generator=generator)
+    signs = torch.randint(2, (n, 2), generator=generator)
+    keep = _uniform(generator, n) < p
+    steps = []
+    for k in range(2):
+        names, mags = [], torch.zeros(n)
+        for i in range(n):
+            name, prob, bin_ = AUTO_AUGMENT_IMAGENET[int(policy[i])][k]
+            if not keep[i] or not float(probs[i, k]) <= prob:
+                names.append("Identity")
+                continue
+            values, signed = space[name]
+            if values is not None:
+                mags[i] = float(values[bin_]) * (-1.0 if signed and int(signs[i, k]) == 0 else 1.0)
+            names.append(name)
+        steps.append((names, mags))
+    return steps
+
+
+def _apply_auto_augment_op(x: torch.Tensor, name: str, magnitude: torch.Tensor) -> torch.Tensor:
+    if name == "Invert":
+        return 255.0 - x
+    if name == "Solarize":  # threshold already on the 0..255 scale
+        return solarize(x, magnitude.to(device=x.device, dtype=torch.float32))
+    return apply_op(x, name, magnitude)
+
+
+def auto_augment(images: torch.Tensor, *, p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AutoAugment with the ImageNet policy per sample on the batch's device (nearest interpolation, black fill, as
+    torchvision's defaults). Each of the two steps processes the samples sharing an operation together: at most 14
+    batched operations per step. With probability 1 - p a sample passes unchanged."""
+    H, W = images.shape[-2:]
+    x = to_pixels(images)
+    for names, mags in auto_augment_params(images.shape[0], H, W, p=p, generator=generator):
+        out = x.clone()
+        for name in sorted(set(names) - {"Identity"}):
+            idx_cpu = torch.tensor([i for i, nm in enumerate(names) if nm == name], dtype=torch.int64)
+            idx = idx_cpu.to(images.device)
+            out[idx] = _apply_auto_augment_op(x[idx], name, mags[idx_cpu])
+        x = out
+    return from_pixels(x, images)

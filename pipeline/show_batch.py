@@ -1,7 +1,7 @@
 """`rn50 show-batch`: save one training batch as a picture, de-normalised, with class names.
 
     rn50 show-batch --data-dir /data/betons --out batch.png                       # what the trainer will see
-    rn50 show-batch --data-dir /data/imagenet --backend torchvision --augment trivial,erasing,mix --out aug.png
+    rn50 show-batch --data-dir /data/imagenet --backend torchvision --augment autoaugment,erasing,mix --out aug.png
 
 The quickest way for a person to trust a pipeline: wrong labels, colour channels, crops or augmentation strength show
 at a glance. Titles are the class (wnid and name when LOC_synset_mapping.txt is in the data dir); after mixup/cutmix
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-AUGMENTS = ("trivial", "erasing", "mixup", "cutmix", "mix")
+AUGMENTS = ("autoaugment", "trivial", "erasing", "mixup", "cutmix", "mix")
 
 
 def class_names(data_dir: Path, classes: list[str]) -> list[str]:
@@ -32,9 +32,11 @@ def augment_batch(images, labels, augments: list[str], num_classes: int, seed: i
     """Apply the chosen augmentations in the trainer's order: per-sample policy, erasing, then mixing."""
     import torch
 
-    from pipeline.augment import cutmix, mixup, mixup_or_cutmix, one_hot, random_erasing, trivial_augment
+    from pipeline.augment import auto_augment, cutmix, mixup, mixup_or_cutmix, one_hot, random_erasing, trivial_augment
 
     g = torch.Generator().manual_seed(seed)
+    if "autoaugment" in augments:
+        images = auto_augment(images, generator=g)
     if "trivial" in augments:
         images = trivial_augment(images, generator=g)
     if "erasing" in augments:

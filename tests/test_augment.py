@@ -8,8 +8,13 @@ import torch
 from torchvision.transforms import v2
 
 from pipeline.augment import (
+    AUTO_AUGMENT_IMAGENET,
     TRIVIAL_AUGMENT_OPS,
+    _apply_auto_augment_op,
+    _auto_augment_space,
     apply_op,
+    auto_augment,
+    auto_augment_params,
     cutmix,
     erasing_boxes,
     mixup,
@@ -167,3 +172,84 @@ def test_trivial_augment_batch_keeps_layout_is_seeded_and_p_zero_is_identity():
     torch.testing.assert_close(trivial_augment(x32, p=0.0, generator=gen()), x32, atol=1e-5, rtol=0)
     pixels = to_pixels(trivial_augment(x32, generator=gen(4)))
     assert pixels.min() >= -0.01 and pixels.max() <= 255.01
+
+
+def test_auto_augment_policy_and_magnitudes_are_torchvisions():
+    from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+    tv = AutoAugment(AutoAugmentPolicy.IMAGENET)
+    assert [tuple(tuple(step) for step in sub) for sub in tv.policies] == list(AUTO_AUGMENT_IMAGENET)
+    ours, ref = _auto_augment_space(40, 36), tv._augmentation_space(10, (40, 36))
+    assert set(ours) == set(ref)
+    for name, (values, signed) in ref.items():
+        assert ours[name][1] == signed, name
+        if values.ndim:  # ops without magnitude have a 0-d placeholder there
+            torch.testing.assert_close(ours[name][0], values.float(), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", sorted({step[0] for sub in AUTO_AUGMENT_IMAGENET for step in sub}))
+def test_each_auto_augment_step_matches_torchvision(name):
+    """Every (operation, magnitude bin) the ImageNet policy uses, both signs, against torchvision's AutoAugment op."""
+    from torchvision.transforms import AutoAugment, InterpolationMode
+    from torchvision.transforms.autoaugment import _apply_op
+
+    g = torch.Generator().manual_seed(3)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(36.0), indexing="ij")
+    base = torch.stack([xx * 6, yy * 5, (xx + yy) * 3]) + torch.randint(0, 40, (3, 40, 36), generator=g)
+    image = base.clamp(0, 255).to(torch.uint8)
+    values, signed = AutoAugment()._augmentation_space(10, (40, 36))[name]
+    bins = sorted({step[2] for sub in AUTO_AUGMENT_IMAGENET for step in sub if step[0] == name} - {None})
+    magnitudes = [float(values[b]) * sign for b in bins for sign in ((1, -1) if signed else (1,))] or [0.0]
+    as_float = name in ("Brightness", "Color", "Contrast", "Sharpness")  # see the TrivialAugment test
+    for m in magnitudes:
+        ref_in = image.float() / 255 if as_float else image
+        ref = _apply_op(ref_in, name, m, interpolation=InterpolationMode.NEAREST, fill=None).float()
+        ref = ref * (255 if as_float else 1)
+        out = _apply_auto_augment_op(image.float()[None], name, torch.tensor([m]))[0]
+        diff = (out - ref).abs()
+        if name in ("ShearX", "Rotate"):
+            assert (diff > 0).float().mean() < 0.01, f"{name} {m}"
+        elif as_float:
+            assert diff.max() <= 1e-3 * 255, f"{name} {m}: {diff.max()}"
+        elif name == "AutoContrast":
+            assert (out - ref).min() >= 0 and (out - ref).max() <= 1, f"{name}: {diff.max()}"
+        else:
+            assert torch.equal(out, ref), f"{name} {m}: {diff.max()}"
+
+
+def test_auto_augment_draws_follow_the_policy():
+    n = 25_000
+    steps = auto_augment_params(n, 32, 32, generator=gen(11))
+    space = _auto_augment_space(32, 32)
+    for k, (names, mags) in enumerate(steps):
+        # each op fires as often as the policy says: sum over sub-policies of P(sub) * P(step fires)
+        for name in {step[0] for sub in AUTO_AUGMENT_IMAGENET for step in sub}:
+            expected = sum(sub[k][1] for sub in AUTO_AUGMENT_IMAGENET if sub[k][0] == name) / len(AUTO_AUGMENT_IMAGENET)
+            share = sum(nm == name for nm in names) / n
+            assert abs(share - expected) < 0.015, (k, name, share, expected)
+        rotations = mags[torch.tensor([nm == "Rotate" for nm in names])]
+        if len(rotations):  # bins 3, 8, 9 of 0..30 degrees, either sign, about equally often
+            allowed = {round(float(space["Rotate"][0][b]), 4) for b in (3, 8, 9)}
+            assert {round(abs(float(v)), 4) for v in rotations} <= allowed
+            assert abs(float((rotations > 0).float().mean()) - 0.5) < 0.05
+    assert all(nm == "Identity" for names, _ in auto_augment_params(64, 32, 32, p=0.0, generator=gen()) for nm in names)
+
+
+def test_auto_augment_batch_equals_the_steps_applied_one_sample_at_a_time():
+    images, _ = batch(48, size=24, seed=2)
+    out = auto_augment(images, generator=gen(5))
+    steps = auto_augment_params(48, 24, 24, generator=gen(5))
+    x = to_pixels(images)
+    for i in range(48):
+        xi = x[i:i + 1]
+        for names, mags in steps:
+            if names[i] != "Identity":
+                xi = _apply_auto_augment_op(xi, names[i], mags[i:i + 1])
+        torch.testing.assert_close(to_pixels(out[i:i + 1]), xi, atol=1e-3, rtol=0)
+    assert any(names[i] != "Identity" for names, _ in steps for i in range(48))
+    half, _ = batch(32, dtype=torch.bfloat16)
+    a = auto_augment(half, generator=gen(1))
+    assert a.dtype == torch.bfloat16 and a.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, auto_augment(half, generator=gen(1)))
+    assert not torch.equal(a, auto_augment(half, generator=gen(2)))
+    torch.testing.assert_close(auto_augment(images, p=0.0, generator=gen()), images, atol=1e-5, rtol=0)

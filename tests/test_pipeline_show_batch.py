@@ -14,7 +14,7 @@ from pipeline.show_batch import class_names, main
 def test_writes_a_png_of_an_augmented_batch(coded_root, tmp_path, capsys):
     out = tmp_path / "batch.png"
     rc = main(["--data-dir", str(coded_root), "--backend", "torchvision", "--workers", "0", "--batch-size", "8",
-               "--resolution", "32", "--augment", "trivial,erasing,mix", "--device", "cpu", "--out", str(out)])
+               "--resolution", "32", "--augment", "autoaugment,erasing,mix", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     with Image.open(out) as im:
         assert im.size[0] > 200 and im.size[1] > 100

@@ -166,3 +166,21 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
     # train reads pages in windows (page-grouped order); val stays in file order
     assert seen == [("train", False, "quasi_random", "ffcv", True), ("val", False, "quasi_random", "ffcv", False)]
     assert records(tmp_path, "pc")[0]["epoch"] == 0
+
+
+def test_auto_augment_flag_selects_the_policy():
+    """--auto-augment autoaugment runs AutoAugment's ImageNet policy in the batch transform: seeded by (epoch, batch),
+    and not the TrivialAugment result."""
+    from pipeline.augment import auto_augment
+    from training.config import TrainConfig
+    from training.trainer import batch_seed, build_batch_transform
+
+    images = torch.randn(16, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(16) % 4
+    aa = build_batch_transform(TrainConfig(auto_augment="autoaugment"), 4, rank=0)
+    ta = build_batch_transform(TrainConfig(auto_augment="trivialaugment"), 4, rank=0)
+    out, same_labels = aa(images, labels, 1, 3)
+    assert torch.equal(same_labels, labels)
+    expected = auto_augment(images, generator=torch.Generator().manual_seed(batch_seed(0, 1, 3, 0)))
+    assert torch.equal(out, expected)
+    assert not torch.equal(out, ta(images, labels, 1, 3)[0])

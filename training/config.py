@@ -32,7 +32,7 @@ LOADERS = ("auto", "ffcv", "dali", "torchvision")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("onecycle", "triangular", "cosine", "step")
-AUTO_AUGMENT = ("none", "trivialaugment")
+AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
 RESUME = ("no", "yes", "auto")
 LOADER_ORDERS = ("random", "quasi_random")
 
@@ -112,7 +112,8 @@ class TrainConfig:
     mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
     mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup for a batch")
     random_erase: float = _f(0.0, "random erasing probability per image (0: off)")
-    auto_augment: str = _f("none", "per-sample policy on the device (TrivialAugmentWide's operations)", AUTO_AUGMENT)
+    auto_augment: str = _f("none", "per-sample policy on the device: autoaugment (AutoAugment's ImageNet policy, the "
+                                     "reference README's) or trivialaugment (TrivialAugmentWide)", AUTO_AUGMENT)
     ema: bool = _f(False, "keep an exponential moving average of the weights, evaluated each epoch")
     ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
     # --- evaluation ---

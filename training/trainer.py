@@ -103,6 +103,8 @@ def build_batch_transform(cfg: TrainConfig, num_classes: int, rank: int):
         gen.manual_seed(batch_seed(cfg.seed, epoch, batch, rank))
         if cfg.auto_augment == "trivialaugment":
             images = augment.trivial_augment(images, generator=gen)
+        elif cfg.auto_augment == "autoaugment":
+            images = augment.auto_augment(images, generator=gen)
         if cfg.random_erase > 0:
             images = augment.random_erasing(images, p=cfg.random_erase, generator=gen)
         if cfg.mixup > 0 or cfg.cutmix > 0:
