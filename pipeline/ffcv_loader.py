@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -129,11 +130,22 @@ class PlannedOrder(TraversalOrder):
 
 
 class _ParamsEpochIterator(EpochIterator):
-    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded."""
+    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded, and
+    handing the batch's samples to the decoding threads one at a time."""
 
     def __init__(self, loader, order, node_id: int | None, fill: Callable[[int, np.ndarray, np.ndarray], None] | None):
         self._node_id, self._fill = node_id, fill  # set before super().__init__, which starts the thread
         super().__init__(loader, order)
+
+    def run(self) -> None:
+        # FFCV decodes a batch as one numba prange over its samples, and numba by default gives each thread an equal
+        # contiguous share. A JPEG sample costs several times a raw one, so equal shares finish at different times
+        # and every batch waits for its slowest thread. Chunks of one sample let a free thread take the next sample.
+        # The setting is per thread: this is the thread that launches the decoding. Measured on this project's
+        # 2-core CPU (2 threads, 160 px, alternating runs): +6 to +29% img/s in 8 of 8 pairs at 16 samples per thread,
+        # +5 and +8% at 128.
+        numba.set_parallel_chunksize(1)
+        super().run()
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         if self._fill is not None:
