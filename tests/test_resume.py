@@ -224,6 +224,9 @@ def test_mid_epoch_position_needs_the_same_shards(tmp_path):
     (tmp_path / "model_002.pt").touch()
     with pytest.raises(ResumeError, match="copy model_002.pt over checkpoint.pt"):
         check_position(mid, tmp_path / "checkpoint.pt", **{**same, "batch_size": 128})
+    with_order = {**mid, "loader": {**mid["loader"], "order": "random"}}
+    with pytest.raises(ResumeError, match=r"order random \(now quasi_random\).*--loader-order"):
+        check_position(with_order, tmp_path / "checkpoint.pt", **{**same, "order": "quasi_random"})
     boundary = {**mid, "phase": "end_of_epoch", "loader": {**mid["loader"], "batch": 0}}
     warnings = check_position(boundary, tmp_path / "checkpoint.pt", **{**same, "world_size": 4})
     assert len(warnings) == 1 and "world_size 8 -> 4" in warnings[0]

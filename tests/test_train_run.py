@@ -73,7 +73,8 @@ def test_checkpoints_hold_the_whole_state(tmp_path_factory):
     assert state["config"]["arch"] == "resnet18" and len(state["classes"]) == 4
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"][0])
     assert state["loader"] == {"epoch": 5, "batch": 0, "seed": 0, "resolution": 48, "world_size": 1,
-                               "batch_size": 16, "grad_accum": 1, "num_samples": 160, "backend": "torchvision"}
+                               "batch_size": 16, "grad_accum": 1, "num_samples": 160, "backend": "torchvision",
+                               "order": "random"}
     assert state["phase"] == "end_of_epoch" and state["metrics"]["epoch"] == 4
     best = load_checkpoint(d / "best.pt")
     assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in records(out, run))

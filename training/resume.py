@@ -9,8 +9,9 @@ A checkpoint is written at one of three points (its "phase"):
 
 Refusal rules: every check runs before any tensor is copied into the model, so a checkpoint is either loaded whole
 or not at all. A different architecture, class list or tensor shape is refused. A mid-epoch position is refused when
-the number of ranks, the batch size, the accumulation, the seed or the dataset size differ, because the rest of the
-epoch would then be cut into other shards (samples repeated or skipped); at epoch boundaries those may change.
+the number of ranks, the batch size, the accumulation, the seed, the sample order (--loader-order) or the dataset
+size differ, because the rest of the epoch would then be cut into other shards (samples repeated or skipped); at
+epoch boundaries those may change.
 """
 
 from __future__ import annotations
@@ -137,13 +138,13 @@ def check_compatible(state: dict, path: Path, *, arch: str, classes: list[str], 
 
 
 def check_position(state: dict, path: Path, *, world_size: int, batch_size: int, grad_accum: int, seed: int,
-                   num_samples: int) -> list[str]:
+                   num_samples: int, order: str = "random") -> list[str]:
     """Refuse a mid-epoch position that this run would shard differently; return warnings for changes that are
     harmless at an epoch boundary."""
     phase = state.get("phase", "end_of_epoch")
     loader = state.get("loader") or {}
     ours = {"world_size": world_size, "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed,
-            "num_samples": num_samples}
+            "num_samples": num_samples, "order": order}
     changed = {k: (loader[k], v) for k, v in ours.items() if k in loader and loader[k] != v}
     if not changed:
         return []
@@ -155,6 +156,6 @@ def check_position(state: dict, path: Path, *, world_size: int, batch_size: int,
         text = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in changed.items())
         raise ResumeError(f"{path}: written in the middle of epoch {epoch} with {text}; the rest of that epoch would "
                           "be sharded differently (samples repeated or skipped). Resume with the same number of "
-                          f"processes, --batch-size, --grad-accum, --seed and dataset{alt}")
+                          f"processes, --batch-size, --grad-accum, --seed, --loader-order and dataset{alt}")
     text = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
     return [f"resuming at an epoch boundary with {text}: the next epochs follow the new setting"]

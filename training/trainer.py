@@ -52,6 +52,11 @@ from training.schedules import build_schedule, train_resolution
 from training.signals import StopSignals, exit_code, signal_name
 
 
+def loader_order(loader) -> str:
+    """The train order a loader plans its epochs with (only the ffcv backend has a choice)."""
+    return getattr(loader, "order", "random")
+
+
 def log0(ctx: DistContext, msg: str) -> None:
     if ctx.is_main:
         print(msg, flush=True)
@@ -333,7 +338,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
                                     ema_module=parts.ema.module if parts.ema else None)
             for warning in resume.check_position(resume_state, latest, world_size=ctx.world_size,
                                                  batch_size=cfg.batch_size, grad_accum=accum, seed=cfg.seed,
-                                                 num_samples=train_loader.num_samples):
+                                                 num_samples=train_loader.num_samples,
+                                                 order=loader_order(train_loader)):
                 log0(ctx, f"warning: {warning}")
         except resume.ResumeError as e:
             raise SetupError(str(e)) from None
@@ -403,7 +409,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
             "loader": {"epoch": next_epoch, "batch": batch, "seed": cfg.seed,
                        "resolution": train_resolution(cfg, min(next_epoch, cfg.epochs - 1)),
                        "world_size": ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": accum,
-                       "num_samples": train_loader.num_samples, "backend": train_loader.backend},
+                       "num_samples": train_loader.num_samples, "backend": train_loader.backend,
+                       "order": loader_order(train_loader)},
             "loader_states": [g[1] for g in gathered] if phase == "mid_epoch" else None,
             "rng": [g[0] for g in gathered], "config": to_dict(cfg), "classes": train_loader.classes,
             "best_top1": best_top1,
