@@ -113,6 +113,7 @@ class Loader:
     which yields (images, labels) already on the device and normalised."""
 
     backend: str = "?"
+    order: str = "random"  # how train epochs are shuffled; the ffcv backend also offers "quasi_random"
 
     def __init__(self, *, split: str, batch_size: int, resolution: int, num_samples: int, classes: list[str],
                  drop_last: bool, rank: int, world_size: int, seed: int, device: torch.device | str,
@@ -178,9 +179,10 @@ class Loader:
             self._cached_plan = cached
         return cached[1]
 
-    def _make_plan(self, epoch: int) -> EpochPlan:
+    def _make_plan(self, epoch: int, **how) -> EpochPlan:
+        """`how`: plan_epoch's order/shard options, for a backend with an order of its own."""
         return plan_epoch(self.num_samples, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last)
+                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last, **how)
 
     def num_valid(self, batch_index: int, epoch: int | None = None) -> int:
         """Leading samples of batch `batch_index` that are real, not padding (drop_last=False under DDP)."""

@@ -52,7 +52,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.folders import beton_classes
-from pipeline.order import EpochPlan, page_grouped_order, plan_epoch
+from pipeline.order import EpochPlan, page_grouped_order
 
 PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, left, h, w, flip
 
@@ -213,9 +213,7 @@ class FFCVLoader(Loader):
         if self._sample_pages is None:
             return super()._make_plan(epoch)
         order = page_grouped_order(self._sample_pages, self.seed, epoch, window_pages=2 * self.batch_size)
-        return plan_epoch(self.num_samples, seed=self.seed, epoch=epoch, shuffle=True, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last,
-                          order=order, shard="block")
+        return super()._make_plan(epoch, order=order, shard="block")
 
     def _crop_filler(self, epoch: int, order: np.ndarray) -> Callable[[int, np.ndarray, np.ndarray], None]:
         """fill(b_ix, indices, params) writes batch b_ix's boxes and flips. They are computed for 16 batches at a time:

@@ -51,8 +51,8 @@ class Position:
         if self.phase == "mid_epoch":
             return f"epoch {self.epoch}, step {self.batch // accum} of {steps_per_epoch} (global step {self.step})"
         if self.phase == "before_validation":
-            return f"end of epoch {self.epoch - 1}'s training, before its validation (step {self.step})"
-        return f"start of epoch {self.epoch} (step {self.step})"
+            return f"the end of epoch {self.epoch - 1}'s training, before its validation (step {self.step})"
+        return f"the start of epoch {self.epoch} (step {self.step})"
 
 
 START = Position(epoch=0, batch=0, step=0)

@@ -52,11 +52,6 @@ from training.schedules import build_schedule, train_resolution
 from training.signals import StopSignals, exit_code, signal_name
 
 
-def loader_order(loader) -> str:
-    """The train order a loader plans its epochs with (only the ffcv backend has a choice)."""
-    return getattr(loader, "order", "random")
-
-
 def log0(ctx: DistContext, msg: str) -> None:
     if ctx.is_main:
         print(msg, flush=True)
@@ -339,7 +334,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
             for warning in resume.check_position(resume_state, latest, world_size=ctx.world_size,
                                                  batch_size=cfg.batch_size, grad_accum=accum, seed=cfg.seed,
                                                  num_samples=train_loader.num_samples,
-                                                 order=loader_order(train_loader)):
+                                                 order=train_loader.order):
                 log0(ctx, f"warning: {warning}")
         except resume.ResumeError as e:
             raise SetupError(str(e)) from None
@@ -396,49 +391,45 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
     control = StepControl(cfg, ctx, group, signals)
     ema = parts.ema
 
-    def state_dict(phase: str, *, epoch_done: int, next_epoch: int, batch: int, step: int, **extra) -> dict | None:
-        """The whole run's state (rank 0; None elsewhere). Every rank must call it: it gathers the RNG states."""
+    def mid_epoch_at(epoch: int, steps_done: int) -> resume.Position:
+        return resume.Position(epoch=epoch, batch=steps_done * accum, step=epoch * steps_per_epoch + steps_done,
+                               phase="mid_epoch")
+
+    def after_training(epoch: int, phase: str) -> resume.Position:
+        """Epoch `epoch` trained: before its validation, or (end_of_epoch) validated and logged."""
+        return resume.Position(epoch=epoch + 1, batch=0, step=(epoch + 1) * steps_per_epoch, phase=phase)
+
+    def state_dict(at: resume.Position, **extra) -> dict | None:
+        """The whole run's state at `at` (rank 0; None elsewhere). Every rank must call it: it gathers the RNG
+        states."""
         gathered = all_gather_object((ckpt.rng_state(), train_loader.position_state()), ctx, group)
         if not ctx.is_main:
             return None
         return {
-            "format": ckpt.FORMAT_VERSION, "run_name": run, "phase": phase, "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(step),
-            "scaler": parts.scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch_done,
-            "next_epoch": next_epoch, "step": step,
-            "loader": {"epoch": next_epoch, "batch": batch, "seed": cfg.seed,
-                       "resolution": train_resolution(cfg, min(next_epoch, cfg.epochs - 1)),
+            "format": ckpt.FORMAT_VERSION, "run_name": run, "phase": at.phase, "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(at.step),
+            "scaler": parts.scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": at.epoch - 1,
+            "next_epoch": at.epoch, "step": at.step,
+            "loader": {"epoch": at.epoch, "batch": at.batch, "seed": cfg.seed,
+                       "resolution": train_resolution(cfg, min(at.epoch, cfg.epochs - 1)),
                        "world_size": ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": accum,
                        "num_samples": train_loader.num_samples, "backend": train_loader.backend,
-                       "order": loader_order(train_loader)},
-            "loader_states": [g[1] for g in gathered] if phase == "mid_epoch" else None,
+                       "order": train_loader.order},
+            "loader_states": [g[1] for g in gathered] if at.phase == "mid_epoch" else None,
             "rng": [g[0] for g in gathered], "config": to_dict(cfg), "classes": train_loader.classes,
             "best_top1": best_top1,
             "deterministic": {"threads": threads} if cfg.deterministic else None, "metrics": last_record, **extra,
         }
 
-    def save_mid_epoch(epoch: int, steps_done: int, snapshot) -> str:
-        progress = snapshot()
-        step = epoch * steps_per_epoch + steps_done
-        state = state_dict("mid_epoch", epoch_done=epoch - 1, next_epoch=epoch, batch=steps_done * accum, step=step,
-                           epoch_progress=progress.state_dict())
+    def save_latest(at: resume.Position, **extra) -> None:
+        state = state_dict(at, **extra)
         if state is not None:
             ckpt.save_latest(state, ckpt_dir)
         control.saved()
-        return f"epoch {epoch}, step {steps_done} of {steps_per_epoch} (global step {step})"
 
-    def save_before_validation(epoch: int, stats: EpochStats) -> str:
-        step = (epoch + 1) * steps_per_epoch
-        state = state_dict("before_validation", epoch_done=epoch, next_epoch=epoch + 1, batch=0, step=step,
-                           epoch_stats=stats.state_dict())
-        if state is not None:
-            ckpt.save_latest(state, ckpt_dir)
-        control.saved()
-        return f"the end of epoch {epoch}'s training, before its validation (step {step})"
-
-    def stop_here(where: str) -> typing.NoReturn:
+    def stop_here(at: resume.Position) -> typing.NoReturn:
         barrier(ctx, group)  # no rank exits while rank 0 is still writing
-        raise Interrupted(control.stop, where)
+        raise Interrupted(control.stop, at.describe(steps_per_epoch, accum))
 
     def finish_epoch(epoch: int, stats: EpochStats, before_validation_saved: bool) -> None:
         """Validate a trained epoch, write its checkpoint files and log line."""
@@ -448,12 +439,13 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         broadcast_buffers(raw_model, ctx)
         if ema is not None:
             broadcast_buffers(ema.module, ctx)
+        before_validation = after_training(epoch, "before_validation")
         if (control.mid_epoch or control.stop) and not before_validation_saved:
             # a kill during validation then costs the validation only, not the epoch
-            where = save_before_validation(epoch, stats)
+            save_latest(before_validation, epoch_stats=stats.state_dict())
             before_validation_saved = True
             if control.stop:
-                stop_here(where)
+                stop_here(before_validation)
         val = evaluate(eval_model, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch,
                        should_stop=control.stop_requested)
         ema_val = None
@@ -461,11 +453,11 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
             ema_val = evaluate(ema.module, val_loader, precision, ctx, tta=cfg.tta, epoch=epoch,
                                should_stop=control.stop_requested)
         if val is None or (ema is not None and ema_val is None):
-            where = f"the end of epoch {epoch}'s training, before its validation (step {(epoch + 1) * steps_per_epoch})"
             if not before_validation_saved:
-                where = save_before_validation(epoch, stats)
-            stop_here(where)
-        step = (epoch + 1) * steps_per_epoch
+                save_latest(before_validation, epoch_stats=stats.state_dict())
+            stop_here(before_validation)
+        end = after_training(epoch, "end_of_epoch")
+        step = end.step
         record = {
             "epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val["loss"],
             "val_top1": val["top1"], "val_top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None,
@@ -480,8 +472,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         if len(set(fingerprints)) > 1:
             log0(ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
         last_record = record
-        state = state_dict("end_of_epoch", epoch_done=epoch, next_epoch=epoch + 1, batch=0, step=step,
-                           rank_weight_fingerprints=fingerprints)
+        state = state_dict(end, rank_weight_fingerprints=fingerprints)
         if state is not None and runlog is not None:
             ckpt.save_checkpoint(state, ckpt_dir, epoch, is_best, cfg.keep_last)
             runlog.epoch(record, schedule.lr_at, schedule.total_steps, steps_per_epoch, step)
@@ -491,18 +482,22 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
                   f"{stats.images_per_s:.0f} img/s, data wait {stats.data_wait_pct:.0f}%", flush=True)
         control.saved()
 
+    def stops_after(epoch: int) -> bool:
+        if epoch != cfg.stop_after_epoch:
+            return False
+        log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
+        return True
+
     # ---- epochs
     try:  # a stop or an error still flushes the TensorBoard events written so far
         first_epoch = pos.epoch
         if pos.validate_first is not None:
             finish_epoch(pos.validate_first, pos.pending, before_validation_saved=True)
-            if pos.validate_first == cfg.stop_after_epoch:
-                log0(ctx, f"stopping after epoch {pos.validate_first} as asked; continue with --run-name {run} "
-                          "--resume")
+            if stops_after(pos.validate_first):
                 first_epoch = cfg.epochs
         for epoch in range(first_epoch, cfg.epochs):
             if control.stop_requested():  # arrived between epochs: the latest checkpoint already holds everything
-                stop_here(f"the start of epoch {epoch}")
+                stop_here(resume.Position(epoch=epoch, batch=0, step=epoch * steps_per_epoch))
             resumed_here = pos.phase == "mid_epoch" and epoch == pos.epoch
             start_batch = pos.batch if resumed_here else 0
             train_loader.set_resolution(train_resolution(cfg, epoch))
@@ -513,9 +508,10 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
                 if steps_done == steps_per_epoch:
                     return bool(signum)  # the epoch's end writes (before validation) what a save here would
                 if signum or due or (control.every and steps_done % control.every == 0):
-                    where = save_mid_epoch(epoch, steps_done, snapshot)
+                    at = mid_epoch_at(epoch, steps_done)
+                    save_latest(at, epoch_progress=snapshot().state_dict())
                     if signum:
-                        stop_here(where)
+                        stop_here(at)
                 return False
 
             stats = train_one_epoch(parts, train_loader, epoch, steps_per_epoch, ctx, start_batch=start_batch,
@@ -523,8 +519,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
                                     on_log=runlog.step if runlog else None, progress=cfg.progress,
                                     resumed=pos.progress if resumed_here else None, boundary=boundary)
             finish_epoch(epoch, stats, before_validation_saved=False)
-            if epoch == cfg.stop_after_epoch:
-                log0(ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run} --resume")
+            if stops_after(epoch):
                 break
     finally:
         if runlog is not None:
