@@ -199,6 +199,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _sum_over_ranks(sums: torch.Tensor, count: int, ctx: DistContext) -> list[float]:
+    """[*sums, count] summed over ranks, on the host. `count` is a host number (sample counts are known there; a
+    device tensor built from it every step would be a blocking copy), joined to the device sums for one all-reduce."""
+    counted = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64).to(sums.device)])
+    return all_reduce_sum(counted, ctx).tolist()
+
+
 # boundary(steps done in this epoch, snapshot) -> stop? Called after every optimizer step. `snapshot()` all-reduces
 # the epoch's running sums (a collective: call it on every rank or on none).
 Boundary = Callable[[int, Callable[[], EpochProgress]], bool]
@@ -243,8 +250,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     t_start = time.perf_counter() - resumed.seconds
 
     def snapshot() -> EpochProgress:
-        t = all_reduce_sum(torch.cat([totals, torch.tensor([float(total_n)], dtype=torch.float64).to(device)]),
-                           ctx).tolist()
+        t = _sum_over_ranks(totals, total_n, ctx)
         return EpochProgress(t[0], t[1], int(t[2]), time.perf_counter() - t_start, waits[0])
 
     source = iter(loader)
@@ -274,8 +280,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         if bar is not None:
             bar.update(1)
         if step % log_every == 0 or step == (epoch + 1) * steps_per_epoch:
-            counted = torch.cat([window, torch.tensor([float(window_n)], dtype=torch.float64).to(device)])
-            w = all_reduce_sum(counted, ctx).tolist()  # the sync point of the loop
+            w = _sum_over_ranks(window, window_n, ctx)  # the sync point of the loop
             now = time.perf_counter()
             wait = waits[0] - window_wait
             scalars = {"loss": w[0] / max(w[2], 1), "top1": 100.0 * w[1] / max(w[2], 1), "lr": lr,
@@ -303,7 +308,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     seconds = time.perf_counter() - t_start
     if bar is not None:
         bar.close()
-    t = all_reduce_sum(torch.cat([totals, torch.tensor([float(total_n)], dtype=torch.float64).to(device)]), ctx).tolist()
+    t = _sum_over_ranks(totals, total_n, ctx)
     return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
                       seconds=seconds, data_wait_s=waits[0], lr=lr, completed=completed)
 
@@ -347,6 +352,6 @@ def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, t
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
                              top5.double()])
         samples += valid
-    s = all_reduce_sum(torch.cat([sums, torch.tensor([float(samples)], dtype=torch.float64).to(device)]), ctx).tolist()
+    s = _sum_over_ranks(sums, samples, ctx)
     n = max(s[3], 1.0)
     return {"loss": s[0] / n, "top1": 100.0 * s[1] / n, "top5": 100.0 * s[2] / n, "samples": int(s[3])}
