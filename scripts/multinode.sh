@@ -15,6 +15,7 @@
 #   helps when it picks the wrong interface. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_launch.sh
 
 DATA=${1:?usage: NNODES=N MASTER_ADDR=HOST bash scripts/multinode.sh BETON_DIR [EPOCHS] [rn50 train flags...]}
 shift
@@ -23,21 +24,11 @@ if [ $# -gt 0 ] && [[ $1 != -* ]]; then EPOCHS=$1; shift; fi
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${MASTER_ADDR:?set MASTER_ADDR to a host name or IP every node can reach (the rendezvous runs there)}"
 PORT=${MASTER_PORT:-29500}
-CONFIG=configs/rn50_8xa100_${EPOCHS}ep.yaml
-[ -f "$CONFIG" ] || { echo "multinode.sh: no $CONFIG (epochs: 16, 24, 32, 40, 56 or 88)" >&2; exit 2; }
+rn50_preset multinode.sh "$EPOCHS"
 GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 [ "${GPUS:-0}" -gt 0 ] || { echo "multinode.sh: no GPU found; set GPUS=N" >&2; exit 2; }
 RUN=${RUN:-rn50-${EPOCHS}ep-${NNODES}x${GPUS}gpu}
-OUT=${OUT:-.}
-BIN=${RN50_VENV:-.venv}/bin
-[ -x "$BIN/torchrun" ] || BIN=$(dirname "$(command -v torchrun || echo /missing/torchrun)")
-[ -x "$BIN/torchrun" ] || [ -n "${DRY_RUN:-}" ] || { echo "no torchrun: run make setup (or activate the venv)" >&2; exit 2; }
-
-args=(--config "$CONFIG" --data-dir "$DATA" --run-name "$RUN" --output-dir "$OUT")
-# --resume auto: continue checkpoints/<run>/checkpoint.pt when it exists, else start. It also covers a restart
-# by torchrun itself, which re-runs this same command line.
-args+=(--resume auto)
-cmd=("$BIN/torchrun" --nnodes "$NNODES" --nproc_per_node "$GPUS" --max-restarts "${MAX_RESTARTS:-2}" --rdzv_backend c10d
-     --rdzv_endpoint "$MASTER_ADDR:$PORT" --rdzv_id "$RUN" -m training "${args[@]}" "$@")
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+rn50_bin torchrun
+rn50_train_args "$CONFIG" "$DATA" "$RUN" "${OUT:-.}"
+rn50_launch "$BIN/torchrun" --nnodes "$NNODES" --nproc_per_node "$GPUS" --max-restarts "${MAX_RESTARTS:-2}" \
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$PORT" --rdzv_id "$RUN" -m training "${ARGS[@]}" "$@"

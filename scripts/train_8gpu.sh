@@ -11,27 +11,19 @@
 # the LR linearly to the smaller global batch. DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_launch.sh
 
 DATA=${1:?usage: bash scripts/train_8gpu.sh BETON_DIR [EPOCHS] [rn50 train flags...]}
 shift
 EPOCHS=40
 if [ $# -gt 0 ] && [[ $1 != -* ]]; then EPOCHS=$1; shift; fi
-CONFIG=configs/rn50_8xa100_${EPOCHS}ep.yaml
-[ -f "$CONFIG" ] || { echo "train_8gpu.sh: no $CONFIG (epochs: 16, 24, 32, 40, 56 or 88)" >&2; exit 2; }
+rn50_preset train_8gpu.sh "$EPOCHS"
 if [ -z "${NGPU:-}" ]; then
   NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "$NGPU" -gt 0 ] || { echo "train_8gpu.sh: nvidia-smi lists no GPU; set NGPU=N to override" >&2; exit 2; }
 fi
 RUN=${RUN:-rn50-${EPOCHS}ep-${NGPU}gpu}
-OUT=${OUT:-.}
-BIN=${RN50_VENV:-.venv}/bin
-[ -x "$BIN/torchrun" ] || BIN=$(dirname "$(command -v torchrun || echo /missing/torchrun)")
-[ -x "$BIN/torchrun" ] || [ -n "${DRY_RUN:-}" ] || { echo "no torchrun: run make setup (or activate the venv)" >&2; exit 2; }
-
-args=(--config "$CONFIG" --data-dir "$DATA" --run-name "$RUN" --output-dir "$OUT")
-# --resume auto: continue checkpoints/<run>/checkpoint.pt when it exists, else start. It also covers a restart
-# by torchrun itself, which re-runs this same command line.
-args+=(--resume auto)
-cmd=("$BIN/torchrun" --standalone --nproc_per_node "$NGPU" --max-restarts "${MAX_RESTARTS:-2}" -m training "${args[@]}" "$@")
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+rn50_bin torchrun
+rn50_train_args "$CONFIG" "$DATA" "$RUN" "${OUT:-.}"
+rn50_launch "$BIN/torchrun" --standalone --nproc_per_node "$NGPU" --max-restarts "${MAX_RESTARTS:-2}" \
+  -m training "${ARGS[@]}" "$@"

@@ -10,18 +10,11 @@
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/_launch.sh
 
 DATA=${1:?usage: bash scripts/train_t4_budget.sh BETON_DIR [rn50 train flags...]}
 shift
 RUN=${RUN:-rn50-t4-budget}
-OUT=${OUT:-.}
-BIN=${RN50_VENV:-.venv}/bin
-[ -x "$BIN/rn50" ] || BIN=$(dirname "$(command -v rn50 || echo /missing/rn50)")
-[ -x "$BIN/rn50" ] || [ -n "${DRY_RUN:-}" ] || { echo "no rn50 command: run make setup (or activate the venv)" >&2; exit 2; }
-
-args=(--config t4_budget --data-dir "$DATA" --run-name "$RUN" --output-dir "$OUT")
-# --resume auto: continue checkpoints/<run>/checkpoint.pt when it exists, else start.
-args+=(--resume auto)
-cmd=("$BIN/rn50" train "${args[@]}" "$@")
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+rn50_bin rn50
+rn50_train_args t4_budget "$DATA" "$RUN" "${OUT:-.}"
+rn50_launch "$BIN/rn50" train "${ARGS[@]}" "$@"

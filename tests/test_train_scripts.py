@@ -13,7 +13,7 @@ from training.config import preset_path
 from training.train import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["ec2_setup.sh", "train_8gpu.sh", "train_t4_budget.sh", "multinode.sh"]
+SCRIPTS = ["ec2_setup.sh", "train_8gpu.sh", "train_t4_budget.sh", "multinode.sh", "_launch.sh"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
