@@ -137,7 +137,8 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
         recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
         if size <= 0.8 * ram:
             recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep the page cache "
-                        "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every GPU's process")
+                        "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every "
+                        "GPU's process")
         else:
             recs.append(f"not in memory: the betons ({size:.1f} GiB) exceed 80% of RAM ({ram:.0f} GiB): use "
                         "rn50 train --no-os-cache --loader-order quasi_random (FFCV's process cache reads only the "
