@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Peak size of pytest's temp folder during a full run was 3.0 GB (checkpoints of the trained runs, betons); tests
+# that pass delete theirs (tmp_path_retention_policy in pyproject.toml). A full run needs this much free space.
+SUITE_DISK_GB = 4.0
 
 CODED_CLASSES = 4
 CODED_TRAIN_PER_CLASS = 12
@@ -37,6 +43,20 @@ def make_coded_dataset(root: Path, classes: int = CODED_CLASSES, train_per_class
                 w, h = size if i % 2 == 0 else (size[1], size[0])  # both orientations
                 Image.new("RGB", (w, h), coded_value(label, i)).save(d / f"img_{i:04d}.JPEG", quality=95)
     return root
+
+
+def pytest_collection_finish(session):
+    """Stop a full run on a nearly full disk at once, naming the folder, instead of failing minutes later with
+    ENOSPC inside a checkpoint copy. A handful of selected tests runs regardless."""
+    if len(session.items) < 100 or session.config.option.collectonly:
+        return
+    folder = Path(session.config.option.basetemp or tempfile.gettempdir())
+    while not folder.exists():
+        folder = folder.parent
+    free_gb = shutil.disk_usage(folder).free / 1e9
+    if free_gb < SUITE_DISK_GB:
+        pytest.exit(f"the test suite writes up to ~{SUITE_DISK_GB:.0f} GB under {folder}, which has {free_gb:.1f} GB free: "
+                    "free space there, or point TMPDIR (or pytest --basetemp) at a disk with room", returncode=1)
 
 
 def has_module(name: str) -> bool:
