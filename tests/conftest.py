@@ -55,7 +55,7 @@ def pytest_collection_finish(session):
         folder = folder.parent
     free_gb = shutil.disk_usage(folder).free / 1e9
     if free_gb < SUITE_DISK_GB:
-        pytest.exit(f"the test suite writes up to ~{SUITE_DISK_GB:.0f} GB under {folder}, which has {free_gb:.1f} GB free: "
+        pytest.exit(f"the test suite needs ~{SUITE_DISK_GB:.0f} GB free under {folder}, which has {free_gb:.1f} GB: "
                     "free space there, or point TMPDIR (or pytest --basetemp) at a disk with room", returncode=1)
 
 
