@@ -18,6 +18,7 @@ magnitude per sample for a whole batch at once, instead of per image on the CPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -364,17 +365,19 @@ def trivial_augment(images: torch.Tensor, *, num_magnitude_bins: int = 31, p: fl
     processed together, so a batch costs at most 14 batched operations however large it is."""
     names, mags = trivial_augment_params(images.shape[0], num_magnitude_bins=num_magnitude_bins, p=p,
                                          generator=generator)
-    x = to_pixels(images)
+    return from_pixels(_grouped_by_op(to_pixels(images), names, mags, apply_op), images)
+
+
+def _grouped_by_op(x: torch.Tensor, names: list[str], mags: torch.Tensor,
+                   op: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sample i becomes op(x[i], names[i], mags[i]) ("Identity": unchanged). The samples sharing an operation go
+    through it as one batch: one call per distinct operation, however large the batch."""
     out = x.clone()
-    for name in TRIVIAL_AUGMENT_OPS:
-        if name == "Identity":
-            continue
+    for name in sorted(set(names) - {"Identity"}):
         idx_cpu = torch.tensor([i for i, nm in enumerate(names) if nm == name], dtype=torch.int64)
-        if len(idx_cpu) == 0:
-            continue
-        idx = idx_cpu.to(images.device)
-        out[idx] = apply_op(x[idx], name, mags[idx_cpu])
-    return from_pixels(out, images)
+        idx = idx_cpu.to(x.device)
+        out[idx] = op(x[idx], name, mags[idx_cpu])
+    return out
 
 
 # ------------------------------------------------------------------------ per-sample AutoAugment (ImageNet policy)
@@ -473,10 +476,5 @@ def auto_augment(images: torch.Tensor, *, p: float = 1.0, generator: torch.Gener
     H, W = images.shape[-2:]
     x = to_pixels(images)
     for names, mags in auto_augment_params(images.shape[0], H, W, p=p, generator=generator):
-        out = x.clone()
-        for name in sorted(set(names) - {"Identity"}):
-            idx_cpu = torch.tensor([i for i, nm in enumerate(names) if nm == name], dtype=torch.int64)
-            idx = idx_cpu.to(images.device)
-            out[idx] = _apply_auto_augment_op(x[idx], name, mags[idx_cpu])
-        x = out
+        x = _grouped_by_op(x, names, mags, _apply_auto_augment_op)
     return from_pixels(x, images)
