@@ -98,6 +98,12 @@ class DALILoader(Loader):
         self._restore: tuple[int, int, bytes] | None = None  # (epoch, batch, DALI checkpoint) for the next loop
         self._checkpointing = True  # False once this DALI build refused to checkpoint the pipeline
 
+    @property
+    def _checkpoints_pipeline(self) -> bool:
+        """Whether loops run DALI's checkpointing: train pipelines only (val has no random state), while this DALI
+        build supports it."""
+        return self.shuffle and self._checkpointing
+
     def pipeline_seed(self, epoch: int, start_batch: int) -> int:
         key = sample_keys(self.seed, epoch, [(self.rank << 32) + start_batch])[0]
         return int(key & np.uint64(0x7FFFFFFF))
@@ -112,12 +118,12 @@ class DALILoader(Loader):
     def restore_position(self, epoch: int, batch: int, state: dict | None) -> None:
         self._restore = None
         if state and state.get("dali_checkpoint") is not None:
-            self._restore = (int(epoch), int(batch), bytes(state["dali_checkpoint"].numpy().tobytes()))
+            self._restore = (int(epoch), int(batch), state["dali_checkpoint"].numpy().tobytes())
 
     def _start(self, plan: EpochPlan, start_batch: int, resolution: int, checkpoint: bytes | None) -> DALIGenericIterator:
         """This loop's pipeline and iterator (DALIGenericIterator builds the pipeline). With a DALI checkpoint the
         pipeline covers the whole epoch and DALI fast-forwards it to the checkpoint's batch."""
-        checkpointing = self.shuffle and self._checkpointing
+        checkpointing = self._checkpoints_pipeline
         checkpoint = checkpoint if checkpointing else None
         first = 0 if checkpoint is not None else start_batch
         indices = plan.indices[first * self.batch_size:]
@@ -149,11 +155,11 @@ class DALILoader(Loader):
         if len(plan.indices[start_batch * self.batch_size:]) == 0:
             return
         checkpoint = None
-        if restore is not None and restore[:2] == (self.epoch, start_batch) and self.shuffle:
+        if restore is not None and restore[:2] == (self.epoch, start_batch):
             checkpoint = restore[2]  # the epoch's whole pipeline, fast-forwarded by DALI to where it was taken
         try:
             it = self._start(plan, start_batch, resolution, checkpoint)
-            self._iterator = it if self.shuffle and self._checkpointing else None
+            self._iterator = it if self._checkpoints_pipeline else None
             for batch in it:
                 images, labels = batch[0]["images"], batch[0]["labels"]
                 # HWC from DALI -> NCHW view with channels_last strides; only bfloat16 needs a conversion here
