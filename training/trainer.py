@@ -341,18 +341,19 @@ def _train(cfg: TrainConfig, ctx: DistContext, argv: list[str], signals: StopSig
         if pos.phase == "mid_epoch" and pos.batch % accum:
             raise SetupError(f"{latest}: loader batch {pos.batch} is not a multiple of --grad-accum {accum}")
         best_top1 = restore(resume_state, parts, cfg, ctx)
-        saved_loader = resume_state.get("loader") or {}
-        loader_states = resume_state.get("loader_states") or []
-        if pos.phase == "mid_epoch" and len(loader_states) == ctx.world_size:
-            train_loader.restore_position(pos.epoch, pos.batch, loader_states[ctx.rank])
-        if pos.phase == "mid_epoch" and saved_loader.get("backend", train_loader.backend) != train_loader.backend:
-            log0(ctx, f"warning: epoch {pos.epoch} was started with the {saved_loader['backend']} loader and "
-                      f"continues with {train_loader.backend}: the same samples, but their crops differ from the "
-                      "interrupted run's")
-        saved_res = saved_loader.get("resolution")
-        if pos.phase == "mid_epoch" and saved_res and saved_res != train_resolution(cfg, pos.epoch):
-            log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says "
-                      f"{train_resolution(cfg, pos.epoch)} px (progressive resizing flags changed?)")
+        if pos.phase == "mid_epoch":  # the loader continues inside an epoch: its own state, and what changed
+            saved_loader = resume_state.get("loader") or {}
+            loader_states = resume_state.get("loader_states") or []
+            if len(loader_states) == ctx.world_size:
+                train_loader.restore_position(pos.epoch, pos.batch, loader_states[ctx.rank])
+            if saved_loader.get("backend", train_loader.backend) != train_loader.backend:
+                log0(ctx, f"warning: epoch {pos.epoch} was started with the {saved_loader['backend']} loader and "
+                          f"continues with {train_loader.backend}: the same samples, but their crops differ from "
+                          "the interrupted run's")
+            saved_res = saved_loader.get("resolution")
+            if saved_res and saved_res != train_resolution(cfg, pos.epoch):
+                log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says "
+                          f"{train_resolution(cfg, pos.epoch)} px (progressive resizing flags changed?)")
         best = f", best top-1 {best_top1:.2f}%" if best_top1 >= 0 else ""
         log0(ctx, f"resumed {latest}: {pos.describe(steps_per_epoch, accum)}{best}")
     # The last logged epoch's record travels in every checkpoint: a kill between the checkpoint write and the log
