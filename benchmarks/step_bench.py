@@ -25,21 +25,19 @@ def parse_list(text: str, cast=int) -> list:
 
 def make_parts(arch: str, num_classes: int, precision_name: str, device, compile_model: bool, channels_last: bool,
                lr: float = 0.1):
-    """The pieces `train_step` needs, built the way the trainer builds them (constant LR: the schedule's cost is
-    one Python call per step either way)."""
-    import torch
-
-    from training.engine import TrainParts, make_scaler, resolve_precision
-    from training.model import build_model, build_optimizer
+    """The pieces `train_step` needs, built by the trainer's own builder (training.components.make_parts) with a
+    constant LR: the schedule's cost is one Python call per step either way."""
+    from training.components import make_parts as build
+    from training.config import TrainConfig
+    from training.distributed import DistContext
+    from training.engine import resolve_precision
     from training.schedules import Schedule
 
     precision = resolve_precision(precision_name, device)
-    raw = build_model(arch, num_classes, channels_last=channels_last).to(device)
-    model = torch.compile(raw) if compile_model else raw
-    optimizer = build_optimizer(raw, weight_decay=5e-5, momentum=0.9, nesterov=False)[0]
+    cfg = TrainConfig(arch=arch, compile=compile_model, channels_last=channels_last, weight_decay=5e-5,
+                      momentum=0.9, label_smoothing=0.1)
     schedule = Schedule(kind="step", max_lr=lr, steps_per_epoch=1, epochs=1)
-    parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, device),
-                       schedule=schedule, precision=precision, label_smoothing=0.1)
+    parts, _, _ = build(cfg, num_classes, DistContext(0, 0, 1, device), precision, schedule)
     return parts, precision
 
 
@@ -70,11 +68,9 @@ class Timer:
 
 
 def resolve_device(device: str):
-    import torch
+    from training.distributed import resolve_device as resolve
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve(device, local_rank=0)
 
 
 def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int) -> dict:

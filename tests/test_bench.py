@@ -24,9 +24,9 @@ def check_outputs(out: Path, name: str) -> dict:
 
 
 def test_bench_step_cpu(tmp_path):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    assert main(["step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
+    assert rn50(["bench", "step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
     data = check_outputs(tmp_path, "step")
     assert [r["res"] for r in data["results"]] == [32, 48]
     for r in data["results"]:
@@ -42,11 +42,11 @@ def test_bench_step_rejects_bad_res(capsys):
 
 @requires_ffcv
 def test_bench_keepup_cpu(tmp_path, coded_betons):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    args = ["keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
+    args = ["bench", "keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
             "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY
-    assert main(args) == 0
+    assert rn50(args) == 0
     data = check_outputs(tmp_path, "keepup")
     (r,) = data["results"]
     assert r["backend"] == "ffcv" and r["res"] == 32
@@ -66,9 +66,9 @@ def test_keepup_advice_names_the_first_fix():
 
 @requires_ffcv
 def test_bench_convert_tiny(tmp_path, coded_root):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    assert main(["convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
+    assert rn50(["bench", "convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
                  str(tmp_path)]) == 0
     data = check_outputs(tmp_path, "convert")
     assert data["images"] == 48
@@ -78,11 +78,17 @@ def test_bench_convert_tiny(tmp_path, coded_root):
     assert data["ratio_ours_over_ffcv"] > 0
 
 
-def test_bench_unknown_kind(capsys):
-    from benchmarks.cli import main
+def test_one_command_table(capsys):
+    from training.cli import main as rn50
 
-    assert main(["nope"]) == 2
-    assert "unknown kind" in capsys.readouterr().err
+    assert rn50(["bench", "nope"]) == 2
+    assert "unknown bench kind 'nope'" in capsys.readouterr().err
+    assert rn50(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    assert rn50(["bench"]) == 0 and "bench keepup" in capsys.readouterr().out
+    assert rn50([]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("bench step", "train", "show-batch", "doctor"))
 
 
 def test_doctor_without_gpu_says_so(tmp_path, capsys, coded_betons):
@@ -124,10 +130,10 @@ def test_recommendations_follow_memory():
 
 
 def test_summary_collects_every_result(tmp_path):
-    from benchmarks.cli import main as bench
     from benchmarks.summary import main
+    from training.cli import main as rn50
 
-    assert bench(["step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
+    assert rn50(["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "train step alone, eager" in text and "| 32 |" in text

@@ -149,10 +149,10 @@ def test_existing_run_is_not_overwritten(tmp_path_factory, capsys):
 def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_betons, tmp_path, monkeypatch):
     """--no-os-cache --loader-order quasi_random (betons bigger than RAM): the trainer's loaders get them, and the
     ffcv backend trains on FFCV's process cache with the page-grouped order."""
-    import pipeline
+    from training import components
 
     seen = []
-    real = pipeline.build_loader
+    real = components.build_loader
 
     def spy(*args, **kwargs):
         loader = real(*args, **kwargs)
@@ -160,7 +160,7 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
                      getattr(loader, "_sample_pages", None) is not None))
         return loader
 
-    monkeypatch.setattr(pipeline, "build_loader", spy)  # the trainer imports it from here when it starts
+    monkeypatch.setattr(components, "build_loader", spy)  # every loader of a run is built there
     rc = main(argv(coded_betons, tmp_path, "pc", loader="ffcv", workers=1, epochs=1, res=32, val_res=32, batch_size=8,
                    os_cache=False, loader_order="quasi_random"))
     assert rc == 0
@@ -172,16 +172,17 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
 def test_auto_augment_flag_selects_the_policy():
     """--auto-augment autoaugment runs AutoAugment's ImageNet policy in the batch transform: seeded by (epoch, batch),
     and not the TrivialAugment result."""
-    from pipeline.augment import auto_augment
+    from pipeline.augment import auto_augment, batch_seed
+    from training.components import batch_transform
     from training.config import TrainConfig
-    from training.trainer import batch_seed, build_batch_transform
 
     images = torch.randn(16, 3, 24, 24).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(16) % 4
-    aa = build_batch_transform(TrainConfig(auto_augment="autoaugment"), 4, rank=0)
-    ta = build_batch_transform(TrainConfig(auto_augment="trivialaugment"), 4, rank=0)
-    out, same_labels = aa(images, labels, 1, 3)
+    aa = batch_transform(TrainConfig(auto_augment="autoaugment"), 4, rank=0)
+    ta = batch_transform(TrainConfig(auto_augment="trivialaugment"), 4, rank=0)
+    out, same_labels = aa(images, labels, epoch=1, batch=3)
     assert torch.equal(same_labels, labels)
     expected = auto_augment(images, generator=torch.Generator().manual_seed(batch_seed(0, 1, 3, 0)))
     assert torch.equal(out, expected)
-    assert not torch.equal(out, ta(images, labels, 1, 3)[0])
+    assert not torch.equal(out, ta(images, labels, epoch=1, batch=3)[0])
+    assert batch_transform(TrainConfig(), 4, rank=0) is None

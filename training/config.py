@@ -51,7 +51,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: st
     return field(default=default, metadata=meta, **kw)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
     data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")

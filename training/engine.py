@@ -82,9 +82,10 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 # ---------------------------------------------------------------------------------------------- training
 
-# (images, labels, epoch, batch index in the epoch) -> (images, targets). The batch index lets the transform derive
-# its random draws from (seed, epoch, batch, rank) instead of carrying a generator's state from batch to batch.
-BatchTransform = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+# (images, labels, epoch=, batch=) -> (images, targets): the run's augmentation recipe (pipeline.augment.Recipe).
+# The batch index lets it derive its random draws from (seed, epoch, batch, rank) instead of carrying a generator's
+# state from batch to batch.
+BatchTransform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -263,7 +264,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         for images, labels in batches:
             targets = labels
             if batch_transform is not None:
-                images, targets = batch_transform(images, labels, epoch, batch_index)
+                images, targets = batch_transform(images, labels, epoch=epoch, batch=batch_index)
             batch_index += 1
             micro.append((images, targets))
             if len(micro) == accum:

@@ -130,30 +130,20 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_factor: float) -> int:
     import torch
 
-    from pipeline import build_loader
+    from training.components import make_loader, make_parts, seed_everything
     from training.distributed import all_reduce_sum, cleanup, init_distributed
-    from training.engine import TrainParts, make_scaler, resolve_precision, train_step
-    from training.model import build_model, build_optimizer
+    from training.engine import resolve_precision, train_step
     from training.plots import plot_lr_finder
     from training.schedules import train_resolution
-    from training.trainer import seed_everything, wrap_model
 
     ctx = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed, ctx.rank)
         precision = resolve_precision(cfg.precision, ctx.device)
         res = train_resolution(cfg, 0)
-        loader = build_loader(cfg.data_dir, split="train", backend=cfg.loader, batch_size=cfg.batch_size,
-                              resolution=res, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
-                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, drop_last=True,
-                              verbose=ctx.is_main, **cfg.loader_options())
-        raw = build_model(cfg.arch, loader.num_classes, cfg.zero_init_residual, cfg.blurpool,
-                          cfg.channels_last).to(ctx.device)
-        optimizer, _ = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-        model, _ = wrap_model(raw, cfg.compile, ctx)
-        parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
-                           schedule=sweep, precision=precision, label_smoothing=cfg.label_smoothing,  # type: ignore[arg-type]
-                           grad_accum=cfg.grad_accum)
+        loader = make_loader(cfg, "train", ctx, precision.input_dtype, resolution=res)
+        parts, _, _ = make_parts(cfg, loader.num_classes, ctx, precision, sweep)
+        model = parts.model
         model.train()
         lrs: list[float] = []
         losses: list[float] = []

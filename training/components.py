@@ -1,0 +1,77 @@
+"""What a run is made of, built from the config in one place: loaders, the model with its optimizer and step parts,
+and the batch augmentation recipe. The trainer, `rn50 lr-find`, `rn50 show-batch`, `rn50 eval` and `rn50 bench step`
+all build them here, so what they train, sweep, show and time is the same thing.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import Loader, Recipe, build_loader
+from training.config import TrainConfig
+from training.distributed import DistContext
+from training.ema import ModelEMA
+from training.engine import BatchTransform, Precision, TrainParts, make_scaler
+from training.model import build_model, build_optimizer
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Model init uses the same seed on every rank (DDP broadcasts rank 0's weights anyway); the other RNGs are
+    offset by rank so nothing random is accidentally identical across ranks."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+
+
+def make_loader(cfg: TrainConfig, split: str, ctx: DistContext, dtype: torch.dtype, resolution: int,
+                batch_size: int | None = None) -> Loader:
+    """The config's loader for `split`: train batches of --batch-size with drop_last (every step a full batch), val
+    batches of --val-batch-size (default --batch-size) without it (every image counted once)."""
+    train = split == "train"
+    batch = batch_size or (cfg.batch_size if train else cfg.val_batch_size or cfg.batch_size)
+    return build_loader(cfg.data_dir, split=split, backend=cfg.loader, batch_size=batch, resolution=resolution,
+                        workers=cfg.workers, device=ctx.device, dtype=dtype, rank=ctx.rank, world_size=ctx.world_size,
+                        seed=cfg.seed, drop_last=train, verbose=ctx.is_main, **cfg.loader_options())
+
+
+def make_recipe(cfg: TrainConfig, num_classes: int) -> Recipe:
+    """The batch augmentation of the config (pipeline.augment.recipe): --auto-augment, --random-erase, --mixup,
+    --cutmix, --mix-prob, --mix-switch-prob, seeded by --seed."""
+    return Recipe(num_classes, seed=cfg.seed, policy=cfg.auto_augment, random_erase=cfg.random_erase,
+                  mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, mix_switch_prob=cfg.mix_switch_prob)
+
+
+def batch_transform(cfg: TrainConfig, num_classes: int, rank: int) -> BatchTransform | None:
+    """The recipe as the training loop calls it, for this rank; None when no augmentation is on."""
+    recipe = make_recipe(cfg, num_classes)
+    return partial(recipe, rank=rank) if recipe.active else None
+
+
+def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+    """(model to train, model to evaluate): torch.compile if asked, then DDP when distributed. Evaluation uses the
+    compiled module without the DDP wrapper (no gradient hooks, no buffer broadcasts)."""
+    model = torch.compile(raw_model) if compile_model else raw_model
+    eval_model = model
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return model, eval_model
+
+
+def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: Precision,
+               schedule) -> tuple[TrainParts, nn.Module, dict[str, int]]:
+    """(parts of the train step, the model to evaluate, weight-decay counts): the model (torchvision --arch with
+    BlurPool/zero-init/channels_last as configured) on the device, SGD with weight decay by module type, the
+    GradScaler, the EMA if --ema, wrapped for torch.compile/DDP. `schedule`: anything with lr_at/momentum_at."""
+    raw = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool, cfg.channels_last).to(ctx.device)
+    optimizer, counts = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    model, eval_model = wrap_model(raw, cfg.compile, ctx)
+    parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
+                       schedule=schedule, precision=precision, label_smoothing=cfg.label_smoothing,
+                       grad_accum=cfg.grad_accum, ema=ModelEMA(raw, cfg.ema_decay) if cfg.ema else None)
+    return parts, eval_model, counts
