@@ -34,8 +34,8 @@ def make_parts(arch: str, num_classes: int, precision_name: str, device, compile
     from training.schedules import Schedule
 
     precision = resolve_precision(precision_name, device)
-    cfg = TrainConfig(arch=arch, compile=compile_model, channels_last=channels_last, weight_decay=5e-5,
-                      momentum=0.9, label_smoothing=0.1)
+    cfg = TrainConfig(arch=arch, step="compile" if compile_model else "eager", channels_last=channels_last,
+                      weight_decay=5e-5, momentum=0.9, label_smoothing=0.1)
     schedule = Schedule(kind="step", max_lr=lr, steps_per_epoch=1, epochs=1)
     parts, _, _ = build(cfg, num_classes, DistContext(0, 0, 1, device), precision, schedule)
     return parts, precision

@@ -16,7 +16,7 @@ from pipeline import Loader, Recipe, build_loader
 from training.config import TrainConfig
 from training.distributed import DistContext
 from training.ema import ModelEMA
-from training.engine import BatchTransform, Precision, TrainParts, make_scaler
+from training.engine import BatchTransform, Precision, TrainParts, make_scaler, resolve_step
 from training.model import build_model, build_optimizer
 
 
@@ -52,10 +52,25 @@ def batch_transform(cfg: TrainConfig, num_classes: int, rank: int) -> BatchTrans
     return partial(recipe, rank=rank) if recipe.active else None
 
 
-def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+# torch.compile recompiles for every new input shape; a run sees one per training resolution and one for validation
+# (whose last batch is padded to full size), so this many cached graphs cover any progressive-resizing schedule.
+RECOMPILE_LIMIT = 16
+
+
+def compile_model(module: nn.Module) -> nn.Module:
+    """torch.compile with static shapes: one compilation per resolution (dynamic=False: no shape-generic graph that
+    automatic dynamic shapes would compile on the second resolution, slower than the static ones)."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
+    return torch.compile(module, dynamic=False)
+
+
+def wrap_model(raw_model: nn.Module, compiled: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """(model to train, model to evaluate): torch.compile if asked, then DDP when distributed. Evaluation uses the
     compiled module without the DDP wrapper (no gradient hooks, no buffer broadcasts)."""
-    model = torch.compile(raw_model) if compile_model else raw_model
+    model = compile_model(raw_model) if compiled else raw_model
     eval_model = model
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -63,15 +78,31 @@ def wrap_model(raw_model: nn.Module, compile_model: bool, ctx: DistContext) -> t
     return model, eval_model
 
 
+def sgd_impl(requested: str, device: torch.device) -> str:
+    """--sgd auto: fused on a GPU, foreach on the CPU (the CPU results of earlier runs stay bit for bit)."""
+    if requested == "auto":
+        return "fused" if device.type == "cuda" else "foreach"
+    return requested
+
+
 def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: Precision,
                schedule) -> tuple[TrainParts, nn.Module, dict[str, int]]:
     """(parts of the train step, the model to evaluate, weight-decay counts): the model (torchvision --arch with
     BlurPool/zero-init/channels_last as configured) on the device, SGD with weight decay by module type, the
-    GradScaler, the EMA if --ema, wrapped for torch.compile/DDP. `schedule`: anything with lr_at/momentum_at."""
+    GradScaler, the EMA if --ema, the step as --step says (eager, compiled, or a CUDA graph), wrapped for DDP.
+    `schedule`: anything with lr_at/momentum_at."""
+    from training.graphs import GraphedStep
+
+    mode, why = resolve_step(cfg.step, ctx.device, deterministic=cfg.deterministic, world_size=ctx.world_size,
+                             grad_accum=cfg.grad_accum, precision=precision.name)
     raw = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool, cfg.channels_last).to(ctx.device)
-    optimizer, counts = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    model, eval_model = wrap_model(raw, cfg.compile, ctx)
+    optimizer, counts = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                                        sgd_impl(cfg.sgd, ctx.device))
+    model, eval_model = wrap_model(raw, mode in ("compile", "graphs"), ctx)
+    ema = ModelEMA(raw, cfg.ema_decay) if cfg.ema else None
     parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
                        schedule=schedule, precision=precision, label_smoothing=cfg.label_smoothing,
-                       grad_accum=cfg.grad_accum, ema=ModelEMA(raw, cfg.ema_decay) if cfg.ema else None)
+                       grad_accum=cfg.grad_accum, ema=ema, step_mode=mode, step_why=why)
+    if mode == "graphs":
+        parts.graphed = GraphedStep(model, raw, optimizer, precision, cfg.label_smoothing, ema)
     return parts, eval_model, counts

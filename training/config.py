@@ -35,6 +35,8 @@ SCHEDULES = ("onecycle", "triangular", "cosine", "step")
 AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
 RESUME = ("no", "yes", "auto")
 LOADER_ORDERS = ("random", "quasi_random")
+STEPS = ("auto", "eager", "compile", "graphs")
+SGD_IMPLS = ("auto", "fused", "foreach")
 
 
 class ConfigError(ValueError):
@@ -83,7 +85,13 @@ class TrainConfig:
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block")
     blurpool: bool = _f(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
     channels_last: bool = _f(True, "channels_last memory format for model and inputs")
-    compile: bool = _f(False, "torch.compile the model (checkpoints still hold the plain module)")
+    step: str = _f("auto", "the train step: eager; compile (torch.compile, once per resolution; checkpoints hold the "
+                           "plain module); graphs (compile, then forward, backward and SGD update captured as one CUDA "
+                           "graph per resolution: one GPU, bf16/fp32, no --grad-accum); auto: compile on a GPU, eager on "
+                           "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
+                   STEPS)
+    sgd: str = _f("auto", "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
+                          "auto: fused on a GPU, foreach on the CPU", SGD_IMPLS)
     # --- optimisation ---
     epochs: int = _f(16, "epochs to train")
     max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
@@ -197,6 +205,8 @@ class TrainConfig:
             problems.append("--step-epochs must be increasing")
         if self.resume != "no" and not self.run_name:
             problems.append(f"--resume {self.resume} needs --run-name (the run to continue)")
+        if self.step == "graphs" and self.grad_accum > 1:
+            problems.append("--step graphs captures one batch per optimizer step; use --step compile with --grad-accum")
         if self.stop_after_epoch >= self.epochs:
             problems.append("--stop-after-epoch must be < --epochs (epochs are counted from 0)")
         return problems
@@ -242,6 +252,8 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], where: str) -> Tra
     updates = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name == "compile" and isinstance(value, bool):  # presets and saved runs from before --step
+            name, value = "step", "compile" if value else "eager"
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -318,6 +330,11 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         else:
             p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if meta.get("choices") else
                            f.name.upper(), **common)
+    if "step" not in skip:  # the flag names from before --step
+        p.add_argument("--compile", dest="step", action="store_const", const="compile", default=argparse.SUPPRESS,
+                       help="= --step compile")
+        p.add_argument("--no-compile", dest="step", action="store_const", const="eager", default=argparse.SUPPRESS,
+                       help="= --step eager")
 
 
 def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

@@ -67,6 +67,20 @@ class Run:
     last_record: dict | None = None  # the last logged epoch's record; travels in every checkpoint
     last_saved: Position = START  # what checkpoint.pt holds now
     threads: int = field(default_factory=torch.get_num_threads)
+    warm_ups: dict[int, float] = field(default_factory=dict)  # resolution -> seconds of its first step
+
+    def note_warm_up(self, resolution: int, seconds: float) -> None:
+        """The first step at a resolution compiles the step (or captures its graph): say how long it took, and keep
+        it in the run header of the log."""
+        if self.parts.step_mode == "eager" or resolution in self.warm_ups or seconds <= 0:
+            return
+        self.warm_ups[resolution] = seconds
+        text = ", ".join(f"{r} px {s:.1f} s" for r, s in self.warm_ups.items())
+        line = f"- warm-up: first step per resolution, {self.parts.step_mode} included: {text}"
+        if self.runlog is not None:
+            lines = [x for x in self.runlog.header_lines if not x.startswith("- warm-up:")]
+            self.runlog.header_lines = lines + [line]
+        log0(self.ctx, line[2:])
 
     # ---- positions
 
@@ -260,6 +274,8 @@ def restore(run: Run, saved: Checkpoint) -> None:
         if saved.ema is None:
             log0(ctx, "warning: the checkpoint has no EMA; starting one from the current weights")
             parts.ema = ModelEMA(parts.raw_model, cfg.ema_decay)
+            if parts.graphed is not None:
+                parts.graphed.ema = parts.ema
         else:
             parts.ema.load_state_dict(saved.ema)
     before, now = saved.scheduler, run.schedule
@@ -336,7 +352,8 @@ def run_header(run: Run, flags: list[str], counts: dict[str, int]) -> list[str]:
         f"- data: {cfg.data_dir} ({tl.backend} loader), {tl.num_samples} train / {vl.num_samples} val images, "
         f"{tl.num_classes} classes",
         f"- model: {cfg.arch}{' + BlurPool' if cfg.blurpool else ''}, {run.precision.name}, "
-        f"{'channels_last' if cfg.channels_last else 'NCHW'}{', compiled' if cfg.compile else ''}",
+        f"{'channels_last' if cfg.channels_last else 'NCHW'}; step {run.parts.step_mode} ({run.parts.step_why}), "
+        f"SGD {'fused' if run.parts.optimizer.defaults.get('fused') else 'foreach'}",
         f"- batch: {cfg.batch_size} per GPU x {ctx.world_size} x {cfg.grad_accum} accumulation = {global_batch}; "
         f"{run.steps_per_epoch} steps per epoch",
         f"- LR: {cfg.lr_schedule}, max {run.schedule.max_lr:.4g}; weight decay {cfg.weight_decay:g} on "

@@ -93,10 +93,12 @@ def train_epoch(run: Run, epoch: int) -> EpochStats:
             run.save(run.mid_epoch(epoch, steps_done, snapshot()))
         return bool(signum)
 
-    return train_one_epoch(run.parts, run.train_loader, epoch, run.steps_per_epoch, run.ctx, start_batch=start_batch,
-                           batch_transform=run.augment, log_every=cfg.log_every,
-                           on_log=run.runlog.step if run.runlog else None, progress=cfg.progress,
-                           resumed=start.progress if resumed else None, boundary=boundary)
+    stats = train_one_epoch(run.parts, run.train_loader, epoch, run.steps_per_epoch, run.ctx,
+                            start_batch=start_batch, batch_transform=run.augment, log_every=cfg.log_every,
+                            on_log=run.runlog.step if run.runlog else None, progress=cfg.progress,
+                            resumed=start.progress if resumed else None, boundary=boundary)
+    run.note_warm_up(train_resolution(cfg, epoch), stats.first_step_s)
+    return stats
 
 
 def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: bool = False) -> int | None:
@@ -113,7 +115,7 @@ def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: boo
     if control.stop:
         return run.stopped(before)
     val = evaluate(run.eval_model, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
-                   should_stop=control.stop_requested)
+                   should_stop=control.stop_requested, static_shapes=run.parts.step_mode != "eager")
     ema_val = None
     if val is not None and run.parts.ema is not None:
         ema_val = evaluate(run.parts.ema.module, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
