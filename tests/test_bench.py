@@ -38,6 +38,44 @@ def test_bench_step_rejects_bad_res(capsys):
 
     assert main(["--res", "abc"]) == 2
     assert "--res" in capsys.readouterr().err
+    assert main(["--res", "32", "--levers", "warp-speed"]) == 2
+    assert "unknown lever 'warp-speed'" in capsys.readouterr().err
+
+
+def test_bench_step_levers_one_row_each(tmp_path):
+    """The levers that run without a GPU or a compiler, each against its own input form: uint8 NHWC for
+    normalize-inside, 4 channels for pad4."""
+    from benchmarks.step_bench import lever
+    from training.cli import main as rn50
+
+    args = ["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--levers",
+            "eager,fused,normalize-inside,pad4", "--out", str(tmp_path)] + TINY
+    assert rn50(args) == 0
+    rows = {r["lever"]: r for r in check_outputs(tmp_path, "step")["results"]}
+    assert list(rows) == ["eager", "fused", "normalize-inside", "pad4"]
+    assert rows["normalize-inside"]["input"] == "uint8 NHWC" and rows["pad4"]["input"] == "4 channels"
+    assert rows["fused"]["sgd"] == "fused" and rows["eager"]["mode"] == "eager"
+    assert all(r["images_per_s"] > 0 and r["vs_compile"] is None for r in rows.values())
+    assert lever("bs512").batch_size == 512 and lever("best", 384) == lever("best", 384)
+    assert (lever("best", 384).mode, lever("best", 384).sgd, lever("best", 384).batch_size) == ("graphs", "fused", 384)
+
+
+def test_pad4_stem_computes_the_same_function():
+    import torch
+
+    from benchmarks.step_bench import NormalizedInput, pad_stem_to_4_channels
+    from pipeline.contract import normalize_nhwc
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    expected = model(x)
+    padded = torch.cat([x, torch.zeros(2, 1, 32, 32)], 1).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pad_stem_to_4_channels(model)(padded), expected)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    model = build_model("resnet18", 4).eval()
+    torch.testing.assert_close(NormalizedInput(model, torch.float32)(pixels), model(normalize_nhwc(pixels)))
 
 
 @requires_ffcv

@@ -57,20 +57,22 @@ def batch_transform(cfg: TrainConfig, num_classes: int, rank: int) -> BatchTrans
 RECOMPILE_LIMIT = 16
 
 
-def compile_model(module: nn.Module) -> nn.Module:
+def compile_model(module: nn.Module, mode: str | None = None) -> nn.Module:
     """torch.compile with static shapes: one compilation per resolution (dynamic=False: no shape-generic graph that
-    automatic dynamic shapes would compile on the second resolution, slower than the static ones)."""
+    automatic dynamic shapes would compile on the second resolution, slower than the static ones). mode: torch's
+    (None = default; "reduce-overhead", "max-autotune" are `rn50 bench step` levers)."""
     import torch._dynamo.config as dynamo
 
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     dynamo.cache_size_limit = max(dynamo.cache_size_limit, RECOMPILE_LIMIT)
-    return torch.compile(module, dynamic=False)
+    return torch.compile(module, dynamic=False, mode=mode)
 
 
-def wrap_model(raw_model: nn.Module, compiled: bool, ctx: DistContext) -> tuple[nn.Module, nn.Module]:
+def wrap_model(raw_model: nn.Module, compiled: bool, ctx: DistContext,
+               compile_mode: str | None = None) -> tuple[nn.Module, nn.Module]:
     """(model to train, model to evaluate): torch.compile if asked, then DDP when distributed. Evaluation uses the
     compiled module without the DDP wrapper (no gradient hooks, no buffer broadcasts)."""
-    model = compile_model(raw_model) if compiled else raw_model
+    model = compile_model(raw_model, compile_mode) if compiled else raw_model
     eval_model = model
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
@@ -85,20 +87,22 @@ def sgd_impl(requested: str, device: torch.device) -> str:
     return requested
 
 
-def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: Precision,
-               schedule) -> tuple[TrainParts, nn.Module, dict[str, int]]:
+def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: Precision, schedule, *,
+               model_hook=None, compile_mode: str | None = None) -> tuple[TrainParts, nn.Module, dict[str, int]]:
     """(parts of the train step, the model to evaluate, weight-decay counts): the model (torchvision --arch with
     BlurPool/zero-init/channels_last as configured) on the device, SGD with weight decay by module type, the
     GradScaler, the EMA if --ema, the step as --step says (eager, compiled, or a CUDA graph), wrapped for DDP.
-    `schedule`: anything with lr_at/momentum_at."""
+    `schedule`: anything with lr_at/momentum_at. model_hook(model) -> model and compile_mode: for the levers of
+    `rn50 bench step` (a changed stem, another torch.compile mode)."""
     from training.graphs import GraphedStep
 
     mode, why = resolve_step(cfg.step, ctx.device, deterministic=cfg.deterministic, world_size=ctx.world_size,
                              grad_accum=cfg.grad_accum, precision=precision.name)
-    raw = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool, cfg.channels_last).to(ctx.device)
+    raw = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool, cfg.channels_last)
+    raw = (model_hook(raw) if model_hook else raw).to(ctx.device)
     optimizer, counts = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov,
                                         sgd_impl(cfg.sgd, ctx.device))
-    model, eval_model = wrap_model(raw, mode in ("compile", "graphs"), ctx)
+    model, eval_model = wrap_model(raw, mode in ("compile", "graphs"), ctx, compile_mode)
     ema = ModelEMA(raw, cfg.ema_decay) if cfg.ema else None
     parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
                        schedule=schedule, precision=precision, label_smoothing=cfg.label_smoothing,
