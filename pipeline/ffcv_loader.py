@@ -23,15 +23,25 @@ so ranks read disjoint pages (FFCV's own QUASI_RANDOM raises NotImplementedError
 Batches from a window are drawn from fewer pages than a full shuffle, so they are less random (ffcv issue #304).
 The validation split is always read in file order, which is already page-friendly.
 
-Threads: FFCV sets numba's *and torch's* intra-op thread count to `workers` (ffcv.pipeline.Compiler), in the process
-that builds the loader.
+Batch buffers: FFCV allocates every buffer of an epoch afresh in each EpochIterator (ffcv.pipeline.Graph.
+allocate_memory; batches_ahead + 2 slots, each of batch x max_height x max_width x 3 bytes for the JPEG decode alone:
+~0.9 GiB at batch 256 for a 500-px beton, pinned when CUDA is present). `_KeptBuffers` hands one epoch's buffers to the
+next and allocates only those whose size changed (the output after `set_resolution`).
+
+Threads: `workers` decoding threads (0: this process's share of the cores, minus one for the training process, see
+`decode_threads`). FFCV sets torch's intra-op thread count to `workers` as well (ffcv.pipeline.Compiler.
+set_num_threads); the loader puts back the count the caller had.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from queue import Empty, Queue
 
 import numba
 import numpy as np
@@ -41,7 +51,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as _FFCVBaseLoader
 from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
@@ -55,6 +65,26 @@ from pipeline.folders import beton_classes
 from pipeline.order import EpochPlan, page_grouped_order
 
 PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, left, h, w, flip
+
+
+def decode_threads(workers: int) -> int:
+    """FFCV decoding threads for a `workers` setting: >= 1 is taken as is; 0 means this process's share of the cores
+    (the CPUs it may run on, divided by LOCAL_WORLD_SIZE, the ranks torchrun starts on this machine), minus one left
+    to the training process itself (its Python loop, kernel launches, and the thread feeding the decoders)."""
+    if workers >= 1:
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """FFCV's Compiler.set_num_threads also calls torch.set_num_threads: put back the caller's count."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class KeyedResizedCrop(Operation):
@@ -129,12 +159,47 @@ class PlannedOrder(TraversalOrder):
         return self.indices_for_epoch(epoch)
 
 
+class _KeptBuffers:
+    """Stands in for FFCV's Graph.allocate_memory, which EpochIterator calls for every epoch: a buffer whose allocation
+    query (shape, dtype, device), batch size and slot count are those of the previous epoch is handed over again
+    instead of allocated (and, with CUDA, pinned) anew. `reuse` is False while an earlier epoch may still use them."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.allocated = 0  # buffers allocated so far (each a (slots, batch, ...) array)
+        self.reuse = True
+        self._kept: dict[tuple, object] = {}
+
+    def allocate_memory(self, batch_size: int, slots: int) -> dict[str, dict[int, object]]:
+        requirements, _ = self.graph.collect_requirements()  # reads the decoder's output_size of this epoch
+        kept, handed = (self._kept if self.reuse else {}), {}
+        buffers: dict[str, dict[int, object]] = {}
+        for kind, per_node in requirements.items():
+            buffers[kind] = {}
+            for node_id, query in per_node.items():
+                single = query is None or isinstance(query, AllocationQuery)  # else a sequence of queries
+                got = []
+                for i, q in enumerate([query] if single else query):
+                    key = (kind, node_id, i, q, batch_size, slots)
+                    if q is not None and key not in kept:
+                        kept[key] = allocate_query(q, batch_size, slots)
+                        self.allocated += 1
+                    handed[key] = kept.get(key)
+                    got.append(handed[key])
+                buffers[kind][node_id] = got[0] if single else tuple(got)
+        if self.reuse:
+            self._kept = handed  # buffers of an earlier resolution are let go
+        return buffers
+
+
 class _ParamsEpochIterator(EpochIterator):
     """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded, and
-    handing the batch's samples to the decoding threads one at a time."""
+    handing the batch's samples to the decoding threads one at a time. A closed iterator stops before its next
+    batch, so that the next epoch can take over its buffers."""
 
     def __init__(self, loader, order, node_id: int | None, fill: Callable[[int, np.ndarray, np.ndarray], None] | None):
         self._node_id, self._fill = node_id, fill  # set before super().__init__, which starts the thread
+        self._torch_threads = torch.get_num_threads()
         super().__init__(loader, order)
 
     def run(self) -> None:
@@ -148,18 +213,60 @@ class _ParamsEpochIterator(EpochIterator):
         super().run()
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if b_ix == 0:
+            # EpochIterator.run set torch's thread count to `workers` in this thread, which also becomes the count of
+            # threads torch starts later (autograd's, for one); put back the count of the thread that built us.
+            torch.set_num_threads(self._torch_threads)
+        if self.terminate_event.is_set():
+            raise StopIteration  # EpochIterator.run ends the thread on it
         if self._fill is not None:
             params = self.memory_allocations["operation"][self._node_id][2][batch_slot][: len(batch_indices)]
             self._fill(b_ix, np.asarray(batch_indices), params)
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
 
+def _drain(queue: Queue) -> None:
+    while True:
+        try:
+            queue.get_nowait()
+        except Empty:
+            return
+
+
 class _FFCVLoader(_FFCVBaseLoader):
+    """FFCV's Loader whose epochs share their batch buffers (`_KeptBuffers`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffers = _KeptBuffers(self.graph)
+        self.graph.allocate_memory = self.buffers.allocate_memory  # what EpochIterator.__init__ calls
+        self._holder: EpochIterator | None = None  # the last iterator given the kept buffers
+
     def epoch_iterator(self, order: np.ndarray, node_id: int | None, fill) -> EpochIterator:
-        Compiler.set_num_threads(self.num_workers)
         if self.code is None or self.recompile:
-            self.generate_code()
-        return _ParamsEpochIterator(self, order, node_id, fill)
+            with _torch_threads_kept():
+                Compiler.set_num_threads(self.num_workers)  # generate_code reads Compiler.num_threads
+                self.generate_code()
+        self.buffers.reuse = self._holder_done()
+        it = _ParamsEpochIterator(self, order, node_id, fill)
+        if self.buffers.reuse:
+            self._holder = it
+        return it
+
+    def _holder_done(self, timeout: float = 60.0) -> bool:
+        """Whether no earlier epoch can write into the kept buffers any more. A closed iterator's thread stops before
+        its next batch; it is waited for (taking what it still puts in its queue, where a put may block). An iterator
+        still open belongs to a loop still running over this loader: the new epoch then gets buffers of its own."""
+        it = self._holder
+        if it is None:
+            return True
+        if not it.terminate_event.is_set():
+            return False
+        deadline = time.monotonic() + timeout
+        while it.is_alive() and time.monotonic() < deadline:
+            _drain(it.output_queue)
+            it.join(0.05)
+        return not it.is_alive()
 
 
 class FFCVLoader(Loader):
@@ -185,7 +292,10 @@ class FFCVLoader(Loader):
         super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=index.num_samples,
                          classes=beton_classes(data_dir), drop_last=drop_last, rank=rank, world_size=world_size,
                          seed=seed, device=device, dtype=dtype)
-        self.path, self.workers, self.os_cache, self.order = path, int(workers), bool(os_cache), order
+        self.path, self.workers, self.os_cache, self.order = path, decode_threads(workers), bool(os_cache), order
+        if self.workers > numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"workers={self.workers}, but numba runs at most {numba.config.NUMBA_NUM_THREADS} threads "
+                             "here (NUMBA_NUM_THREADS, by default the number of cores); lower workers")
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         image_meta = index.metadata[f"f{index.field_names.index('image')}"]
         self._heights = image_meta["height"].astype(np.int64)
@@ -203,11 +313,17 @@ class FFCVLoader(Loader):
         pipelines = {name: None for name in index.field_names}
         pipelines["image"] = PipelineSpec("image", decoder=self._decoder, transforms=[ToTensor()])
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
-        self._ffcv = _FFCVLoader(str(path), batch_size=self.batch_size, num_workers=self.workers, os_cache=os_cache,
-                                 order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
-                                 drop_last=False, seed=self.seed, pipelines=pipelines, batches_ahead=batches_ahead)
+        with _torch_threads_kept():
+            self._ffcv = _FFCVLoader(str(path), batch_size=self.batch_size, num_workers=self.workers,
+                                     os_cache=os_cache, order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
+                                     drop_last=False, seed=self.seed, pipelines=pipelines, batches_ahead=batches_ahead)
         self._fields = list(self._ffcv.pipeline_specs)  # output order of FFCV's batches
         self._node_id = self._ffcv.graph.operation_to_node[self._decoder][0].id
+
+    def describe(self) -> str:
+        # FFCV's Loader has started numba's threads, so the threading layer is known
+        threads = f"{self.workers} decoding thread{'s' if self.workers != 1 else ''}"
+        return f"{super().describe()}; {threads}, numba {numba.threading_layer()} layer"
 
     def _make_plan(self, epoch: int) -> EpochPlan:
         if self._sample_pages is None:
