@@ -193,3 +193,37 @@ def test_default_decoding_threads_leave_a_core_per_rank(monkeypatch):
     assert decode_threads(0) == 7
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert decode_threads(0) == 1
+
+
+def test_decoding_threads_take_each_sample_exactly_once():
+    """The atomic counter behind the decoder's scheduling: every thread takes samples until none is left, and each
+    index is handed out once, whichever threading layer runs the loop."""
+    import numba
+
+    from pipeline.ffcv_loader import _take_next
+
+    @numba.njit(parallel=True)
+    def take_all(counter, taken, n):
+        counter[0] = 0
+        for _ in numba.prange(numba.get_num_threads()):
+            while True:
+                i = _take_next(counter)
+                if i >= n:
+                    break
+                taken[i] += 1
+                spin = 0.0
+                for k in range(2_000):  # some work per index, so that every thread is in the loop at once
+                    spin += np.sqrt(k + i)
+                counter[1] += spin < 0  # keeps the work from being optimised away (never true)
+
+    n = 20_000
+    taken = np.zeros(n, np.int64)
+    counter = np.zeros(2, np.int64)
+    before = numba.get_num_threads()  # importing ffcv set it to 1
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        take_all(counter, taken, n)
+    finally:
+        numba.set_num_threads(before)
+    assert np.all(taken == 1)
+    assert counter[0] == n + numba.config.NUMBA_NUM_THREADS  # no take lost: each thread's last found the batch done
