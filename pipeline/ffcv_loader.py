@@ -227,6 +227,9 @@ class _KeptBuffers:
             self._kept = handed  # buffers of an earlier resolution are let go
         return buffers
 
+    def forget(self) -> None:
+        self._kept = {}
+
 
 class _ParamsEpochIterator(EpochIterator):
     """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded. A
@@ -279,9 +282,9 @@ class _FFCVLoader(_FFCVBaseLoader):
         return it
 
     def _holder_done(self, timeout: float = 60.0) -> bool:
-        """Whether no earlier epoch can write into the kept buffers any more. A closed iterator's thread stops before
-        its next batch; it is waited for (taking what it still puts in its queue, where a put may block). An iterator
-        still open belongs to a loop still running over this loader: the new epoch then gets buffers of its own."""
+        """Whether the next epoch may take the kept buffers. A closed iterator's thread stops before its next batch;
+        it is waited for (taking what it still puts in its queue, where a put may block). An iterator still open
+        belongs to a loop still running over this loader: the new epoch then gets buffers of its own."""
         it = self._holder
         if it is None:
             return True
@@ -291,7 +294,10 @@ class _FFCVLoader(_FFCVBaseLoader):
         while it.is_alive() and time.monotonic() < deadline:
             _drain(it.output_queue)
             it.join(0.05)
-        return not it.is_alive()
+        if it.is_alive():  # a thread that would not stop keeps its buffers; no waiting for it again next epoch
+            self.buffers.forget()
+            self._holder = None
+        return True
 
 
 class FFCVLoader(Loader):
