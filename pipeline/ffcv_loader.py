@@ -147,7 +147,8 @@ class KeyedResizedCrop(Operation):
             # at different times and the batch waits for the slowest. Per-sample costs measured on this project's
             # 2-core CPU, replayed for 16 threads x 16 samples: threads busy 75% of a batch with fixed shares, 92%
             # this way (a model, not a 16-core measurement). Alternating runs there (2 threads, 16 samples each,
-            # under other load): +0.4 to +2.9% img/s median against fixed shares, level with TBB's chunks of one.
+            # under other load, 168 pairs per layer): +1.1% (OpenMP) and +2.4% (workqueue) img/s median against the
+            # fixed shares, faster in 55% and 61% of pairs; level with TBB's chunks of one (+0.8%, 51%).
             for _ in my_range(min(get_num_threads(), n)):
                 while True:
                     dst_ix = take_next(counter)
