@@ -241,6 +241,13 @@ class _ParamsEpochIterator(EpochIterator):
         self._torch_threads = torch.get_num_threads()
         super().__init__(loader, order)
 
+    def run(self) -> None:
+        # FFCV's own parallel stages (validation's centre-crop decoder) split a batch into numba's fixed equal shares;
+        # chunks of one sample let TBB, the one layer that rebalances, hand them to free threads. Per thread: this
+        # one launches the decoding. (The training decoder takes samples one at a time under any layer.)
+        numba.set_parallel_chunksize(1)
+        super().run()
+
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         if b_ix == 0:
             # EpochIterator.run set torch's thread count to `workers` in this thread, which also becomes the count of
