@@ -184,3 +184,14 @@ def test_gpu_check_script_is_valid_bash():
     from conftest import REPO
 
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
+
+
+def test_sync_check_needs_a_gpu(capsys):
+    import torch
+
+    from benchmarks.sync_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("runs for real on a GPU (scripts/gpu_check.sh)")
+    assert main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

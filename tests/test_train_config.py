@@ -113,6 +113,10 @@ def test_data_checks(tmp_path):
     (["--data-dir", "{data}", "--num-classes", "1000"], "has 2 classes"),
     (["--data-dir", "{data}", "--min-res", "160"], "needs both --min-res and --max-res"),
     (["--run-name", "x", "--resume", "--output-dir", "{data}"], "config.yaml not found"),
+    (["--data-dir", "{data}", "--run-name", "../../escaped"], "--run-name must be a plain folder name"),
+    (["--data-dir", "{data}", "--run-name", "/tmp/abs"], "--run-name must be a plain folder name"),
+    (["--run-name", "../x", "--resume", "--output-dir", "{data}"], "--run-name must be a plain folder name"),
+    (["--data-dir", "{data}", "--step", "graphs", "--grad-accum", "2"], "--step graphs captures one batch"),
 ])
 def test_bad_input_fails_before_torch_is_imported(tmp_path, flags, message):
     """One clear line on stderr, exit code 2, and torch never imported (that is what keeps it under a second)."""
@@ -169,3 +173,31 @@ def test_betons_bigger_than_ram_get_one_line_of_advice(tmp_path):
     assert page_cache_advice(TrainConfig(data_dir=str(betons), os_cache=False), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="dali"), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(tmp_path)), ram_bytes=1) is None  # no betons there
+
+
+def test_step_flags_and_the_compile_key_from_before_them(tmp_path):
+    """--step picks the train step; --compile/--no-compile and `compile: true/false` in presets and saved configs
+    (written before --step existed) still mean what they meant."""
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    assert parse("--data-dir", str(data)).step == "auto"
+    assert parse("--data-dir", str(data), "--step", "graphs").step == "graphs"
+    assert parse("--data-dir", str(data), "--compile").step == "compile"
+    assert parse("--data-dir", str(data), "--no-compile").step == "eager"
+    assert from_dict({"compile": True}).step == "compile" and from_dict({"compile": False}).step == "eager"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("compile: true\nsgd: foreach\n")
+    cfg = parse("--data-dir", str(data), "--config", str(preset))
+    assert (cfg.step, cfg.sgd) == ("compile", "foreach")
+    with pytest.raises(ConfigError, match="compile must be"):
+        from_dict({"compile": "yes"})
+
+
+def test_the_config_is_final_once_resolved(tmp_path):
+    """num_classes comes from the data before the run starts, and nothing changes the config afterwards."""
+    import dataclasses
+
+    data = folders(tmp_path / "d", ["n1", "n2", "n3"], ["n1", "n2", "n3"])
+    cfg = parse("--data-dir", str(data), "--run-name", "ok-run_1.2")
+    assert cfg.num_classes == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run_name = "other"

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
 RESUME = ("no", "yes", "auto")
 LOADER_ORDERS = ("random", "quasi_random")
 STEPS = ("auto", "eager", "compile", "graphs")
+# one folder name under logs/, runs/ and checkpoints/: no separators or "..", so a run cannot write outside them
+RUN_NAME = re.compile(r"[A-Za-z0-9_+=@][A-Za-z0-9._+=@-]{0,199}")
 SGD_IMPLS = ("auto", "fused", "foreach")
 
 
@@ -203,6 +206,8 @@ class TrainConfig:
             problems.append("--warmup-epochs must be in [0, --epochs)")
         if self.lr_schedule == "step" and sorted(self.step_epochs) != list(self.step_epochs):
             problems.append("--step-epochs must be increasing")
+        if self.run_name and run_name_problem(self.run_name):
+            problems.append(run_name_problem(self.run_name))
         if self.resume != "no" and not self.run_name:
             problems.append(f"--resume {self.resume} needs --run-name (the run to continue)")
         if self.step == "graphs" and self.grad_accum > 1:
@@ -210,6 +215,14 @@ class TrainConfig:
         if self.stop_after_epoch >= self.epochs:
             problems.append("--stop-after-epoch must be < --epochs (epochs are counted from 0)")
         return problems
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run name (it names folders under --output-dir), or None."""
+    if RUN_NAME.fullmatch(name):
+        return None
+    return (f"--run-name must be a plain folder name (letters, digits and . _ - + = @, not starting with . or -), got "
+            f"{name!r}: it names the run's folders under --output-dir")
 
 
 # ---------------------------------------------------------------------------------------------- fields and types
@@ -252,7 +265,9 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], where: str) -> Tra
     updates = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name == "compile" and isinstance(value, bool):  # presets and saved runs from before --step
+        if name == "compile":  # presets and saved runs from before --step
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: compile must be true or false (or use step: {', '.join(STEPS)})")
             name, value = "step", "compile" if value else "eager"
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)

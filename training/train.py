@@ -18,7 +18,16 @@ import dataclasses
 import os
 import sys
 
-from training.config import ConfigError, Parser, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
+from training.config import (
+    ConfigError,
+    Parser,
+    TrainConfig,
+    add_config_flags,
+    from_dict,
+    load_yaml,
+    resolve,
+    run_name_problem,
+)
 from training.layout import RunPaths
 from training.preflight import DataError, check_data, page_cache_advice
 
@@ -43,6 +52,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if mode != "no":
         if not getattr(args, "run_name", ""):
             raise ConfigError(f"--resume {mode} needs --run-name (the run to continue)")
+        if run_name_problem(args.run_name):
+            raise ConfigError(run_name_problem(args.run_name))
         paths = RunPaths(getattr(args, "output_dir", "."), args.run_name)
         saved, latest = paths.config, paths.latest
         if mode == "yes" or latest.is_file():
