@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dataset_tools.files import list_classes, scan_split
+from dataset_tools.files import DataFolderError, list_classes, scan_split
 
 
 def folder_classes(data_dir: Path, split: str) -> list[str]:
@@ -44,21 +44,22 @@ def skipped_in_report(report: Path) -> set[str]:
     """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
     if not report.is_file():
         raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
-    data = json.loads(report.read_text())
-    return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
-            for item in part.get("skipped", [])}
+    try:
+        data = json.loads(report.read_text())
+        return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
+                for item in part.get("skipped", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataFolderError(f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
+                              ) from None
 
 
-def beton_classes(data_dir: Path) -> list[str]:
-    """classes.json written by rn50 convert next to the .beton files."""
-    path = data_dir / "classes.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; rn50 convert writes it next to train.beton/val.beton "
-                                "(re-run the conversion, or write the sorted wnid list there as JSON)")
-    classes = json.loads(path.read_text())
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{path}: expected a JSON list of wnids (index = label)")
-    return classes
+def beton_classes(data_dir: Path, splits: list[str] | None = None) -> list[str]:
+    """The class list (index = label) of a .beton folder, after checking that its betons and classes.json belong
+    together (dataset_tools.beton_folder: the one place every backend and command asks). Raises DataFolderError
+    (a ValueError) with one line naming the file and the fix."""
+    from dataset_tools.beton_folder import check_beton_folder
+
+    return check_beton_folder(data_dir, splits).classes
 
 
 def has_beton(data_dir: Path, split: str) -> bool:

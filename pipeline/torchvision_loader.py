@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dataset_tools.files import DataFolderError
 from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.order import EpochPlan
@@ -215,7 +216,7 @@ class TorchvisionLoader(Loader):
         """The batches without their skipped-file lists; each undecodable file is named on stderr once."""
         for images, labels, skipped, failed in batches:
             if failed is not None:
-                raise RuntimeError(self.dataset.failure(failed))
+                raise DataFolderError(self.dataset.failure(failed))
             for path, reason in skipped:
                 if path in self.skipped:
                     continue

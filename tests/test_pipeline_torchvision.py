@@ -13,6 +13,7 @@ from _pipeline_helpers import epoch_ids, sample_ids
 from conftest import REPO
 from PIL import Image
 
+from dataset_tools.files import DataFolderError
 from pipeline import build_loader
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.torchvision_loader import FolderCrops
@@ -63,7 +64,7 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     loader = build_loader(tmp_path, backend="torchvision", batch_size=1, resolution=16, workers=0, device="cpu",
                           dtype=torch.float32, verbose=False)
-    with pytest.raises(RuntimeError, match="broken.JPEG: cannot be decoded"):
+    with pytest.raises(DataFolderError, match="broken.JPEG: cannot be decoded"):
         epoch_ids(loader)
 
 
@@ -118,7 +119,7 @@ def test_a_split_of_undecodable_files_stops_with_one_line(tmp_path):
         p.write_bytes(b"")
     loader = build_loader(root, backend="torchvision", batch_size=2, resolution=16, workers=1, device="cpu",
                           dtype=torch.float32, verbose=False)
-    with pytest.raises(RuntimeError, match=r"img_000\d.JPEG: cannot be decoded .* no file of .* can be decoded"):
+    with pytest.raises(DataFolderError, match=r"img_000\d.JPEG: cannot be decoded .* no file of .* can be decoded"):
         next(iter(loader))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _beton_helpers import index_only_beton
 
 from training.config import CONFIGS_DIR, ConfigError, TrainConfig, apply_overrides, from_dict, load_yaml, preset_path
 from training.train import build_parser, resolve_config
@@ -101,6 +102,10 @@ def test_data_checks(tmp_path):
     (betons / "train.beton").touch()
     (betons / "val.beton").touch()
     (betons / "classes.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"train.beton: 0 bytes, too short"):  # damaged betons: found before torch
+        parse("--data-dir", str(betons), "--loader", "ffcv")
+    index_only_beton(betons / "train.beton", [0, 1, 1, 0])
+    index_only_beton(betons / "val.beton", [1, 0])
     assert parse("--data-dir", str(betons), "--loader", "ffcv", "--num-classes", "2").num_classes == 2
     with pytest.raises(ValueError, match="--resume: .*config.yaml not found"):
         parse("--data-dir", str(data), "--run-name", "nope", "--resume", "--output-dir", str(tmp_path))
