@@ -30,6 +30,21 @@ class DataFolderError(ValueError):
     when a split has no decodable file)."""
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise OSError (naming the path) unless a file can be written at `path`: its folder is created if missing and
+    a probe file is made and removed there. For commands to call before the work whose result goes to `path`."""
+    import errno
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.parent / f".{path.name}.probe-{os.getpid()}"
+    with open(probe, "wb"):
+        pass
+    probe.unlink()
+
+
 def scan_folder(folder: str | Path) -> list[os.DirEntry]:
     """os.scandir as a list, with a folder that cannot be listed (permissions, a file in its place, a vanished
     network mount) reported as a DataFolderError naming it."""

@@ -11,6 +11,7 @@ they show the two largest target weights.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def class_names(data_dir: Path, classes: list[str]) -> list[str]:
     """'wnid name' per class when LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') is in data_dir."""
     names = {}
     mapping = data_dir / "LOC_synset_mapping.txt"
-    if mapping.is_file():
-        for line in mapping.read_text().splitlines():
+    try:
+        lines = mapping.read_text(errors="replace").splitlines() if mapping.is_file() else []
+    except OSError:  # names are a nicety: an unreadable mapping leaves the wnids
+        lines = []
+    if lines:
+        for line in lines:
             wnid, _, text = line.partition(" ")
             names[wnid] = text.split(",")[0].strip()
     return [f"{c} {names[c]}" if c in names else c for c in classes]
@@ -108,10 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.resolution < 8:
         print("rn50 show-batch: error: --batch-size must be >= 1 and --resolution >= 8", file=sys.stderr)
         return 2
+    from dataset_tools.files import check_writable
+
+    try:
+        check_writable(args.out)  # before the loader and the batch: they are the slow part
+    except OSError as e:
+        print(f"rn50 show-batch: error: --out {args.out}: cannot write there ({e.strerror or e}); choose another path",
+              file=sys.stderr)
+        return 2
     import torch
 
-    from pipeline import build_loader
+    import pipeline
 
+    build_loader = pipeline.build_loader
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     data_dir = Path(args.data_dir)
     try:
@@ -120,14 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, drop_last=False)
         loader.set_epoch(args.epoch)
         images, labels = next(iter(loader))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"rn50 show-batch: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"rn50 show-batch: error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         return 2
     images, targets = augment_batch(images, labels, augments, loader.num_classes, args.seed)
     out = Path(args.out)
     title = (f"{data_dir.name}/{args.split} via {loader.backend}, {args.resolution} px, epoch {args.epoch}"
              + (f", augment {'+'.join(augments)}" if augments else ""))
-    draw(images, targets, class_names(data_dir, loader.classes), out, title)
+    try:
+        draw(images, targets, class_names(data_dir, loader.classes), out, title)
+    except OSError as e:
+        fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another --out"
+        print(f"rn50 show-batch: error: cannot write {e.filename or out} ({e.strerror or e}); {fix}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({len(images)} images, labels {sorted(set(labels.tolist()))[:10]})")
     return 0
 
