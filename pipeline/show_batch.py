@@ -26,10 +26,9 @@ def class_names(data_dir: Path, classes: list[str]) -> list[str]:
         lines = mapping.read_text(errors="replace").splitlines() if mapping.is_file() else []
     except OSError:  # names are a nicety: an unreadable mapping leaves the wnids
         lines = []
-    if lines:
-        for line in lines:
-            wnid, _, text = line.partition(" ")
-            names[wnid] = text.split(",")[0].strip()
+    for line in lines:
+        wnid, _, text = line.partition(" ")
+        names[wnid] = text.split(",")[0].strip()
     return [f"{c} {names[c]}" if c in names else c for c in classes]
 
 

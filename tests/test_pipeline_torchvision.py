@@ -202,3 +202,29 @@ def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, t
                                "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr
     assert sum(str(bad) in line for line in ev.stderr.splitlines()) == 1, ev.stderr
+
+
+def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): the refusal is simulated where the folder is listed/checked."""
+    import os
+
+    import dataset_tools.files as files
+    import pipeline.build as build
+
+    real_scandir, real_access = os.scandir, os.access
+    denied = str(coded_root / "train" / "n00000001")
+
+    def scandir(path="."):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    kw = dict(backend="torchvision", batch_size=4, resolution=16, workers=0, device="cpu", dtype=torch.float32,
+              verbose=False)
+    monkeypatch.setattr(files.os, "scandir", scandir)
+    with pytest.raises(DataFolderError, match="n00000001: cannot be listed .Permission denied.; check its perm"):
+        build_loader(coded_root, **kw)
+    monkeypatch.undo()
+    monkeypatch.setattr(build.os, "access", lambda p, mode: False if str(p) == str(coded_root) else real_access(p, mode))
+    with pytest.raises(DataFolderError, match="cannot be read"):
+        build_loader(coded_root, **kw)

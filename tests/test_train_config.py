@@ -174,3 +174,16 @@ def test_betons_bigger_than_ram_get_one_line_of_advice(tmp_path):
     assert page_cache_advice(TrainConfig(data_dir=str(betons), os_cache=False), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="dali"), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(tmp_path)), ram_bytes=1) is None  # no betons there
+
+
+def test_unreadable_class_folder_is_found_before_torch(tmp_path, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): access() is made to say no for one class folder."""
+    import os
+
+    import training.preflight as preflight
+
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    real = os.access
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if str(p).endswith("val/n2") else real(p, mode))
+    with pytest.raises(ValueError, match=r"val/n2: cannot be read \(permissions\)"):
+        parse("--data-dir", str(data))
