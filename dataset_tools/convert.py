@@ -49,7 +49,7 @@ from dataset_tools.beton_folder import (
     split_entry,
 )
 from dataset_tools.beton_writer import WriterError, write_beton
-from dataset_tools.files import DataFolderError, SplitListing, list_classes, scan_split
+from dataset_tools.files import DataFolderError, SplitListing, check_writable, list_classes, scan_split
 from dataset_tools.locks import FolderBusy, folder_lock
 
 REPORT_NAME = "convert_report.json"
@@ -243,19 +243,26 @@ def convert(data_dir: str | Path, out_dir: str | Path, splits: list[str], opts: 
     """Convert each split; returns the report (also written to OUT/convert_report.json)."""
     root, out = Path(data_dir), Path(out_dir)
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder (--data-dir is the ImageNet root holding train/ and val/)")
+        what = "not a folder" if root.exists() else "no such folder"
+        raise InputError(f"{root}: {what} (--data-dir is the ImageNet root holding train/ and val/)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out}: a file, not a folder; choose another --out-dir")
     if not splits:
         raise InputError("--splits is empty")
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise InputError(f"--splits {','.join(unknown)}: the splits are train and val")
-    classes = resolve_classes(root, splits, opts.classes, opts.subset_seed)
-    plans = {split: plan_split(root, split, classes, opts) for split in splits}  # all checked before writing
+    try:  # reads folder listings only; every split is checked before anything is written
+        classes = resolve_classes(root, splits, opts.classes, opts.subset_seed)
+        plans = {split: plan_split(root, split, classes, opts) for split in splits}
+    except OSError as e:  # pathlib's is_dir() raises on a folder it may not look into
+        raise InputError(f"{e.filename or root}: cannot be read ({e.strerror or e}); check its permissions") from None
 
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(folder_lock(out, "rn50 convert",
                                             hint="wait for it to finish, or choose another --out-dir"))
+            check_writable(out / MANIFEST_NAME)  # the lock file may be writable in a folder that is not
         except OSError as e:
             raise InputError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir"
                              ) from None

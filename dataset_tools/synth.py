@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from dataset_tools.files import check_writable
+
 SHAPES = ("ellipse", "box", "triangle", "star", "ring", "cross")
 SPLIT_IDS = {"train": 1, "val": 2}
 MARKER = "synth.json"
@@ -228,8 +230,9 @@ def prepare_target(out: Path, settings: dict, overwrite: bool) -> bool:
     try:
         out.mkdir(parents=True, exist_ok=True)
         entries = sorted(os.listdir(out))
+        check_writable(out / MARKER)
     except OSError as e:
-        raise TargetError(f"{out}: cannot be created or read ({e.strerror or e}); choose another folder") from None
+        raise TargetError(f"{out}: cannot write there ({e.strerror or e}); choose another folder") from None
     if not entries:
         return True
     info = _read_marker(out)

@@ -38,6 +38,8 @@ def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...])
         raise DataError("--data-dir is required (a folder with train.beton/val.beton, or train/ and val/)")
     if not d.is_dir():
         raise DataError(f"--data-dir {d}: no such folder")
+    if not os.access(d, os.R_OK | os.X_OK):
+        raise DataError(f"--data-dir {d}: cannot be read (permissions); make it readable for this user")
     betons = all((d / f"{s}.beton").is_file() for s in splits)
     folders = all((d / s).is_dir() for s in splits)
     wanted = " and ".join(f"{s}.beton" for s in splits)
