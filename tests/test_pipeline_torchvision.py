@@ -180,7 +180,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow  # a one-epoch CPU run and an evaluation (~30 s on 2 cores)
+@pytest.mark.slow  # a one-epoch CPU run and two evaluations (~45 s on 2 cores)
 def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, tmp_path):
     """issue 13's case: an empty val image used to cost the epoch (trained, then a hang before any checkpoint)."""
     import shutil
@@ -202,6 +202,13 @@ def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, t
                                "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr
     assert sum(str(bad) in line for line in ev.stderr.splitlines()) == 1, ev.stderr
+    for p in (data / "val").rglob("*.JPEG"):  # nothing decodes: one line, exit 2, no hang
+        p.write_bytes(b"")
+    ev = subprocess.run(run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1",
+                               "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in ev.stderr.splitlines() if "error" in line]
+    assert ev.returncode == 2 and len(errors) == 1 and "cannot be decoded" in errors[0], ev.stderr
+    assert "Traceback" not in ev.stderr
 
 
 def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
