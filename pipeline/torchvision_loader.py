@@ -128,10 +128,10 @@ def _worker_init(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def _start_worker(parent_pid: int, worker_id: int) -> None:
+def _start_worker(parent_pid: int | None, worker_id: int) -> None:
     from dataset_tools.processes import exit_with_parent
 
-    exit_with_parent(parent_pid)  # a worker that ignores SIGTERM must still go when the main process is killed
+    exit_with_parent(parent_pid or os.getppid())  # a worker that ignores SIGTERM must still go with the main process
     _worker_init(worker_id)
 
 
@@ -192,7 +192,7 @@ class TorchvisionLoader(Loader):
         self._dataloader = DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=collate_uint8,
             pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-            worker_init_fn=functools.partial(_start_worker, os.getpid()),
+            worker_init_fn=functools.partial(_start_worker, None),
             prefetch_factor=prefetch_factor if self.workers > 0 else None)
         self.skipped: dict[str, str] = {}  # undecodable files met so far: path -> reason
         if self.workers > 0:
@@ -235,6 +235,8 @@ class TorchvisionLoader(Loader):
         epoch = self.epoch
         self._sampler.batches = [[(int(i), epoch, resolution) for i in plan.batch(b)]
                                  for b in range(start_batch, plan.num_batches)]
+        # workers (started by this loop if none are alive) watch the process that iterates, not the one that built us
+        self._dataloader.worker_init_fn = functools.partial(_start_worker, os.getpid())
         try:
             yield from device_batches(self._named(self._dataloader), self.device, self.dtype)
         except Exception:
