@@ -210,8 +210,9 @@ def remove_stale_temporaries(out: Path) -> None:
 
 
 def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
-    """The manifest this conversion starts from: the folder's entries for betons it keeps (other splits with the same
-    class list). InputError when a beton of another split would be left beside a class list that is not its own."""
+    """The manifest this conversion starts from. With the folder's class list unchanged it keeps vouching for the
+    betons there (each is replaced as its split is committed: a run stopped half way leaves a usable folder); with
+    another list, InputError when a beton of a split not being converted would be left beside names not its own."""
     try:
         existing = read_manifest(out)
     except DataFolderError:
@@ -221,7 +222,7 @@ def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
     kept: dict[str, dict] = {}
     for s in SPLITS:
         beton = out / f"{s}.beton"
-        if s in splits or not beton.is_file():
+        if not beton.is_file():
             continue
         if old_classes == classes:
             entry = (existing or {}).get("splits", {}).get(s)
@@ -232,6 +233,8 @@ def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
             if entry is not None:
                 kept[s] = entry
                 continue
+        if s in splits:
+            continue  # replaced by this conversion
         known = f"{len(old_classes)} other classes" if old_classes and old_classes != classes else "another class list"
         raise InputError(f"{beton} was converted with {known}; converting only {','.join(splits)} would leave it "
                          f"unusable: convert it too (--splits {','.join(s2 for s2 in SPLITS if s2 in splits or s2 == s)})"

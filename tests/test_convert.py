@@ -540,3 +540,29 @@ def test_unreadable_input_folders_are_one_line(tmp_path, coded_root, capsys, mon
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
     assert not (tmp_path / "out" / "train.beton").exists()
+
+
+def test_a_rerun_with_the_same_classes_stopped_half_way_leaves_a_usable_folder(tmp_path, coded_root, monkeypatch):
+    """Same class list, val fails after train was committed: train is the new one, val the previous, both usable."""
+    from dataset_tools.beton_format import read_index
+    from dataset_tools.convert import ConvertOptions, convert
+    from pipeline.folders import beton_classes
+
+    out = tmp_path / "out"
+    convert(coded_root, out, ["train", "val"], ConvertOptions(workers=1, progress=False, seed=0))
+    old_val = (out / "val.beton").read_bytes()
+    import dataset_tools.convert as convert_module
+
+    real = convert_module.write_beton
+
+    def fail_on_val(path, items, **kw):
+        if ".val.beton" in str(path):
+            raise KeyboardInterrupt
+        return real(path, items, **kw)
+
+    monkeypatch.setattr(convert_module, "write_beton", fail_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        convert(coded_root, out, ["train", "val"], ConvertOptions(workers=1, progress=False, seed=5, max_res=40))
+    assert beton_classes(out) == [f"n{i:08d}" for i in range(4)]
+    assert int(read_index(out / "train.beton").metadata["f0"]["width"].max()) == 40  # the new train
+    assert (out / "val.beton").read_bytes() == old_val  # the previous val, still vouched for
