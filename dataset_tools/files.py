@@ -69,6 +69,22 @@ class SplitListing:
     ignored: int  # non-image or hidden entries that were not considered
 
 
+def skipped_in_report(report: Path) -> set[str]:
+    """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
+    import json
+
+    report = Path(report)
+    if not report.is_file():
+        raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
+    try:
+        data = json.loads(report.read_text())
+        return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
+                for item in part.get("skipped", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataFolderError(f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
+                              ) from None
+
+
 def list_classes(split_dir: str | Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders (ImageFolder's class order)."""
     split_dir = Path(split_dir)

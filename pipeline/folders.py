@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from dataset_tools.files import DataFolderError, list_classes, scan_split
+from dataset_tools.files import list_classes, scan_split, skipped_in_report
 
 
 def folder_classes(data_dir: Path, split: str) -> list[str]:
@@ -38,19 +37,6 @@ def loader_listing(data_dir: str | Path, split: str, skip_listed_in: str | Path 
     (DALI cannot skip a corrupt file by itself; PIL would raise mid-epoch)."""
     exclude = skipped_in_report(Path(skip_listed_in)) if skip_listed_in else set()
     return folder_listing(Path(data_dir), split, exclude)
-
-
-def skipped_in_report(report: Path) -> set[str]:
-    """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
-    if not report.is_file():
-        raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
-    try:
-        data = json.loads(report.read_text())
-        return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
-                for item in part.get("skipped", [])}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataFolderError(f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
-                              ) from None
 
 
 def beton_classes(data_dir: Path, splits: list[str] | None = None) -> list[str]:

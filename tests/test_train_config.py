@@ -187,3 +187,10 @@ def test_unreadable_class_folder_is_found_before_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if str(p).endswith("val/n2") else real(p, mode))
     with pytest.raises(ValueError, match=r"val/n2: cannot be read \(permissions\)"):
         parse("--data-dir", str(data))
+
+
+def test_a_damaged_skip_report_is_found_before_torch(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    (tmp_path / "report.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"--skip-listed-in .*report.json: not a convert_report.json"):
+        parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "report.json"))

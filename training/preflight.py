@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dataset_tools.beton_folder import check_beton_folder
-from dataset_tools.files import DataFolderError, list_classes
+from dataset_tools.files import DataFolderError, list_classes, skipped_in_report
 from training.config import TrainConfig
 
 
@@ -81,6 +81,11 @@ def check_data(cfg: TrainConfig) -> int:
     if cfg.skip_listed_in and not Path(cfg.skip_listed_in).is_file():
         raise DataError(f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "
                         "convert_report.json in its --out-dir)")
+    if cfg.skip_listed_in:
+        try:
+            skipped_in_report(Path(cfg.skip_listed_in))
+        except DataFolderError as e:
+            raise DataError(f"--skip-listed-in {e}") from None
     classes = dataset_classes(cfg.data_dir, cfg.loader)
     if cfg.num_classes and cfg.num_classes != len(classes):
         raise DataError(f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "
