@@ -68,3 +68,40 @@ def test_importing_pipeline_imports_neither_ffcv_nor_dali():
     code = "import sys, pipeline; print('ffcv' in sys.modules, any(m.startswith('nvidia.dali') for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_unwritable_out_is_refused_before_the_loader_is_built(coded_root, tmp_path, capsys, monkeypatch):
+    from training import components
+
+    (tmp_path / "file.txt").write_text("x")
+    built = []
+    monkeypatch.setattr(components, "build_loader", lambda *a, **k: built.append(a))
+    assert main(["--data-dir", str(coded_root), "--loader", "torchvision", "--device", "cpu", "--out",
+                 str(tmp_path / "file.txt" / "sub" / "b.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rn50 show-batch: error:") and "\n" not in err and "--out" in err
+    assert not built
+
+
+def test_full_disk_and_damaged_data_are_one_line(coded_root, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    import matplotlib.figure
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    args = ["--loader", "torchvision", "--workers", "0", "--images", "4", "--res", "16", "--device", "cpu"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    assert main(["--data-dir", str(coded_root), *args, "--out", str(tmp_path / "b.png")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rn50 show-batch: error:") and "\n" not in err and "No space left" in err
+    monkeypatch.undo()
+    data = tmp_path / "data"
+    shutil.copytree(coded_root, data)
+    for p in (data / "train").rglob("*.JPEG"):
+        p.write_bytes(b"")
+    assert main(["--data-dir", str(data), *args, "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rn50 show-batch: error:") and "\n" not in err and "cannot be decoded" in err, err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _beton_helpers import index_only_beton
 
 from training.config import CONFIGS_DIR, ConfigError, TrainConfig, apply_overrides, from_dict, load_yaml, preset_path
 from training.train import build_parser, resolve_config
@@ -101,6 +102,10 @@ def test_data_checks(tmp_path):
     (betons / "train.beton").touch()
     (betons / "val.beton").touch()
     (betons / "classes.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"train.beton: 0 bytes, too short"):  # damaged betons: found before torch
+        parse("--data-dir", str(betons), "--loader", "ffcv")
+    index_only_beton(betons / "train.beton", [0, 1, 1, 0])
+    index_only_beton(betons / "val.beton", [1, 0])
     assert parse("--data-dir", str(betons), "--loader", "ffcv", "--num-classes", "2").num_classes == 2
     with pytest.raises(ValueError, match="--resume: .*config.yaml not found"):
         parse("--data-dir", str(data), "--run-name", "nope", "--resume", "--output-dir", str(tmp_path))
@@ -201,3 +206,23 @@ def test_the_config_is_final_once_resolved(tmp_path):
     assert cfg.num_classes == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.run_name = "other"
+
+
+def test_unreadable_class_folder_is_found_before_torch(tmp_path, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): access() is made to say no for one class folder."""
+    import os
+
+    import training.preflight as preflight
+
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    real = os.access
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if str(p).endswith("val/n2") else real(p, mode))
+    with pytest.raises(ValueError, match=r"val/n2: cannot be read \(permissions\)"):
+        parse("--data-dir", str(data))
+
+
+def test_a_damaged_skip_report_is_found_before_torch(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    (tmp_path / "report.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"--skip-listed-in .*report.json: not a convert_report.json"):
+        parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "report.json"))

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from dataset_tools.files import DataFolderError
 from training.config import DEVICES, LOADERS, PRECISIONS, Parser
 from training.preflight import DataError, dataset_classes
 
@@ -91,9 +92,13 @@ def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> i
         model = build_model(cfg.arch, len(classes), blurpool=cfg.blurpool, channels_last=cfg.channels_last)
         model.load_state_dict(saved.weights(ema=args.ema))
         model.to(ctx.device)
-        loader = make_loader(cfg, "val", ctx, precision.input_dtype, resolution=val_res)
-        t0 = time.perf_counter()
-        result = evaluate(model, loader, precision, ctx, tta=tta)
+        try:
+            loader = make_loader(cfg, "val", ctx, precision.input_dtype, resolution=val_res)
+            t0 = time.perf_counter()
+            result = evaluate(model, loader, precision, ctx, tta=tta)
+        except DataFolderError as e:  # e.g. a val folder where no image decodes: one line, not a traceback
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
         seconds = time.perf_counter() - t0
         if not ctx.is_main:
             return 0

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
+from dataset_tools.files import check_writable
 from training.config import ConfigError, Parser, add_config_flags, resolve
 from training.preflight import DataError, check_data
 
@@ -32,10 +34,13 @@ def class_names(data_dir: Path, classes: list[str]) -> list[str]:
     """'wnid name' per class when LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') is in data_dir."""
     names = {}
     mapping = data_dir / "LOC_synset_mapping.txt"
-    if mapping.is_file():
-        for line in mapping.read_text().splitlines():
-            wnid, _, text = line.partition(" ")
-            names[wnid] = text.split(",")[0].strip()
+    try:
+        lines = mapping.read_text(errors="replace").splitlines() if mapping.is_file() else []
+    except OSError:  # names are a nicety: an unreadable mapping leaves the wnids
+        lines = []
+    for line in lines:
+        wnid, _, text = line.partition(" ")
+        names[wnid] = text.split(",")[0].strip()
     return [f"{c} {names[c]}" if c in names else c for c in classes]
 
 
@@ -93,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError("; ".join(problems))
         check_data(cfg)
+        check_writable(args.out)  # before the loader and the batch: they are the slow part
     except (ConfigError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: --out {args.out}: cannot write there ({e.strerror or e}); choose another path",
+              file=sys.stderr)
         return 2
     return show(dataclasses.replace(cfg, num_classes=0), args)
 
@@ -113,8 +123,8 @@ def show(cfg, args: argparse.Namespace) -> int:
         loader = make_loader(cfg, args.split, ctx, torch.float32, resolution=resolution, batch_size=args.images)
         loader.set_epoch(args.epoch)
         images, labels = next(iter(loader))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"{PROG}: error: {(str(e) or type(e).__name__).splitlines()[0]}", file=sys.stderr)
         return 2
     recipe = make_recipe(cfg, loader.num_classes)
     if train and recipe.active:
@@ -127,7 +137,12 @@ def show(cfg, args: argparse.Namespace) -> int:
                                       (f"cutmix {recipe.cutmix:g}", recipe.cutmix > 0)) if on]
     title = (f"{data_dir.name}/{args.split} via {loader.backend}, {resolution} px, epoch {args.epoch}"
              + (f", {' + '.join(augments)}" if train and augments else ""))
-    draw(images, labels, class_names(data_dir, loader.classes), out, title)
+    try:
+        draw(images, labels, class_names(data_dir, loader.classes), out, title)
+    except OSError as e:
+        fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another --out"
+        print(f"{PROG}: error: cannot write {e.filename or out} ({e.strerror or e}); {fix}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({len(images)} images)")
     return 0
 
