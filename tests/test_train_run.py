@@ -186,3 +186,60 @@ def test_auto_augment_flag_selects_the_policy():
     assert torch.equal(out, expected)
     assert not torch.equal(out, ta(images, labels, epoch=1, batch=3)[0])
     assert batch_transform(TrainConfig(), 4, rank=0) is None
+
+
+def test_a_second_run_with_the_same_name_stops_and_the_first_is_untouched(coded_root, tmp_path):
+    """Two runs with one --run-name and --output-dir: the second stops at once with one line naming the first's pid
+    (the run folder's lock), writes nothing, and the first run's files stay as they were."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from dataset_tools.locks import LOCK_NAME
+
+    folder = tmp_path / "checkpoints" / "twin"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom dataset_tools.locks import folder_lock\n"
+        f"with folder_lock({str(folder)!r}, 'rn50 train'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, "-m", "training", *argv(coded_root, tmp_path, "twin", epochs=1, res=32,
+                                                                      val_res=32, batch_size=8)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert rc.returncode == 2, rc.stderr + rc.stdout
+        errors = [line for line in (rc.stdout + rc.stderr).splitlines() if "error" in line]
+        assert len(errors) == 1 and f"in use by rn50 train (pid {holder.pid}" in errors[0], errors
+        assert time.monotonic() - t0 < 120
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, not even logs
+        assert (folder / LOCK_NAME).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(coded_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A full disk at an epoch's checkpoint: one line, exit 1, the previous epoch's files intact and resumable."""
+    import errno
+
+    from training import checkpoint
+
+    real, calls = checkpoint.save_checkpoint, []
+
+    def full_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "full"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_on_second)
+    rc = main(argv(coded_root, tmp_path, "full", epochs=3, res=32, val_res=32, batch_size=8))
+    assert rc == 1
+    err = [line for line in capsys.readouterr().out.splitlines() if "error" in line]
+    assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0]
+    assert load_checkpoint(tmp_path / "checkpoints" / "full" / "checkpoint.pt")["next_epoch"] == 1

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from dataset_tools.files import DataFolderError
+from dataset_tools.files import DataFolderError, check_writable
 from training.config import DEVICES, LOADERS, PRECISIONS, Parser
 from training.preflight import DataError, dataset_classes
 
@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.workers < 0 or (args.val_res is not None and args.val_res < 8):
             raise DataError("--batch-size must be >= 1, --workers >= 0, --val-res >= 8")
         classes = dataset_classes(args.data_dir, args.loader, splits=("val",))
+        # the result's file must be writable before minutes of evaluation, not after
+        probe = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}.json")
+        try:
+            check_writable(probe)
+        except OSError as e:
+            where = "--out" if args.out else "the checkpoint's folder (the result's default place; pass --out)"
+            raise DataError(f"{where} {probe}: cannot write there ({e.strerror or e})") from None
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -107,12 +114,16 @@ def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> i
                        "precision": precision.name, "arch": cfg.arch, "seconds": seconds})
         suffix = f"{val_res}px" + ("_tta" if tta else "") + ("_ema" if args.ema else "")
         out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}_{suffix}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"{ckpt_path} (epoch {saved.finished_epoch}, {cfg.arch}{', EMA' if args.ema else ''}) on "
               f"{result['samples']} val images at {val_res} px{' + flip TTA' if tta else ''}: "
-              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}\n"
-              f"written: {out}", flush=True)
+              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+        try:  # the result is on screen first: a failed write loses no evaluation
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            print(f"{PROG}: error: could not write {out} ({e.strerror or e}); the result is above", file=sys.stderr)
+            return 1
+        print(f"written: {out}", flush=True)
         return 0
     finally:
         cleanup()

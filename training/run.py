@@ -5,6 +5,8 @@ checkpoint at a `Position` and how to stop; training.trainer drives it epoch by 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import platform
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dataset_tools.locks import FolderBusy, folder_lock
 from pipeline import Loader
 from training import checkpoint as ckpt
 from training.checkpoint import START, Checkpoint, Position
@@ -39,6 +42,22 @@ from training.signals import StepControl, StopSignals, exit_code, signal_name
 
 class SetupError(RuntimeError):
     """The run cannot start as configured; the message says why and what to change."""
+
+
+class WriteError(RuntimeError):
+    """A checkpoint or log file could not be written (a full or read-only disk); the previous files are intact."""
+
+
+def agree_on_error(error: str | None, ctx: DistContext) -> str | None:
+    """Rank 0's error (only rank 0 writes files) on every rank, so that all of them stop together instead of the
+    others waiting in their next collective for a rank that has left."""
+    return broadcast_object(error, ctx)
+
+
+def write_failure(e: OSError, what: str) -> str:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (f"could not write {e.filename or what} ({e.strerror or e}); the previous checkpoint is intact: "
+            f"{'free space there' if full else 'make it writable'} and continue with --resume")
 
 
 def log0(ctx: DistContext, msg: str) -> None:
@@ -68,6 +87,7 @@ class Run:
     last_saved: Position = START  # what checkpoint.pt holds now
     threads: int = field(default_factory=torch.get_num_threads)
     warm_ups: dict[int, float] = field(default_factory=dict)  # resolution -> seconds of its first step
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the run folder's lock (rank 0)
 
     def note_warm_up(self, resolution: int, seconds: float) -> None:
         """The first step at a resolution compiles the step (or captures its graph): say how long it took, and keep
@@ -119,8 +139,15 @@ class Run:
     def save(self, at: Position) -> None:
         """checkpoint.pt := the run at `at` (mid-epoch or before validation). Every rank calls it."""
         state = self.pack(at)
+        error = None
         if state is not None:
-            ckpt.save_latest(state, self.ckpt_dir)
+            try:
+                ckpt.save_latest(state, self.ckpt_dir)
+            except OSError as e:
+                error = write_failure(e, str(self.ckpt_dir / ckpt.LATEST))
+        error = agree_on_error(error, self.ctx)
+        if error:
+            raise WriteError(error)
         self.control.saved()
         self.last_saved = at
 
@@ -132,9 +159,17 @@ class Run:
             log0(self.ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
         end = self.after_training(epoch, "end_of_epoch")
         state = self.pack(end, rank_weight_fingerprints=fingerprints)
+        error = None
         if state is not None:
-            ckpt.save_checkpoint(state, self.ckpt_dir, epoch, is_best, self.cfg.keep_last)
-            self.runlog.epoch(record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch, end.step)
+            try:
+                ckpt.save_checkpoint(state, self.ckpt_dir, epoch, is_best, self.cfg.keep_last)
+                self.runlog.epoch(record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch,
+                                  end.step)
+            except OSError as e:
+                error = write_failure(e, str(self.ckpt_dir))
+        error = agree_on_error(error, self.ctx)
+        if error:
+            raise WriteError(error)
         self.control.saved()
         self.last_saved = end
 
@@ -157,9 +192,10 @@ class Run:
         return exit_code(signum)
 
     def close(self) -> None:
-        """Flush the TensorBoard events written so far (also after a stop or an error)."""
+        """Flush the TensorBoard events written so far (also after a stop or an error); release the run's lock."""
         if self.runlog is not None:
             self.runlog.close()
+        self.held.close()
 
 
 def weight_fingerprint(model: nn.Module) -> float:
@@ -187,6 +223,37 @@ def setup(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: list[
     precision = resolve_precision(cfg.precision, ctx.device)
     group = cpu_group(ctx)
     paths = RunPaths(cfg.output_dir, cfg.run_name)
+    held = lock_run(paths, ctx)
+    try:
+        return build_run(cfg, ctx, signals, flags, t_setup, precision, group, paths, held)
+    except BaseException:
+        held.close()
+        raise
+
+
+def lock_run(paths: RunPaths, ctx: DistContext) -> contextlib.ExitStack:
+    """One process writes a run: rank 0 holds the lock of its checkpoint folder (dataset_tools.locks, released by
+    the kernel however the process ends) for the whole run; a second run with the same --run-name and --output-dir
+    stops here, on every rank, with one line naming the first one's pid. Nothing of the first run is touched."""
+    held, busy = contextlib.ExitStack(), None
+    if ctx.is_main:
+        try:
+            held.enter_context(folder_lock(paths.checkpoints, "rn50 train", hint="wait for that run to end, or "
+                                           "choose another --run-name (or --output-dir)"))
+        except FolderBusy as e:
+            busy = str(e)
+        except OSError as e:
+            busy = f"{paths.checkpoints}: cannot be created ({e.strerror or e}); choose another --output-dir"
+    busy = broadcast_object(busy, ctx)
+    if busy:
+        held.close()
+        raise SetupError(busy)
+    return held
+
+
+def build_run(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: list[str], t_setup: float,
+              precision: Precision, group, paths: RunPaths, held: contextlib.ExitStack) -> Run:
+    """setup's work once the run folder is ours: the checkpoint to resume, loaders, model, logs."""
     ckpt_dir = paths.checkpoints
     resumed = load_resume_state(cfg, paths.latest, ctx, group) if cfg.resume != "no" else None
     position = resumed.position if resumed else START
@@ -214,12 +281,19 @@ def setup(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: list[
     run = Run(cfg=cfg, ctx=ctx, group=group, precision=precision, train_loader=train_loader, val_loader=val_loader,
               parts=parts, eval_model=eval_model, schedule=schedule, steps_per_epoch=steps_per_epoch,
               augment=batch_transform(cfg, train_loader.num_classes, ctx.rank), control=control, ckpt_dir=ckpt_dir,
-              position=position, last_saved=position)
+              position=position, last_saved=position, held=held)
     if resumed is not None:
         restore(run, resumed)
         del resumed  # the model and optimizer hold copies now; free the host memory
+    error = None
     if ctx.is_main:
-        open_logs(run, flags, counts, t_setup)
+        try:
+            open_logs(run, flags, counts, t_setup)
+        except OSError as e:
+            error = f"{e.filename or cfg.output_dir}: cannot write the run's files there ({e.strerror or e})"
+    error = agree_on_error(error, ctx)
+    if error:
+        raise SetupError(f"{error}; choose another --output-dir or free space there")
     return run
 
 

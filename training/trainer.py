@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from dataset_tools.files import DataFolderError
 from training.checkpoint import Position
 from training.config import TrainConfig
 from training.distributed import cleanup, init_distributed
 from training.engine import EpochStats, NonFiniteLoss, evaluate, train_one_epoch
-from training.run import Run, SetupError, log0, setup
+from training.run import Run, SetupError, WriteError, log0, setup
 from training.schedules import train_resolution
 from training.signals import StopSignals
 
@@ -41,9 +42,12 @@ def train(cfg: TrainConfig, flags: list[str]) -> int:
     except SetupError as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, WriteError) as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 1
+    except DataFolderError as e:
+        print(f"rn50 train: error: {e}", flush=True)
+        return 2
     except KeyboardInterrupt:
         log0(ctx, "rn50 train: interrupted; the latest checkpoint is intact (--resume continues from it)")
         return 130
@@ -114,12 +118,17 @@ def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: boo
         saved_before = True
     if control.stop:
         return run.stopped(before)
-    val = evaluate(run.eval_model, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
-                   should_stop=control.stop_requested, static_shapes=run.parts.step_mode != "eager")
-    ema_val = None
-    if val is not None and run.parts.ema is not None:
-        ema_val = evaluate(run.parts.ema.module, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
-                           should_stop=control.stop_requested)
+    try:
+        val = evaluate(run.eval_model, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
+                       should_stop=control.stop_requested, static_shapes=run.parts.step_mode != "eager")
+        ema_val = None
+        if val is not None and run.parts.ema is not None:
+            ema_val = evaluate(run.parts.ema.module, run.val_loader, run.precision, run.ctx, tta=cfg.tta,
+                               epoch=epoch, should_stop=control.stop_requested)
+    except DataFolderError:  # the val images cannot be read: keep the trained epoch (one process: no collective)
+        if not saved_before and not run.ctx.distributed:
+            run.save(before)
+        raise
     if val is None or (run.parts.ema is not None and ema_val is None):  # a stop arrived during validation
         if not saved_before:
             run.save(before)
