@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_tools.files import check_writable
 from training.config import ConfigError, Parser, TrainConfig, add_config_flags, resolve
 from training.preflight import DataError, check_data
 
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError("; ".join(problems))
         check_data(cfg)
+        try:  # the sweep's results go there: find out now, not after the sweep
+            check_writable(Path(cfg.output_dir) / "lr_finder_plots" / "probe.png")
+        except OSError as e:
+            raise DataError(f"--output-dir {cfg.output_dir}: cannot write there ({e.strerror or e})") from None
     except (ConfigError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -195,9 +200,16 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
             "lrs": lrs, "losses": losses, "smoothed": smoothed,
         }
         json_path = out / f"lr_suggestion_{run}.json"
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
-        png = plot_lr_finder(lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png", run)
+        print(f"suggested_max_lr {suggestion['suggested_max_lr']:.6g}", flush=True)  # on screen before any write
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=1) + "\n")
+            png = plot_lr_finder(lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png",
+                                 run)
+        except OSError as e:
+            print(f"{PROG}: error: could not write {e.filename or out} ({e.strerror or e}); the suggestion is above",
+                  file=sys.stderr)
+            return 1
         print(f"LR range test: {len(lrs)} steps{' (stopped: loss diverged)' if stopped_early else ''} in "
               f"{seconds:.0f} s at global batch {global_batch}\n"
               f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
