@@ -30,6 +30,7 @@ def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int
     from training.config import TrainConfig
     from training.distributed import DistContext
     from training.engine import resolve_precision, train_step
+    from training.model import sgd_kernels
     from training.schedules import Schedule
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -51,7 +52,7 @@ def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int
         step(i)
     torch.cuda.synchronize(device)
     result = {"precision": prec.name, "requested": mode, "mode": parts.step_mode, "why": parts.step_why,
-              "sgd": "fused" if parts.optimizer.defaults.get("fused") else "foreach", "steps": steps}
+              "sgd": sgd_kernels(parts.optimizer), "steps": steps}
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(warmup, warmup + steps):

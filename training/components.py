@@ -81,9 +81,10 @@ def wrap_model(raw_model: nn.Module, compiled: bool, ctx: DistContext,
 
 
 def sgd_impl(requested: str, device: torch.device) -> str:
-    """--sgd auto: fused on a GPU, foreach on the CPU (the CPU results of earlier runs stay bit for bit)."""
+    """--sgd auto: fused on a GPU; torch's default on the CPU (a loop per tensor: earlier CPU runs stay bit for bit,
+    foreach rounds differently there)."""
     if requested == "auto":
-        return "fused" if device.type == "cuda" else "foreach"
+        return "fused" if device.type == "cuda" else "default"
     return requested
 
 

@@ -94,7 +94,7 @@ class TrainConfig:
                            "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
                    STEPS)
     sgd: str = _f("auto", "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
-                          "auto: fused on a GPU, foreach on the CPU", SGD_IMPLS)
+                          "auto: fused on a GPU, torch's default on the CPU", SGD_IMPLS)
     # --- optimisation ---
     epochs: int = _f(16, "epochs to train")
     max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")

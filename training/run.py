@@ -35,6 +35,7 @@ from training.ema import ModelEMA
 from training.engine import BatchTransform, EpochProgress, EpochStats, Precision, TrainParts, resolve_precision
 from training.layout import CONFIG, RunPaths
 from training.logs import RunLog
+from training.model import sgd_kernels
 from training.resume import ResumeError, check_compatible, check_position
 from training.schedules import Schedule, build_schedule, train_resolution
 from training.signals import StepControl, StopSignals, exit_code, signal_name
@@ -427,7 +428,7 @@ def run_header(run: Run, flags: list[str], counts: dict[str, int]) -> list[str]:
         f"{tl.num_classes} classes",
         f"- model: {cfg.arch}{' + BlurPool' if cfg.blurpool else ''}, {run.precision.name}, "
         f"{'channels_last' if cfg.channels_last else 'NCHW'}; step {run.parts.step_mode} ({run.parts.step_why}), "
-        f"SGD {'fused' if run.parts.optimizer.defaults.get('fused') else 'foreach'}",
+        f"SGD {sgd_kernels(run.parts.optimizer)}",
         f"- batch: {cfg.batch_size} per GPU x {ctx.world_size} x {cfg.grad_accum} accumulation = {global_batch}; "
         f"{run.steps_per_epoch} steps per epoch",
         f"- LR: {cfg.lr_schedule}, max {run.schedule.max_lr:.4g}; weight decay {cfg.weight_decay:g} on "
