@@ -82,8 +82,10 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
         loader: Loader = TorchvisionLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio,
                                            skip_listed_in=skip_listed_in, **common)
     elif backend == "ffcv":
-        from pipeline.ffcv_loader import FFCVLoader
+        threads = torch.get_num_threads()
+        from pipeline.ffcv_loader import FFCVLoader  # importing ffcv sets torch's thread count to 1: put it back
 
+        torch.set_num_threads(threads)
         loader = FFCVLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, os_cache=os_cache,
                             order=order, **common)
     else:

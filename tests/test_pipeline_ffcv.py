@@ -227,3 +227,18 @@ def test_decoding_threads_take_each_sample_exactly_once():
         numba.set_num_threads(before)
     assert np.all(taken == 1)
     assert counter[0] == n + numba.config.NUMBA_NUM_THREADS  # no take lost: each thread's last found the batch done
+
+
+def test_the_first_ffcv_loader_keeps_torch_thread_count(coded_betons):
+    """Importing ffcv sets torch's intra-op threads to 1 (ffcv.pipeline.compiler); the process that builds its first
+    ffcv loader keeps the count it had (a trainer would otherwise run its model on one thread)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import torch\ntorch.set_num_threads(2)\nfrom pipeline import build_loader\n"
+            f"build_loader({str(coded_betons)!r}, backend='ffcv', batch_size=8, resolution=16, workers=1, "
+            "device='cpu', dtype=torch.float32, verbose=False)\nprint(torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.stdout.split()[-1:] == ["2"], done.stdout + done.stderr
