@@ -18,6 +18,13 @@ class DataError(ValueError):
     """The data folder cannot feed this run; the message names the path and the fix."""
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ModuleNotFoundError, ValueError):
+        return False
+
+
 def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[str, ...] = ("train", "val")
                     ) -> list[str]:
     """The class list (index = label) the chosen loader will see for `splits`, from the layout alone."""
@@ -29,7 +36,9 @@ def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[st
     betons = all((d / f"{s}.beton").is_file() for s in splits)
     folders = all((d / s).is_dir() for s in splits)
     wanted = " and ".join(f"{s}.beton" for s in splits)
-    if loader == "ffcv" or (loader == "auto" and betons and importlib.util.find_spec("ffcv") is not None):
+    # betons feed ffcv, and DALI too (it reads them when they are there); auto reads them if either is installed
+    readers = _installed("ffcv") or _installed("nvidia.dali")
+    if loader == "ffcv" or (loader == "dali" and betons) or (loader == "auto" and betons and readers):
         if not betons:
             raise DataError(f"--data-dir {d}: --loader ffcv needs {wanted} there "
                             f"(rn50 convert --data-dir IMAGENET --out-dir {d} writes them)")
