@@ -17,6 +17,7 @@ pure function of (seed, epoch, index) whichever source and decoder is used.
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def _pil_error(data) -> str | None:
             im.load()
         return None
     except Exception as e:  # PIL raises many types for bad data; any of them means "undecodable"
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {re.sub(r' <[^>]*>', '', str(e))}"
 
 
 class BetonSource:
