@@ -132,6 +132,13 @@ class DALILoader(Loader):
                  f"{t.device_padding_mb}/{t.host_padding_mb} MiB" if self._gpu else f"{t.threads} threads")
         return f"{super().describe()}; from the {self.source.kind} ({self.source.describe_storage()}); {knobs}"
 
+    def close(self) -> None:
+        """Free the pipeline (its pinned and device buffers) and the folder source's threads now; a later loop
+        builds a new pipeline."""
+        self._discard_pipeline()
+        if isinstance(self.source, FolderSource):
+            self.source.close()
+
     # ------------------------------------------------------------------ the pipeline and its callback
 
     def _pipeline(self):
