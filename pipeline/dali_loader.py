@@ -81,6 +81,44 @@ class _Feed:
     resolution: int
 
 
+class _Feeder:
+    """external_source's callback: the next batch of the running loop, or StopIteration at its end.
+
+    It holds what a batch needs and never the loader, so no reference cycle runs through the pipeline and a dropped
+    loader frees its pipeline at once. (A pipeline left to the garbage collector can be finalised in a process
+    forked meanwhile -- rn50 convert's writers are forked -- where DALI's destructor waits forever for threads the
+    child does not have.)"""
+
+    def __init__(self, source, *, shuffle: bool, seed: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 val_crop_ratio: float) -> None:
+        self.source, self.shuffle, self.seed = source, shuffle, seed
+        self.scale, self.ratio, self.val_crop_ratio = scale, ratio, val_crop_ratio
+        self.feed: _Feed | None = None
+        self.pending: deque[tuple[int, np.ndarray]] = deque()  # batches handed to DALI, not yet handed out
+
+    def __call__(self, info):
+        feed = self.feed
+        item = next(feed.batches, None) if feed is not None else None
+        if item is None:
+            raise StopIteration
+        b, indices = item
+        src = self.source
+        data = src.read(indices)  # first, so a folder source knows the sizes of these files
+        heights, widths = src.heights[indices], src.widths[indices]
+        n = len(indices)
+        if self.shuffle:
+            boxes, flips = random_resized_crop_boxes(heights, widths, sample_keys(self.seed, feed.epoch, indices),
+                                                     self.scale, self.ratio)
+        else:
+            boxes, flips = center_crop_boxes(heights, widths, self.val_crop_ratio), np.zeros(n, bool)
+        out = [data, boxes[:, :2].astype(np.int32), boxes[:, 2:].astype(np.int32), flips.astype(np.int32),
+               np.full((n, 2), feed.resolution, np.float32), src.labels[indices]]
+        if src.num_raw:
+            out += [src.modes[indices] == RAW_MODE, np.stack([heights, widths, np.full(n, 3)], 1).astype(np.int32)]
+        self.pending.append((b, indices))
+        return tuple(out)
+
+
 class DALILoader(Loader):
     backend = "dali"
 
@@ -113,8 +151,8 @@ class DALILoader(Loader):
                                                  prefetch=dali_prefetch, nvjpeg_padding_mb=nvjpeg_padding_mb)
         self.builds = 0  # pipelines built by this loader: 1 for its whole life, unless a DALI error forced another
         self._pipe = None
-        self._feed: _Feed | None = None
-        self._pending: deque[tuple[int, np.ndarray]] = deque()  # batches handed to DALI, not yet handed out
+        self._feeder = _Feeder(self.source, shuffle=self.shuffle, seed=self.seed, scale=self.scale, ratio=self.ratio,
+                               val_crop_ratio=self.val_crop_ratio)
         self._owner: object | None = None  # the loop that owns the pipeline's current DALI epoch
         self._unfinished = False  # a DALI epoch was left with batches queued (an abandoned loop)
 
@@ -152,44 +190,21 @@ class DALILoader(Loader):
             device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
                 if self._gpu else None
             build = pipeline_def(_graph, enable_conditionals=raw)
-            self._pipe = build(self._next_batch, raw=raw, gpu=self._gpu, half=self.dtype != torch.float32,
+            self._pipe = build(self._feeder, raw=raw, gpu=self._gpu, half=self.dtype != torch.float32,
                                decoder=decoder, batch_size=self.batch_size, num_threads=t.threads,
                                device_id=device_id, prefetch_queue_depth=t.prefetch, seed=0)
             self._pipe.build()
             self.builds += 1
         return self._pipe
 
-    def _next_batch(self, info):
-        """external_source's callback: the next batch of the running loop, or StopIteration at its end."""
-        feed = self._feed
-        item = next(feed.batches, None) if feed is not None else None
-        if item is None:
-            raise StopIteration
-        b, indices = item
-        src = self.source
-        data = src.read(indices)  # first, so a folder source knows the sizes of these files
-        heights, widths = src.heights[indices], src.widths[indices]
-        n = len(indices)
-        if self.shuffle:
-            boxes, flips = random_resized_crop_boxes(heights, widths, sample_keys(self.seed, feed.epoch, indices),
-                                                     self.scale, self.ratio)
-        else:
-            boxes, flips = center_crop_boxes(heights, widths, self.val_crop_ratio), np.zeros(n, bool)
-        out = [data, boxes[:, :2].astype(np.int32), boxes[:, 2:].astype(np.int32), flips.astype(np.int32),
-               np.full((n, 2), feed.resolution, np.float32), src.labels[indices]]
-        if src.num_raw:
-            out += [src.modes[indices] == RAW_MODE, np.stack([heights, widths, np.full(n, 3)], 1).astype(np.int32)]
-        self._pending.append((b, indices))
-        return tuple(out)
-
     def _discard_pipeline(self) -> None:
         """After an error inside DALI the pipeline's state is unknown: the next loop builds a fresh one."""
-        self._pipe, self._feed, self._owner, self._unfinished = None, None, None, False
-        self._pending.clear()
+        self._pipe, self._feeder.feed, self._owner, self._unfinished = None, None, None, False
+        self._feeder.pending.clear()
 
     def _finish_abandoned(self) -> None:
         """Run out the batches an abandoned loop left queued and drop them, so the next loop starts clean."""
-        pipe, self._feed = self._pipe, None
+        pipe, self._feeder.feed = self._pipe, None
         try:
             while True:
                 pipe.schedule_run()  # the callback now raises StopIteration: nothing new is queued
@@ -202,7 +217,7 @@ class DALILoader(Loader):
         except Exception:  # a failure in batches nobody will see: start over with a fresh pipeline
             self._discard_pipeline()
             return
-        self._pending.clear()
+        self._feeder.pending.clear()
         self._unfinished = False
 
     def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,9 +242,10 @@ class DALILoader(Loader):
             pipe = self._pipeline()
         token = object()
         self._owner, self._unfinished = token, True
-        self._pending.clear()
-        self._feed = _Feed(((b, plan.batch(b)) for b in range(start_batch, plan.num_batches)), self.epoch,
-                           resolution)
+        feeder = self._feeder
+        feeder.pending.clear()
+        feeder.feed = _Feed(((b, plan.batch(b)) for b in range(start_batch, plan.num_batches)), self.epoch,
+                            resolution)
         stream = torch.cuda.current_stream(self.device) if self._gpu else None
         try:
             self._schedule(pipe)
@@ -239,10 +255,10 @@ class DALILoader(Loader):
                 except StopIteration:
                     break
                 except Exception as e:  # DALI failed on the batch at the head of the queue: name its culprit
-                    failed = self._pending[0][1] if self._pending else np.zeros(0, np.int64)
+                    failed = feeder.pending[0][1] if feeder.pending else np.zeros(0, np.int64)
                     self._discard_pipeline()
                     raise self.source.diagnose(failed, str(e)) from e
-                self._pending.popleft()
+                feeder.pending.popleft()
                 batch = self._to_torch(outputs)
                 pipe.release_outputs()
                 self._schedule(pipe)
@@ -254,7 +270,7 @@ class DALILoader(Loader):
             self._unfinished = False
         finally:
             if self._owner is token:
-                self._owner, self._feed = None, None
+                self._owner, feeder.feed = None, None
 
     def _schedule(self, pipe) -> None:
         """Queue the next batch (the callback runs here: its SampleError names a sample). After any error the

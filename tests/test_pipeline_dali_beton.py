@@ -254,3 +254,24 @@ def test_contract_order_matches_ffcv_on_the_coded_betons(coded_betons):
         dali.set_epoch(epoch)
         ffcv.set_epoch(epoch)
         assert epoch_ids(dali) == epoch_ids(ffcv)
+
+
+@pytest.mark.parametrize("stored", ["jpeg", "mixed", "folders"])
+def test_a_dropped_loader_frees_its_pipeline_without_the_garbage_collector(ramp_betons, stored):
+    """No reference cycle runs through a pipeline: one left to the garbage collector can be finalised inside a
+    forked process (rn50 convert forks its writers), where DALI's destructor waits forever for threads the child
+    does not have -- this hung a test session once."""
+    import gc
+    import weakref
+
+    loader = build_loader(ramp_betons[stored], backend="dali", resolution=24, workers=2, **KW)
+    it = iter(loader)
+    next(it)  # an abandoned loop, with batches still queued
+    del it
+    pipe = weakref.ref(loader._pipe)
+    gc.disable()
+    try:
+        del loader
+        assert pipe() is None
+    finally:
+        gc.enable()
