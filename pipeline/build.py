@@ -121,6 +121,7 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
                             nvjpeg_padding_mb=nvjpeg_padding_mb, skip_listed_in=skip_listed_in, source=dali_source,
                             **common)
     if verbose and rank == 0:
-        where = f", from the {loader.source_kind}: {loader.source.describe_storage()}" if backend == "dali" else ""
-        print(f"pipeline: {split} backend {backend} ({why}{where})", flush=True)
+        if backend == "dali" and why == "asked for":
+            why += f", from the {loader.source_kind}: {loader.source.describe_storage()}"
+        print(f"pipeline: {split} backend {backend} ({why})", flush=True)
     return loader
