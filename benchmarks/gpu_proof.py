@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in resolutions:
         if over_budget(f"{res} px"):
             continue
+        torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
         parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
         alone = step_alone(parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup,
                            args.window)

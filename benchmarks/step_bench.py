@@ -1,13 +1,28 @@
-"""`rn50 bench step`: how fast the GPU trains when data costs nothing -- the ceiling every loader is measured against.
+"""`rn50 bench step`: how fast the GPU trains when data costs nothing -- the ceiling every loader is measured against,
+and what each lever of the step is worth.
 
-    rn50 bench step --res 160,192,224 --precision bf16 --batch-size 256
-    rn50 bench step --res 160 --compile                       # torch.compile (compile time reported apart)
-    rn50 bench step --res 224 --precision fp16 --no-channels-last
+    rn50 bench step --res 160,192,224 --precision bf16 --batch-size 256            # eager and compiled rows
+    rn50 bench step --res 224 --levers all                                         # every lever, one row each
+    rn50 bench step --res 224 --levers compile,graphs,fused,bs512 --precision bf16
 
-Runs the trainer's own `training.engine.train_step` (autocast, GradScaler, SGD with weight-decay groups) on synthetic
-tensors already on the device, so the only cost is the model. After `--warmup` steps (which hold cuDNN autotuning
-and, with --compile, compilation), it times `--windows` windows of `--steps` steps with CUDA events and reports the
-median window's img/s. On a CPU the same code runs with wall-clock timing (useful for checking, not for numbers).
+Runs the trainer's own step (`training.engine.train_step`: autocast, GradScaler, SGD with weight-decay groups; the
+CUDA-graph step of training.graphs) on synthetic tensors already on the device, so the only cost is the model. After
+`--warmup` steps (which hold cuDNN autotuning, compilation and graph capture: reported as compile_s), it times
+`--windows` windows of `--steps` steps with CUDA events and reports the median window's img/s. On a CPU the same code
+runs with wall-clock timing (useful for checking, not for numbers).
+
+Levers, each one change against the baseline `compile` (torch.compile default mode, foreach SGD, batch 256 or
+--batch-size, normalised input in the training dtype, 3 channels):
+    eager            no compilation
+    compile          the baseline
+    reduce-overhead  torch.compile mode="reduce-overhead" (inductor's own CUDA graphs of forward and backward)
+    max-autotune     torch.compile mode="max-autotune" (slow to compile)
+    graphs           the whole step (forward, backward, SGD update, EMA-free) as one CUDA graph (--step graphs)
+    fused            SGD(fused=True)
+    normalize-inside uint8 NHWC input; normalisation and the dtype cast inside the compiled region
+    pad4             the input padded to 4 channels (and conv1 with a zero 4th input channel)
+    bs384, bs512     batch 384 / 512 per GPU
+    best             graphs + fused (+ --best-batch, default 256)
 """
 
 from __future__ import annotations
@@ -15,6 +30,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from benchmarks.report import bar_chart, describe_machine, machine_info, markdown_table, median, write_results
 
@@ -24,23 +43,96 @@ def parse_list(text: str, cast=int) -> list:
 
 
 def make_parts(arch: str, num_classes: int, precision_name: str, device, compile_model: bool, channels_last: bool,
-               lr: float = 0.1):
-    """The pieces `train_step` needs, built the way the trainer builds them (constant LR: the schedule's cost is
-    one Python call per step either way)."""
-    import torch
-
-    from training.engine import TrainParts, make_scaler, resolve_precision
-    from training.model import build_model, build_optimizer
+               lr: float = 0.1, lever: Lever | None = None):
+    """The pieces `train_step` needs, built by the trainer's own builder (training.components.make_parts) with a
+    constant LR (the schedule's cost is one Python call per step either way), changed as `lever` says."""
+    from training.components import make_parts as build
+    from training.config import TrainConfig
+    from training.distributed import DistContext
+    from training.engine import resolve_precision
     from training.schedules import Schedule
 
+    lever = lever or Lever("compile" if compile_model else "eager", mode="compile" if compile_model else "eager")
     precision = resolve_precision(precision_name, device)
-    raw = build_model(arch, num_classes, channels_last=channels_last).to(device)
-    model = torch.compile(raw) if compile_model else raw
-    optimizer = build_optimizer(raw, weight_decay=5e-5, momentum=0.9, nesterov=False)[0]
+    step = {"eager": "eager", "graphs": "graphs"}.get(lever.mode, "compile")
+    cfg = TrainConfig(arch=arch, step=step, sgd=lever.sgd, channels_last=channels_last, weight_decay=5e-5,
+                      momentum=0.9, label_smoothing=0.1)
     schedule = Schedule(kind="step", max_lr=lr, steps_per_epoch=1, epochs=1)
-    parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, device),
-                       schedule=schedule, precision=precision, label_smoothing=0.1)
+    compile_mode = lever.mode if lever.mode in ("reduce-overhead", "max-autotune") else None
+    parts, _, _ = build(cfg, num_classes, DistContext(0, 0, 1, device), precision, schedule,
+                        model_hook=lever.model_hook(precision.input_dtype), compile_mode=compile_mode)
     return parts, precision
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One change against the baseline compiled step (see the module docstring)."""
+
+    name: str
+    mode: str = "compile"  # eager | compile | reduce-overhead | max-autotune | graphs
+    sgd: str = "foreach"
+    batch_size: int | None = None  # None: --batch-size
+    normalize_inside: bool = False
+    channels: int = 3
+
+    def model_hook(self, dtype):
+        if self.normalize_inside:
+            return lambda model: NormalizedInput(model, dtype)
+        if self.channels == 4:
+            return pad_stem_to_4_channels
+        return None
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode != "eager"
+
+
+LEVERS = ("eager", "compile", "reduce-overhead", "max-autotune", "graphs", "fused", "normalize-inside", "pad4",
+          "bs384", "bs512", "best")
+
+
+def lever(name: str, best_batch: int | None = None) -> Lever:
+    table = {
+        "eager": Lever("eager", mode="eager"), "compile": Lever("compile"),
+        "reduce-overhead": Lever("reduce-overhead", mode="reduce-overhead"),
+        "max-autotune": Lever("max-autotune", mode="max-autotune"), "graphs": Lever("graphs", mode="graphs"),
+        "fused": Lever("fused", sgd="fused"), "normalize-inside": Lever("normalize-inside", normalize_inside=True),
+        "pad4": Lever("pad4", channels=4), "bs384": Lever("bs384", batch_size=384),
+        "bs512": Lever("bs512", batch_size=512),
+        "best": Lever("best", mode="graphs", sgd="fused", batch_size=best_batch),
+    }
+    if name not in table:
+        raise ValueError(f"unknown lever {name!r}; choose from {', '.join(LEVERS)}")
+    return table[name]
+
+
+class NormalizedInput(nn.Module):
+    """uint8 NHWC batches in, the model's normalised channels_last input made inside (so torch.compile fuses the
+    normalisation and the dtype cast into its first kernels instead of the loader writing a float batch)."""
+
+    def __init__(self, model: nn.Module, dtype) -> None:
+        super().__init__()
+        from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD
+
+        self.model, self.dtype = model, dtype
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = (x.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        return self.model(x.to(self.dtype))
+
+
+def pad_stem_to_4_channels(model: nn.Module) -> nn.Module:
+    """conv1 takes 4 input channels, the 4th with zero weights: the same function, on NHWC input whose pixels are
+    8 bytes wide in bf16 (aligned loads in the first convolution; MLPerf's ResNet-50 pads its input this way)."""
+    old = model.conv1
+    new = nn.Conv2d(4, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :3] = old.weight
+    model.conv1 = new.to(memory_format=torch.channels_last)
+    return model
 
 
 class Timer:
@@ -70,11 +162,9 @@ class Timer:
 
 
 def resolve_device(device: str):
-    import torch
+    from training.distributed import resolve_device as resolve
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve(device, local_rank=0)
 
 
 def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int) -> dict:
@@ -108,35 +198,46 @@ def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int
             "images_per_s": median(rates), "data_wait_share": median(waits)}
 
 
-def synthetic_batches(batch_size: int, res: int, num_classes: int, dtype, device, channels_last: bool = True):
-    """`next_batch` for the step alone: one fixed batch already on the device."""
-    import torch
-
+def synthetic_batches(batch_size: int, res: int, num_classes: int, dtype, device, channels_last: bool = True,
+                      lever: Lever | None = None):
+    """`next_batch` for the step alone: one fixed batch already on the device, in the form the lever's model takes
+    (normalised `dtype` NCHW/channels_last; uint8 NHWC for normalize-inside; 4 channels for pad4)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(batch_size, 3, res, res, generator=gen).to(device, dtype=dtype)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    if lever is not None and lever.normalize_inside:
+        images = torch.randint(0, 256, (batch_size, res, res, 3), generator=gen, dtype=torch.uint8).to(device)
+    else:
+        channels = lever.channels if lever is not None else 3
+        images = torch.randn(batch_size, channels, res, res, generator=gen).to(device, dtype=dtype)
+        if lever is not None and channels == 4:
+            images[:, 3] = 0
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
     return lambda: (images, labels)
 
 
 def measure_step(arch: str = "resnet50", res: int = 160, batch_size: int = 256, precision: str = "auto",
                  compile_model: bool = False, channels_last: bool = True, device: str = "auto", warmup: int = 10,
-                 steps: int = 20, windows: int = 5, num_classes: int = 1000) -> dict:
-    """Median img/s of the train step on synthetic data, plus warm-up (compile) time and peak memory."""
-    import torch
-
+                 steps: int = 20, windows: int = 5, num_classes: int = 1000, lever: Lever | None = None) -> dict:
+    """Median img/s of the train step on synthetic data, plus warm-up (compile, capture) time and peak memory."""
     dev = resolve_device(device)
+    lever = lever or Lever("compile" if compile_model else "eager", mode="compile" if compile_model else "eager")
+    batch = lever.batch_size or batch_size
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(dev)
-    parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, channels_last)
-    timing = run_windows(parts, dev, synthetic_batches(batch_size, res, num_classes, prec.input_dtype, dev,
-                                                        channels_last), warmup, steps, windows)
+    torch._dynamo.reset()  # every lever compiles afresh: its compile time is its own
+    parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, channels_last, lever=lever)
+    timing = run_windows(parts, dev, synthetic_batches(batch, res, num_classes, prec.input_dtype, dev,
+                                                        channels_last, lever), warmup, steps, windows)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return {"arch": arch, "res": res, "batch_size": batch_size, "precision": prec.name, "compile": compile_model,
+    wanted = {"eager": "eager", "graphs": "graphs"}.get(lever.mode, "compile")
+    mode = lever.mode if parts.step_mode == wanted else f"{parts.step_mode} ({parts.step_why})"
+    return {"lever": lever.name, "mode": mode, "sgd": lever.sgd,
+            "input": "uint8 NHWC" if lever.normalize_inside else f"{lever.channels} channels", "arch": arch,
+            "res": res, "batch_size": batch, "precision": prec.name, "compile": lever.compiled,
             "channels_last": channels_last, "device": str(dev), "warmup_steps": warmup, **timing,
-            "peak_memory_gib": peak}
+            "compile_s": timing["warmup_s"], "peak_memory_gib": peak}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", default="160,192,224", help="comma-separated resolutions (160,192,224)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time reported apart)")
+    p.add_argument("--levers", default=None,
+                   help=f"comma-separated, of {', '.join(LEVERS)}, or all (default: eager; --compile: compile)")
+    p.add_argument("--compile", action="store_true", help="= --levers compile")
+    p.add_argument("--best-batch", type=int, default=None, help="batch size of the 'best' lever (--batch-size)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--arch", default="resnet50")
@@ -160,33 +264,41 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         resolutions = parse_list(args.res)
-    except ValueError:
-        print(f"rn50 bench step: error: --res wants integers like 160,192,224, got {args.res!r}", file=sys.stderr)
+        names = list(LEVERS) if args.levers == "all" else parse_list(args.levers or ("compile" if args.compile else
+                                                                                      "eager"), str)
+        levers = [lever(name, args.best_batch) for name in names]
+    except ValueError as e:
+        what = str(e) if "lever" in str(e) else f"--res wants integers like 160,192,224, got {args.res!r}"
+        print(f"rn50 bench step: error: {what}", file=sys.stderr)
         return 2
-    if args.batch_size < 1 or args.steps < 1 or args.windows < 1 or not resolutions:
-        print("rn50 bench step: error: --batch-size, --steps, --windows must be >= 1 and --res non-empty",
+    if args.batch_size < 1 or args.steps < 1 or args.windows < 1 or not resolutions or not levers:
+        print("rn50 bench step: error: --batch-size, --steps, --windows must be >= 1 and --res, --levers non-empty",
               file=sys.stderr)
         return 2
     info = machine_info()
     results = []
-    for res in resolutions:
-        r = measure_step(args.arch, res, args.batch_size, args.precision, args.compile, not args.no_channels_last,
-                         args.device, args.warmup, args.steps, args.windows)
-        results.append(r)
-        print(f"  {args.arch} {res}px bs{args.batch_size} {r['precision']}{' compiled' if args.compile else ''}: "
-              f"{r['images_per_s']:,.0f} img/s (warm-up {r['warmup_s']:.1f} s)", file=sys.stderr)
+    for lv in levers:
+        for res in resolutions:
+            r = measure_step(args.arch, res, args.batch_size, args.precision, False, not args.no_channels_last,
+                             args.device, args.warmup, args.steps, args.windows, lever=lv)
+            results.append(r)
+            print(f"  {lv.name:16s} {args.arch} {res}px bs{r['batch_size']} {r['precision']} {r['mode']}: "
+                  f"{r['images_per_s']:,.0f} img/s (compile/warm-up {r['compile_s']:.1f} s)", file=sys.stderr)
+    baseline = {r["res"]: r["images_per_s"] for r in results if r["lever"] == "compile"}
+    for r in results:
+        r["vs_compile"] = r["images_per_s"] / baseline[r["res"]] if r["res"] in baseline else None
     layout = "NCHW" if args.no_channels_last else "channels_last"
-    mode = "torch.compile" if args.compile else "eager"
-    rows = [[r["res"], r["images_per_s"], ", ".join(f"{x:,.0f}" for x in r["windows_images_per_s"]),
-             r["warmup_s"], f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"] for r in results]
-    md = (f"# rn50 bench step\n\n{describe_machine(info)}; {args.arch}, batch {args.batch_size}, "
-          f"{results[0]['precision']}, {layout}, {mode}, device {results[0]['device']}\n\n"
-          + markdown_table(["res", "median img/s", "img/s per window", "warm-up s", "peak GiB"], rows) + "\n")
+    rows = [[r["lever"], r["res"], r["batch_size"], r["mode"], r["sgd"], r["input"], r["images_per_s"],
+             f"{r['vs_compile']:.2f}" if r["vs_compile"] else "-", r["compile_s"],
+             f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"] for r in results]
+    md = (f"# rn50 bench step\n\n{describe_machine(info)}; {args.arch}, {results[0]['precision']}, {layout}, device "
+          f"{results[0]['device']}; median of {args.windows} windows of {args.steps} steps\n\n"
+          + markdown_table(["lever", "res", "batch", "mode", "SGD", "input", "median img/s", "vs compile",
+                            "compile s", "peak GiB"], rows) + "\n")
     data = {"machine": info, "args": vars(args), "results": results}
     paths = write_results("step", data, md, lambda p: bar_chart(
-        p, [f"{r['res']}px" for r in results], [r["images_per_s"] for r in results],
-        f"train step only ({mode}, {results[0]['precision']}), {describe_machine(info)}", "images/s (median)"),
-        args.out)
+        p, [f"{r['lever']} {r['res']}px" for r in results], [r["images_per_s"] for r in results],
+        f"train step only ({results[0]['precision']}), {describe_machine(info)}", "images/s (median)"), args.out)
     print(md)
     print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0

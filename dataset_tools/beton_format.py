@@ -43,7 +43,10 @@ class BetonIndex:
         return dict(zip(self.alloc_table["ptr"].tolist(), self.alloc_table["size"].tolist()))
 
 
-def read_index(path: str | Path) -> BetonIndex:
+def read_index(path: str | Path, with_alloc_table: bool = True) -> BetonIndex:
+    """The header, field list, metadata table and (unless `with_alloc_table` is False: a folder check needs only the
+    metadata, and ImageNet's table is another 30 MB) allocation table of a .beton. BetonFormatError names the file
+    when it is not a .beton this reader knows, or is truncated."""
     path = Path(path)
     size = path.stat().st_size
     if size < HEADER.itemsize:
@@ -53,6 +56,8 @@ def read_index(path: str | Path) -> BetonIndex:
         raise BetonFormatError(f"{path}: format version {int(header['version'])}, expected {FORMAT_VERSION} "
                                "(not a .beton, or written by another FFCV release)")
     num_fields, num_samples = int(header["num_fields"]), int(header["num_samples"])
+    if HEADER.itemsize + num_fields * FIELD_DESC.itemsize > size:
+        raise BetonFormatError(f"{path}: truncated or damaged (its header lists {num_fields} fields)")
     descs = np.fromfile(path, dtype=FIELD_DESC, count=num_fields, offset=HEADER.itemsize)
     names, kinds, dtypes = [], [], []
     for d in descs:
@@ -67,10 +72,13 @@ def read_index(path: str | Path) -> BetonIndex:
     meta_type = np.dtype([(f"f{i}", t) for i, t in enumerate(dtypes)], align=True)
     meta_offset = HEADER.itemsize + descs.nbytes
     alloc_ptr = int(header["alloc_table_ptr"])
-    if meta_offset + num_samples * meta_type.itemsize > size or not 0 < alloc_ptr <= size:
-        raise BetonFormatError(f"{path}: truncated or damaged (the index points past the end of the file)")
+    meta_end = meta_offset + num_samples * meta_type.itemsize
+    if meta_end > size or not meta_end <= alloc_ptr <= size or (size - alloc_ptr) % ALLOC_TABLE.itemsize:
+        raise BetonFormatError(f"{path}: truncated or damaged (its index does not fit the file's {size} bytes)")
     metadata = np.fromfile(path, dtype=meta_type, count=num_samples, offset=meta_offset)
-    alloc = np.fromfile(path, dtype=ALLOC_TABLE, offset=alloc_ptr)
+    alloc = np.fromfile(path, dtype=ALLOC_TABLE, offset=alloc_ptr) if with_alloc_table else np.zeros(0, ALLOC_TABLE)
+    if with_alloc_table and len(alloc) and int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr:
+        raise BetonFormatError(f"{path}: damaged (its allocation table points past the sample data)")
     return BetonIndex(path, num_samples, int(header["page_size"]), names, kinds, metadata, alloc)
 
 

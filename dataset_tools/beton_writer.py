@@ -73,9 +73,15 @@ def _page_size_for(max_side: int | None) -> int:
 
 
 def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params, parent_pid):
-    """Runs in a forked process: decode, encode into the file via the shared allocator, report failures."""
+    """Runs in a forked process: decode, encode into the file via the shared allocator, report failures.
+
+    Puts ("ok", allocations, failures) on `results`, or ("error", message) when the file cannot be written (a full
+    or read-only disk): the parent names that cause instead of 'a writer process died'."""
     from ffcv.fields import IntField, RGBImageField
 
+    from dataset_tools.processes import exit_with_parent
+
+    exit_with_parent(parent_pid)  # the converter was killed: stop, don't write on into an orphan file
     max_side, quality = params
     jpg = RGBImageField(write_mode="jpg", jpeg_quality=quality)
     raw = RGBImageField(write_mode="raw")
@@ -84,38 +90,40 @@ def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params,
     metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
     image_col, label_col = metadata_type.names  # FFCV names the metadata columns by position ('f0', 'f1')
     failures = []
-    with allocator:
-        while True:
-            try:
-                chunk = tasks.get(timeout=1.0)
-            except queue.Empty:
-                if os.getppid() != parent_pid:  # the converter was killed: stop, don't write into an orphan file
-                    os._exit(1)
-                continue
-            if chunk is None:
-                break
-            for dest, path, label, as_jpeg in chunk:
+    try:
+        with allocator:
+            while True:
                 try:
-                    image = load_rgb(path, max_side, decoder)
-                except BadImage as e:
-                    failures.append((dest, path, str(e)))
+                    chunk = tasks.get(timeout=1.0)
+                except queue.Empty:
                     continue
-                except Exception as e:  # a decoder bug must cost one image, not the run
-                    failures.append((dest, path, f"undecodable: {type(e).__name__}: {e}"))
-                    continue
-                row = metadata[dest:dest + 1]
-                for attempt in range(2):  # FFCV's protocol: a sample that straddles a page is retried on a new page
+                if chunk is None:
+                    break
+                for dest, path, label, as_jpeg in chunk:
                     try:
-                        allocator.set_current_sample(dest)
-                        (jpg if as_jpeg else raw).encode(row[image_col], image, allocator.malloc)
-                        labels.encode(row[label_col], label, allocator.malloc)
-                        break
-                    except MemoryError:
-                        if attempt == 1:
-                            raise
-            with done.get_lock():
-                done.value += len(chunk)
-    results.put((allocator.allocations, failures))
+                        image = load_rgb(path, max_side, decoder)
+                    except BadImage as e:
+                        failures.append((dest, path, str(e)))
+                        continue
+                    except Exception as e:  # a decoder bug must cost one image, not the run
+                        failures.append((dest, path, f"undecodable: {type(e).__name__}: {e}"))
+                        continue
+                    row = metadata[dest:dest + 1]
+                    for attempt in range(2):  # FFCV's protocol: a sample that straddles a page is retried on a new page
+                        try:
+                            allocator.set_current_sample(dest)
+                            (jpg if as_jpeg else raw).encode(row[image_col], image, allocator.malloc)
+                            labels.encode(row[label_col], label, allocator.malloc)
+                            break
+                        except MemoryError:
+                            if attempt == 1:
+                                raise
+                with done.get_lock():
+                    done.value += len(chunk)
+    except OSError as e:
+        results.put(("error", f"cannot write {allocator.fname} ({e.strerror or e})"))
+        return
+    results.put(("ok", allocator.allocations, failures))
 
 
 def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None = 500, jpeg_quality: int = 90,
@@ -162,12 +170,15 @@ def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None
         try:
             while received < len(procs):
                 try:  # drain results before joining: a worker cannot exit while its result sits in the pipe
-                    allocs, fails = results.get(timeout=0.2)
-                    allocations.extend(allocs)
-                    failures.extend(fails)
-                    received += 1
+                    result = results.get(timeout=0.2)
                 except queue.Empty:
-                    pass
+                    result = None
+                if result is not None:
+                    if result[0] == "error":
+                        raise WriterError(f"{result[1]}; the partial file is discarded")
+                    allocations.extend(result[1])
+                    failures.extend(result[2])
+                    received += 1
                 if done.value > shown:
                     bar.update(done.value - shown)
                     shown, last_progress = done.value, time.monotonic()

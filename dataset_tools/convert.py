@@ -6,18 +6,28 @@
 reads   ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG   (sort a flat val/ first: rn50 organize-val)
 writes  OUT/train.beton, OUT/val.beton   fields `image` (RGBImageField) and `label` (IntField, ImageFolder order)
         OUT/classes.json                 index -> wnid (a JSON list)
+        OUT/manifest.json                the class list and each beton's size and index fingerprint: what belongs together
         OUT/convert_report.json          per split: written, skipped [{path, reason}], classes, seconds, images_per_s, bytes
         OUT/LOC_synset_mapping.txt       copied when ROOT has one (class names for inspect/show-batch)
 
 Defaults are ffcv-imagenet's ResNet-50 dataset: longer side at most 500 px, half the images JPEG q90, half raw.
 Odd files (CMYK, grayscale, palette, RGBA, 16-bit, PNG inside .JPEG) become RGB; empty, truncated, undecodable and
-non-image files are skipped and listed in the report with a reason. Each .beton is written under a temporary name in
-OUT and renamed when complete, so a killed conversion never leaves a file that looks finished.
+non-image files are skipped and listed in the report with a reason.
+
+Every split's class folders are checked before anything is written. One conversion at a time writes into OUT (a lock
+that dies with its holder; a second one stops at once naming the first's pid). Each .beton is written under a
+temporary name and committed when complete: first manifest.json names it, then it is renamed into place, then
+classes.json follows; so whenever a conversion is killed, the folder holds a consistent set, or one that the loaders
+refuse with a line saying to run the conversion again (dataset_tools.beton_folder) -- never betons beside another
+conversion's class names. Converting one split keeps the other's beton when the class list is the same, and is
+refused when it is not (the other beton would be left with names that are not its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,11 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_tools.beton_folder import (
+    CLASSES_NAME,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    SPLITS,
+    open_index,
+    read_classes,
+    read_manifest,
+    split_entry,
+)
 from dataset_tools.beton_writer import WriterError, write_beton
-from dataset_tools.files import SplitListing, list_classes, scan_split
+from dataset_tools.files import DataFolderError, SplitListing, check_writable, list_classes, scan_split
+from dataset_tools.locks import FolderBusy, folder_lock
 
 REPORT_NAME = "convert_report.json"
-CLASSES_NAME = "classes.json"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 
 
@@ -57,8 +77,23 @@ class ConvertOptions:
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # the rename commits: the content must be on disk before it
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def choose_classes(all_classes: list[str], k: int | None, seed: int) -> list[str]:
@@ -102,7 +137,9 @@ def resolve_classes(root: Path, splits: list[str], k: int | None, seed: int) -> 
     return choose_classes(classes, k, seed)
 
 
-def convert_split(root: Path, out: Path, split: str, classes: list[str], opts: ConvertOptions) -> dict:
+def plan_split(root: Path, split: str, classes: list[str], opts: ConvertOptions) -> tuple[list[tuple[str, int]], int]:
+    """The (path, label) items to write for `split` and the count of ignored entries; InputError if the split cannot
+    be converted. Reads folder listings only, so every split is checked before anything is written."""
     split_dir = root / split
     if not split_dir.is_dir():
         raise InputError(f"{split_dir}: no such folder")
@@ -119,7 +156,12 @@ def convert_split(root: Path, out: Path, split: str, classes: list[str], opts: C
     items = cap_per_class(listing, cap, opts.subset_seed)
     if not items:
         raise InputError(f"{split_dir}: no images in the chosen class folders (image extensions: .JPEG .jpg .png ...)")
+    return items, listing.ignored
 
+
+def convert_split(root: Path, out: Path, split: str, items: list[tuple[str, int]], ignored: int, classes: list[str],
+                  manifest: dict, opts: ConvertOptions) -> dict:
+    """Write one split under a temporary name, then commit it: manifest, beton, classes.json (in that order)."""
     final = out / f"{split}.beton"
     tmp = out / f".{split}.beton.tmp-{os.getpid()}"
     try:
@@ -128,18 +170,21 @@ def convert_split(root: Path, out: Path, split: str, classes: list[str], opts: C
                              seed=opts.seed + (0 if split == "train" else 1), chunk_size=opts.chunk_size,
                              desc=split, progress=opts.progress)
         if result.written == 0:
-            raise InputError(f"{split_dir}: none of the {len(items)} files is a usable image "
+            raise InputError(f"{root / split}: none of the {len(items)} files is a usable image "
                              f"(first reason: {result.skipped[0]['reason']})")
-        os.replace(tmp, final)
+        manifest["splits"][split] = split_entry(open_index(tmp))
+        write_json_atomic(out / MANIFEST_NAME, manifest)  # 1. the manifest names the beton to come
+        os.replace(tmp, final)  # 2. the beton
+        if not (out / CLASSES_NAME).is_file() or _classes_or_none(out / CLASSES_NAME) != classes:
+            write_json_atomic(out / CLASSES_NAME, classes)  # 3. its class names
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     size = final.stat().st_size
     return {
         "file": str(final),
         "written": result.written,
         "skipped": result.skipped,
-        "ignored_non_images": listing.ignored,
+        "ignored_non_images": ignored,
         "classes": len({label for _, label in items}),
         "seconds": round(result.seconds, 3),
         "images_per_s": round(len(items) / result.seconds, 1) if result.seconds > 0 else None,
@@ -147,38 +192,103 @@ def convert_split(root: Path, out: Path, split: str, classes: list[str], opts: C
     }
 
 
-def remove_stale_temporaries(out: Path, splits: list[str]) -> None:
-    """Leftovers of a killed conversion (only ours: .<split>.beton.tmp-<pid>)."""
-    for split in splits:
-        for stale in out.glob(f".{split}.beton.tmp-*"):
+def _classes_or_none(path: Path) -> list[str] | None:
+    try:
+        return read_classes(path)
+    except DataFolderError:
+        return None
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Leftovers of killed conversions (only ours: .<split>.beton.tmp-<pid>, .<json>.tmp-<pid>). Called with the
+    folder's lock held, so no conversion that could still be writing them is alive."""
+    for pattern in [f".{s}.beton.tmp-*" for s in SPLITS] + [f".{n}.tmp-*" for n in (
+            CLASSES_NAME, MANIFEST_NAME, REPORT_NAME, SYNSET_MAPPING)]:
+        for stale in out.glob(pattern):
             print(f"removing {stale} left by an interrupted conversion", file=sys.stderr)
             stale.unlink(missing_ok=True)
+
+
+def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
+    """The manifest this conversion starts from. With the folder's class list unchanged it keeps vouching for the
+    betons there (each is replaced as its split is committed: a run stopped half way leaves a usable folder); with
+    another list, InputError when a beton of a split not being converted would be left beside names not its own."""
+    try:
+        existing = read_manifest(out)
+    except DataFolderError:
+        existing = None  # unreadable: it vouches for nothing, and is rewritten
+    old_classes = existing["classes"] if existing else (
+        _classes_or_none(out / CLASSES_NAME) if (out / CLASSES_NAME).is_file() else None)
+    kept: dict[str, dict] = {}
+    for s in SPLITS:
+        beton = out / f"{s}.beton"
+        if not beton.is_file():
+            continue
+        if old_classes == classes:
+            entry = (existing or {}).get("splits", {}).get(s)
+            if entry is None:  # converted before manifests existed: vouch for it if its labels fit
+                with contextlib.suppress(DataFolderError):
+                    candidate = split_entry(open_index(beton))
+                    entry = candidate if candidate["labels"] <= len(classes) else None
+            if entry is not None:
+                kept[s] = entry
+                continue
+        if s in splits:
+            continue  # replaced by this conversion
+        known = f"{len(old_classes)} other classes" if old_classes and old_classes != classes else "another class list"
+        raise InputError(f"{beton} was converted with {known}; converting only {','.join(splits)} would leave it "
+                         f"unusable: convert it too (--splits {','.join(s2 for s2 in SPLITS if s2 in splits or s2 == s)})"
+                         ", or choose another --out-dir")
+    return {"version": MANIFEST_VERSION, "classes": classes, "splits": kept}
 
 
 def convert(data_dir: str | Path, out_dir: str | Path, splits: list[str], opts: ConvertOptions) -> dict:
     """Convert each split; returns the report (also written to OUT/convert_report.json)."""
     root, out = Path(data_dir), Path(out_dir)
     if not root.is_dir():
-        raise InputError(f"{root}: no such folder (--data-dir is the ImageNet root holding train/ and val/)")
+        what = "not a folder" if root.exists() else "no such folder"
+        raise InputError(f"{root}: {what} (--data-dir is the ImageNet root holding train/ and val/)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out}: a file, not a folder; choose another --out-dir")
     if not splits:
         raise InputError("--splits is empty")
-    classes = resolve_classes(root, splits, opts.classes, opts.subset_seed)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out, splits)
-    write_json_atomic(out / CLASSES_NAME, classes)
-    if (root / SYNSET_MAPPING).is_file():
-        shutil.copyfile(root / SYNSET_MAPPING, out / SYNSET_MAPPING)
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise InputError(f"--splits {','.join(unknown)}: the splits are train and val")
+    try:  # reads folder listings only; every split is checked before anything is written
+        classes = resolve_classes(root, splits, opts.classes, opts.subset_seed)
+        plans = {split: plan_split(root, split, classes, opts) for split in splits}
+    except OSError as e:  # pathlib's is_dir() raises on a folder it may not look into
+        raise InputError(f"{e.filename or root}: cannot be read ({e.strerror or e}); check its permissions") from None
 
-    report_path = out / REPORT_NAME
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["settings"] = {"data_dir": str(root.resolve()), "max_res": opts.max_res, "jpeg_quality": opts.jpeg_quality,
-                          "compress_prob": opts.compress_prob, "workers": opts.workers, "classes": opts.classes,
-                          "per_class": opts.per_class, "val_per_class": opts.val_per_class,
-                          "subset_seed": opts.subset_seed, "seed": opts.seed,
-                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    for split in splits:
-        report[split] = convert_split(root, out, split, classes, opts)
-        write_json_atomic(report_path, report)  # a finished split is recorded even if a later one fails
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "rn50 convert",
+                                            hint="wait for it to finish, or choose another --out-dir"))
+            check_writable(out / MANIFEST_NAME)  # the lock file may be writable in a folder that is not
+        except OSError as e:
+            raise InputError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir"
+                             ) from None
+        remove_stale_temporaries(out)
+        manifest = start_manifest(out, classes, splits)
+        if (root / SYNSET_MAPPING).is_file():
+            copy_atomic(root / SYNSET_MAPPING, out / SYNSET_MAPPING)
+
+        report_path = out / REPORT_NAME
+        report = {}
+        if manifest["splits"] and report_path.is_file():  # keep what the report says about the betons kept
+            with contextlib.suppress(OSError, ValueError):
+                old = json.loads(report_path.read_text())
+                report = {s: old[s] for s in manifest["splits"] if s in old}
+        report["settings"] = {"data_dir": str(root.resolve()), "max_res": opts.max_res,
+                              "jpeg_quality": opts.jpeg_quality, "compress_prob": opts.compress_prob,
+                              "workers": opts.workers, "classes": opts.classes, "per_class": opts.per_class,
+                              "val_per_class": opts.val_per_class, "subset_seed": opts.subset_seed, "seed": opts.seed,
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for split in splits:
+            items, ignored = plans[split]
+            report[split] = convert_split(root, out, split, items, ignored, classes, manifest, opts)
+            write_json_atomic(report_path, report)  # a finished split is recorded even if a later one fails
     return report
 
 
@@ -226,11 +336,18 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, progress=not args.no_progress)
     try:
         report = convert(args.data_dir, args.out_dir, splits, opts)
-    except InputError as e:
+    except (InputError, DataFolderError, FolderBusy) as e:
         print(f"rn50 convert: error: {e}", file=sys.stderr)
         return 2
     except WriterError as e:
-        print(f"rn50 convert: error: {e}", file=sys.stderr)
+        print(f"rn50 convert: error: {e}; finished splits are kept", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = e.filename or args.out_dir
+        fix = ("free space there, or choose another --out-dir" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+               "check the path and its permissions")
+        print(f"rn50 convert: error: cannot write {where} ({e.strerror or e}); {fix}; finished splits are kept",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rn50 convert: interrupted; finished splits are kept, the unfinished one was discarded", file=sys.stderr)

@@ -24,6 +24,38 @@ class BadImage(Exception):
     """The file cannot become an RGB image; `str(e)` is the reason shown in reports."""
 
 
+class DataFolderError(ValueError):
+    """A data folder (image folders or .beton files) cannot be used as it is; `str(e)` is one line naming the file
+    and the fix. Commands print it as their error; the loaders raise it at build time (and the torchvision loader
+    when a split has no decodable file)."""
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise OSError (naming the path) unless a file can be written at `path`: its folder is created if missing and
+    a probe file is made and removed there. For commands to call before the work whose result goes to `path`."""
+    import errno
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.parent / f".{path.name}.probe-{os.getpid()}"
+    with open(probe, "wb"):
+        pass
+    probe.unlink()
+
+
+def scan_folder(folder: str | Path) -> list[os.DirEntry]:
+    """os.scandir as a list, with a folder that cannot be listed (permissions, a file in its place, a vanished
+    network mount) reported as a DataFolderError naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as e:
+        fix = "check its permissions" if isinstance(e, PermissionError) else "check the path"
+        raise DataFolderError(f"{folder}: cannot be listed ({e.strerror or e}); {fix}") from None
+
+
 def is_image_file(name: str) -> bool:
     """Image extension and not hidden (macOS `._x.JPEG` resource forks and dotfiles are not images)."""
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
@@ -37,10 +69,26 @@ class SplitListing:
     ignored: int  # non-image or hidden entries that were not considered
 
 
+def skipped_in_report(report: Path) -> set[str]:
+    """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
+    import json
+
+    report = Path(report)
+    if not report.is_file():
+        raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
+    try:
+        data = json.loads(report.read_text())
+        return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
+                for item in part.get("skipped", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataFolderError(f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
+                              ) from None
+
+
 def list_classes(split_dir: str | Path) -> list[str]:
     """Sorted names of the non-hidden sub-folders (ImageFolder's class order)."""
     split_dir = Path(split_dir)
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in scan_folder(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
 def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> SplitListing:
@@ -53,7 +101,7 @@ def scan_split(split_dir: str | Path, classes: list[str] | None = None) -> Split
         if not class_dir.is_dir():
             continue
         names = []
-        for entry in os.scandir(class_dir):
+        for entry in scan_folder(class_dir):
             if entry.is_file() and is_image_file(entry.name):
                 names.append(entry.name)
             else:

@@ -4,11 +4,14 @@
 
 Reads the file's metadata table directly (no loader, no JIT compilation), so it answers in about a second even for
 ImageNet. Class names come from classes.json and LOC_synset_mapping.txt beside the .beton, when they are there.
+Being a diagnostic, it reports what the loaders would refuse (a beton that does not belong with classes.json, an
+image that does not decode) as warnings and goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import sys
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_tools.beton_folder import SPLITS, check_beton_folder, read_classes
 from dataset_tools.beton_format import JPEG_MODE, RAW_MODE, BetonFormatError, BetonIndex, read_index
+from dataset_tools.files import DataFolderError, check_writable
 
 MODES = {JPEG_MODE: "jpg", RAW_MODE: "raw"}
 
@@ -34,24 +39,43 @@ def open_beton(path: str | Path) -> BetonIndex:
         index = read_index(path)
     except BetonFormatError as e:
         raise BetonError(str(e)) from None
+    except OSError as e:
+        raise BetonError(f"{path}: cannot be read ({e.strerror or e})") from None
     if index.field_names[:2] != ["image", "label"] or index.field_kinds[:2] != ["rgb_image", "int"]:
         raise BetonError(f"{path}: fields are {index.field_names}, expected ['image', 'label'] (made by rn50 convert?)")
     return index
 
 
-def class_names(beton: Path) -> list[str] | None:
-    """['n01440764 tench', ...] from classes.json (+ LOC_synset_mapping.txt) beside the .beton, or None."""
-    classes_file = beton.parent / "classes.json"
-    if not classes_file.is_file():
-        return None
-    wnids = json.loads(classes_file.read_text())
+def class_names(beton: Path) -> tuple[list[str] | None, str | None]:
+    """(['n01440764 tench', ...] or None, a warning or None). The names are those the loaders would use
+    (dataset_tools.beton_folder) for train.beton/val.beton; when the folder check fails, the warning says why and
+    the names come from classes.json as it is, if it can be read."""
+    wnids, warning = None, None
+    split = beton.name[: -len(".beton")]
+    if split in SPLITS:
+        try:
+            folder = check_beton_folder(beton.parent, [split])
+            wnids = folder.classes if folder.source != "labels" else None
+        except DataFolderError as e:
+            warning = str(e)
+    if wnids is None and (beton.parent / "classes.json").is_file():
+        try:
+            wnids = read_classes(beton.parent / "classes.json")
+        except DataFolderError as e:
+            warning = warning or str(e)
+    if wnids is None:
+        return None, warning
     mapping = {}
     synsets = beton.parent / "LOC_synset_mapping.txt"
     if synsets.is_file():
-        for line in synsets.read_text().splitlines():
+        try:
+            lines = synsets.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
             wnid, _, name = line.partition(" ")
             mapping[wnid] = name.split(",")[0].strip()
-    return [f"{w} {mapping[w]}" if w in mapping else w for w in wnids]
+    return [f"{w} {mapping[w]}" if w in mapping else w for w in wnids], warning
 
 
 def decode_sample(index: BetonIndex, i: int, sizes: dict[int, int] | None = None) -> tuple[np.ndarray, int]:
@@ -99,7 +123,8 @@ def summarize(index: BetonIndex) -> dict:
     }
 
 
-def draw_grid(index: BetonIndex, out: str | Path, names: list[str] | None, n: int = 24, seed: int = 0) -> None:
+def draw_grid(index: BetonIndex, out: str | Path, names: list[str] | None, n: int = 24, seed: int = 0) -> list[str]:
+    """Write a PNG grid of `n` samples chosen by `seed`; returns a warning per sample that does not decode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,17 +136,26 @@ def draw_grid(index: BetonIndex, out: str | Path, names: list[str] | None, n: in
     cols = min(6, len(picks))
     rows = (len(picks) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    warnings = []
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        image, label = decode_sample(index, int(i), sizes)
-        ax.imshow(image)
-        title = names[label] if names and label < len(names) else f"class {label}"
-        ax.set_title(f"#{i} {title[:28]}\n{image.shape[1]}x{image.shape[0]}", fontsize=7)
-    fig.suptitle(index.path.name, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    try:
+        for ax, i in zip(axes.flat, picks):
+            try:
+                image, label = decode_sample(index, int(i), sizes)
+            except Exception as e:  # damaged sample data: show the hole, name it, draw the rest
+                warnings.append(f"sample {int(i)}: cannot be decoded ({type(e).__name__}: {e})")
+                ax.set_title(f"#{i} undecodable", fontsize=7, color="red")
+                continue
+            ax.imshow(image)
+            title = names[label] if names and label < len(names) else f"class {label}"
+            ax.set_title(f"#{i} {title[:28]}\n{image.shape[1]}x{image.shape[0]}", fontsize=7)
+        fig.suptitle(index.path.name, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out, dpi=90)
+    finally:
+        plt.close(fig)
+    return warnings
 
 
 def print_summary(s: dict, names: list[str] | None) -> None:
@@ -155,22 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for flag, target in (("--grid", args.grid), ("--json", args.json)):
+        if target:
+            try:
+                check_writable(target)
+            except OSError as e:
+                print(f"rn50 inspect: error: {flag} {target}: cannot write there ({e.strerror or e}); choose another "
+                      "path", file=sys.stderr)
+                return 2
     try:
         index = open_beton(args.beton)
     except BetonError as e:
         print(f"rn50 inspect: error: {e}", file=sys.stderr)
         return 2
-    names = class_names(Path(args.beton))
+    names, warning = class_names(Path(args.beton))
+    if warning:
+        print(f"rn50 inspect: warning: {warning}", file=sys.stderr)
     summary = summarize(index)
     print_summary(summary, names)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    if args.grid:
-        if summary["samples"] == 0:
-            print("rn50 inspect: no images to draw", file=sys.stderr)
-            return 1
-        draw_grid(index, args.grid, names, args.n, args.seed)
-        print(f"grid: {args.grid}")
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        if args.grid:
+            if summary["samples"] == 0:
+                print("rn50 inspect: no images to draw", file=sys.stderr)
+                return 1
+            for w in draw_grid(index, args.grid, names, args.n, args.seed):
+                print(f"rn50 inspect: warning: {args.beton}: {w}", file=sys.stderr)
+            print(f"grid: {args.grid}")
+    except OSError as e:
+        fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another path"
+        print(f"rn50 inspect: error: cannot write {e.filename or args.grid or args.json} ({e.strerror or e}); {fix}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset_tools.files import is_image_file
+from dataset_tools.files import DataFolderError, check_writable, is_image_file, scan_folder
 
 WNID_RE = re.compile(r"^n\d{8}$")
 
@@ -36,17 +36,23 @@ def labels_from_csv(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise LabelError(f"{path}: no such file (the Kaggle release calls it LOC_val_solution.csv)")
     labels = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise LabelError(f"{path}: expected the header 'ImageId,PredictionString', got {header}")
-        for row in reader:
-            if len(row) < 2 or not row[1].split():
-                continue
-            wnid = row[1].split()[0]
-            if WNID_RE.match(wnid):
-                labels[row[0].strip()] = wnid
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+                raise LabelError(f"{path}: expected the header 'ImageId,PredictionString', got {header}")
+            for row in reader:
+                if len(row) < 2 or not row[1].split():
+                    continue
+                wnid = row[1].split()[0]
+                if WNID_RE.match(wnid):
+                    labels[row[0].strip()] = wnid
+    except OSError as e:
+        raise LabelError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise LabelError(f"{path}: not a text CSV ({type(e).__name__}); the Kaggle release's LOC_val_solution.csv "
+                         "is expected") from None
     if not labels:
         raise LabelError(f"{path}: no labelled rows")
     return labels
@@ -65,6 +71,9 @@ def labels_from_xml_dir(path: str | Path) -> tuple[dict[str, str], list[str]]:
             names = [n.text.strip() for n in ET.parse(xml).getroot().iter("name") if n.text]
         except ET.ParseError as e:
             bad.append(f"{xml}: unparsable XML ({e})")
+            continue
+        except OSError as e:
+            bad.append(f"{xml}: cannot be read ({e.strerror or e})")
             continue
         wnids = [n for n in names if WNID_RE.match(n)]
         if not wnids:
@@ -93,12 +102,12 @@ class Plan:
 def make_plan(val_dir: Path, labels: dict[str, str]) -> Plan:
     plan = Plan()
     found: set[str] = set()
-    for entry in sorted(os.scandir(val_dir), key=lambda e: e.name):
+    for entry in sorted(scan_folder(val_dir), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
             # A class folder from an earlier run: images there are in place if their label agrees.
-            for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
+            for sub in sorted(scan_folder(entry.path), key=lambda e: e.name):
                 if not sub.is_file() or not is_image_file(sub.name):
                     continue
                 stem = Path(sub.name).stem
@@ -132,10 +141,19 @@ def make_plan(val_dir: Path, labels: dict[str, str]) -> Plan:
     return plan
 
 
+class MoveError(RuntimeError):
+    """A move failed part way; the message says how many were done and that a second run finishes the rest."""
+
+
 def apply(plan: Plan) -> None:
-    for src, dst in plan.moves:
-        dst.parent.mkdir(exist_ok=True)
-        os.rename(src, dst)
+    for done, (src, dst) in enumerate(plan.moves):
+        try:
+            dst.parent.mkdir(exist_ok=True)
+            os.rename(src, dst)
+        except OSError as e:
+            raise MoveError(f"moved {done} of {len(plan.moves)} images, then {src} -> {dst} failed "
+                            f"({e.strerror or e}); fix that and run the same command again: it moves what is left"
+                            ) from None
 
 
 def _report_list(title: str, items: list[str], limit: int = 10) -> None:
@@ -166,15 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     if not val_dir.is_dir():
         print(f"rn50 organize-val: error: {val_dir}: not a folder", file=sys.stderr)
         return 2
+    if args.report:
+        try:
+            check_writable(args.report)
+        except OSError as e:
+            print(f"rn50 organize-val: error: --report {args.report}: cannot write there ({e.strerror or e}); choose "
+                  "another path", file=sys.stderr)
+            return 2
     try:
         if args.csv:
             labels, problems = labels_from_csv(args.csv), []
         else:
             labels, problems = labels_from_xml_dir(args.xml_dir)
-    except LabelError as e:
+        plan = make_plan(val_dir, labels)
+    except (LabelError, DataFolderError) as e:
         print(f"rn50 organize-val: error: {e}", file=sys.stderr)
         return 2
-    plan = make_plan(val_dir, labels)
     plan.annotation_problems = problems
     if args.dry_run:
         for src, dst in plan.moves[:20]:
@@ -182,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(plan.moves) > 20:
             print(f"... and {len(plan.moves) - 20} more")
     else:
-        apply(plan)
+        try:
+            apply(plan)
+        except MoveError as e:
+            print(f"rn50 organize-val: error: {e}", file=sys.stderr)
+            return 1
     verb = "would move" if args.dry_run else "moved"
     classes = len({dst.parent.name for _, dst in plan.moves})
     print(f"{verb} {len(plan.moves)} images into {classes} class folders; {plan.in_place} already in place")
@@ -191,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     _report_list("not moved: destination taken", plan.conflicts)
     _report_list("annotation files not used", plan.annotation_problems)
     if args.report:
-        Path(args.report).write_text(json.dumps(plan.summary(), indent=2) + "\n")
+        try:
+            Path(args.report).write_text(json.dumps(plan.summary(), indent=2) + "\n")
+        except OSError as e:
+            print(f"rn50 organize-val: error: the moves are done, but --report {args.report} could not be written "
+                  f"({e.strerror or e})", file=sys.stderr)
+            return 1
     return 0
 
 

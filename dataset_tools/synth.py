@@ -6,6 +6,11 @@ writes
     OUT/train/<wnid>/<wnid>_<i>.JPEG
     OUT/val/<wnid>/ILSVRC2012_val_<k>.JPEG      (or flat OUT/val/*.JPEG + OUT/LOC_val_solution.csv with --flat-val)
     OUT/LOC_synset_mapping.txt                   "<wnid> <readable description>", as in the Kaggle ImageNet release
+    OUT/synth.json                               the settings, and whether the run finished
+
+OUT must be new or empty: rn50 synth never writes into another dataset. Run again with the same settings, it finishes
+an interrupted run or, when the first one finished, writes nothing; --overwrite replaces a folder rn50 synth wrote
+with other settings (its train/, val/, LOC_*.txt/csv and synth.json are deleted first).
 
 Why not flat colours or white noise: a JPEG codec (and a data loader benchmark) behaves very differently on those.
 Each image is built like a photograph is seen by a codec: a smooth illumination gradient, low-frequency "cloud"
@@ -20,9 +25,12 @@ from __future__ import annotations
 import argparse
 import colorsys
 import csv
+import errno
 import io
+import json
 import math
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +39,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from dataset_tools.files import check_writable
+
 SHAPES = ("ellipse", "box", "triangle", "star", "ring", "cross")
 SPLIT_IDS = {"train": 1, "val": 2}
+MARKER = "synth.json"
+OWNED = ("train", "val", "LOC_synset_mapping.txt", "LOC_val_solution.csv", MARKER)  # what --overwrite deletes
+
+
+class TargetError(ValueError):
+    """The output folder cannot take this dataset; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -179,14 +195,63 @@ def encode_jpeg(image: Image.Image, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def _write_one(job: tuple) -> None:
-    path, style, seed, split, label, index, min_short, max_short = job
-    rng = np.random.default_rng([seed, SPLIT_IDS[split], label, index])
-    data = encode_jpeg(render_image(style, rng, min_short, max_short), rng)
+def write_file(path: str, data: bytes) -> None:
+    """Whole or not at all: a killed run leaves no half-written JPEG under its final name."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def _write_one(job: tuple) -> None:
+    path, style, seed, split, label, index, min_short, max_short = job
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], label, index])
+    write_file(path, encode_jpeg(render_image(style, rng, min_short, max_short), rng))
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        info = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("settings"), dict) else None
+
+
+def _write_marker(out: Path, settings: dict, complete: bool) -> None:
+    tmp = out / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "complete": complete}, indent=1) + "\n")
+    os.replace(tmp, out / MARKER)
+
+
+def prepare_target(out: Path, settings: dict, overwrite: bool) -> bool:
+    """Check (and with --overwrite, clear) the output folder. False when it already holds this very dataset."""
+    if out.exists() and not out.is_dir():
+        raise TargetError(f"{out}: a file, not a folder; choose a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        entries = sorted(os.listdir(out))
+        check_writable(out / MARKER)
+    except OSError as e:
+        raise TargetError(f"{out}: cannot write there ({e.strerror or e}); choose another folder") from None
+    if not entries:
+        return True
+    info = _read_marker(out)
+    if info is None:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise TargetError(f"{out}: not empty ({shown}) and not written by rn50 synth; choose a new or empty folder")
+    if info["settings"] == settings:
+        return not info.get("complete")  # an interrupted run is finished; a finished one is left alone
+    if not overwrite:
+        theirs = ", ".join(f"{k} {v}" for k, v in info["settings"].items() if settings.get(k) != v)
+        raise TargetError(f"{out}: holds an rn50 synth dataset made with other settings ({theirs}); choose a new "
+                          "folder, or pass --overwrite to replace it")
+    for name in OWNED:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return True
 
 
 def plan(out: Path, num_classes: int, train_per_class: int, val_per_class: int, seed: int, flat_val: bool,
@@ -213,13 +278,21 @@ def plan(out: Path, num_classes: int, train_per_class: int, val_per_class: int, 
 
 def synthesize(out: str | Path, num_classes: int = 10, train_per_class: int = 100, val_per_class: int = 20,
                seed: int = 0, workers: int | None = None, flat_val: bool = False, min_short: int = 300,
-               max_short: int = 500, progress: bool = True) -> dict:
-    """Write the dataset and return a summary dict. Existing files with the same names are overwritten."""
+               max_short: int = 500, progress: bool = True, overwrite: bool = False) -> dict:
+    """Write the dataset into a new or empty folder and return a summary dict ("written": False when the folder
+    already held this dataset). TargetError for a folder holding anything else (see the module's docstring)."""
     out = Path(out)
     if num_classes < 1 or train_per_class < 0 or val_per_class < 0:
         raise ValueError("need --classes >= 1 and non-negative per-class counts")
     if not 16 <= min_short <= max_short:
         raise ValueError("need 16 <= --min-short <= --max-short")
+    settings = {"classes": num_classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+                "seed": seed, "flat_val": flat_val, "min_short": min_short, "max_short": max_short}
+    summary = {"out": str(out), "classes": num_classes, "train": num_classes * train_per_class,
+               "val": num_classes * val_per_class, "seed": seed, "written": True}
+    if not prepare_target(out, settings, overwrite):
+        return {**summary, "written": False}
+    _write_marker(out, settings, complete=False)
     jobs, wnids, val_labels = plan(out, num_classes, train_per_class, val_per_class, seed, flat_val, min_short,
                                    max_short)
     for d in {os.path.dirname(j[0]) for j in jobs}:
@@ -241,23 +314,25 @@ def synthesize(out: str | Path, num_classes: int = 10, train_per_class: int = 10
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr)
-    if workers <= 1:
-        for job in jobs:
-            _write_one(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_write_one, jobs, chunksize=16):
+    try:
+        if workers <= 1:
+            for job in jobs:
+                _write_one(job)
                 bar.update()
-    bar.close()
-    return {"out": str(out), "classes": num_classes, "train": num_classes * train_per_class,
-            "val": num_classes * val_per_class, "seed": seed}
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for _ in pool.map(_write_one, jobs, chunksize=16):
+                    bar.update()
+    finally:
+        bar.close()  # an error line then starts on a line of its own
+    _write_marker(out, settings, complete=True)
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rn50 synth", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="output folder (created)")
+    p.add_argument("out", help="output folder: new or empty (created)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     p.add_argument("--train-per-class", type=int, default=100, help="training images per class (default 100)")
     p.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
@@ -267,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write val/ flat with LOC_val_solution.csv, as ILSVRC2012 ships it (try rn50 organize-val)")
     p.add_argument("--min-short", type=int, default=300, help="smallest short side in px (default 300)")
     p.add_argument("--max-short", type=int, default=500, help="largest short side in px (default 500)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset rn50 synth wrote into OUT with other settings (never another folder)")
     return p
 
 
@@ -274,10 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         summary = synthesize(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed,
-                             args.workers, args.flat_val, args.min_short, args.max_short)
+                             args.workers, args.flat_val, args.min_short, args.max_short, overwrite=args.overwrite)
     except ValueError as e:
         print(f"rn50 synth: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
+        print(f"rn50 synth: error: cannot write {e.filename or args.out} ({e.strerror or e}); {fix} and run the "
+              "same command again to finish", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"rn50 synth: interrupted; run the same command again to finish {args.out}", file=sys.stderr)
+        return 130
+    if not summary["written"]:
+        print(f"{summary['out']} already holds this dataset (synth.json: same settings); nothing written")
+        return 0
     print(f"wrote {summary['train']} train and {summary['val']} val images of {summary['classes']} classes "
           f"to {summary['out']} (seed {summary['seed']})")
     return 0

@@ -10,9 +10,10 @@ Importing this package is light: ffcv and DALI are imported only when their back
 
 from pipeline.augment import (
     TRIVIAL_AUGMENT_OPS,
+    Recipe,
+    auto_augment,
     cutmix,
     mixup,
-    mixup_or_cutmix,
     one_hot,
     random_erasing,
     trivial_augment,
@@ -22,7 +23,7 @@ from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, Loader, denormalize, 
 from pipeline.order import EpochPlan, plan_epoch
 
 __all__ = [
-    "BACKENDS", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "Loader", "TRIVIAL_AUGMENT_OPS", "available_backends",
-    "build_loader", "cutmix", "denormalize", "mixup", "mixup_or_cutmix", "normalize_nhwc", "one_hot", "plan_epoch",
-    "random_erasing", "trivial_augment",
+    "BACKENDS", "EpochPlan", "IMAGENET_MEAN", "IMAGENET_STD", "Loader", "Recipe", "TRIVIAL_AUGMENT_OPS",
+    "auto_augment", "available_backends", "build_loader", "cutmix", "denormalize", "mixup", "normalize_nhwc", "one_hot",
+    "plan_epoch", "random_erasing", "trivial_augment",
 ]

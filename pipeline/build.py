@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
 
+from dataset_tools.files import DataFolderError
 from pipeline.contract import VAL_CROP_RATIO, Loader
 from pipeline.folders import has_beton, has_folder
 
@@ -95,6 +97,8 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
     device = torch.device(device)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: no such folder (the data dir holds train.beton/val.beton or train/ val/)")
+    if not os.access(data_dir, os.R_OK | os.X_OK):  # else every file in it looks missing
+        raise DataFolderError(f"{data_dir}: cannot be read (permissions); make it readable for this user")
     if backend == "auto":
         backend, why = choose_backend(data_dir, split, device)
     elif backend in BACKENDS:

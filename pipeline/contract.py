@@ -44,26 +44,47 @@ def normalize_nhwc(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     The arithmetic runs in float32 and is cast once, so float16/bfloat16 outputs carry one rounding only."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected (B, H, W, 3) images, got shape {tuple(images.shape)}")
-    x = images.permute(0, 3, 1, 2).float()
-    mean, inv_std = _statistics(x.device)
-    x = (x - mean) * inv_std
-    return x.to(dtype=dtype, memory_format=torch.channels_last)
+    return normalize(images.permute(0, 3, 1, 2).float(), dtype)
 
 
-@functools.lru_cache(maxsize=8)
-def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: building them per batch would be two small blocking host-to-device copies each time
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = torch.tensor([1 / s for s in IMAGENET_STD], device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    return mean, inv_std
+def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 (B, 3, H, W) pixels on the 0..255 scale -> `dtype`, ImageNet-normalised, channels_last."""
+    mean, _, inv_std = _statistics(pixels.device)
+    return ((pixels - mean) * inv_std).to(dtype=dtype, memory_format=torch.channels_last)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize_nhwc`, to float32 (B, 3, H, W) on the 0..255 scale (for pictures, not training)."""
-    x = images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x * std + mean
+    """Inverse of `normalize`: float32 (B, 3, H, W) on the 0..255 scale, same memory format (for the colour
+    operations of pipeline.augment, and for pictures)."""
+    mean, std, _ = _statistics(images.device)
+    return images.float() * std + mean
+
+
+@functools.lru_cache(maxsize=8)
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # made once per device: building them per batch would be small blocking host-to-device copies each time
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device), std.to(device), (1.0 / std).to(device)
+
+
+def to_device(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Small host tensors (per-sample augmentation parameters) on `device` with one copy that does not block the
+    host: packed into one float32 buffer (exact for the integers involved, all below 2**24), pinned on CUDA and
+    copied with non_blocking=True, then split and cast back on the device. A pageable or blocking copy per tensor
+    would stall the host at every batch until the GPU caught up with it."""
+    if not host:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for t in host])
+    if device.type == "cuda":
+        flat = flat.pin_memory()  # the caching host allocator keeps it alive until the copy has run
+    packed = flat.to(device, non_blocking=True)
+    out, start = [], 0
+    for t in host:
+        part = packed[start:start + t.numel()].view(t.shape)
+        out.append(part if t.dtype == torch.float32 else part.to(t.dtype))
+        start += t.numel()
+    return out
 
 
 def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, dtype: torch.dtype,

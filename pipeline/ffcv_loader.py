@@ -23,15 +23,27 @@ so ranks read disjoint pages (FFCV's own QUASI_RANDOM raises NotImplementedError
 Batches from a window are drawn from fewer pages than a full shuffle, so they are less random (ffcv issue #304).
 The validation split is always read in file order, which is already page-friendly.
 
-Threads: FFCV sets numba's *and torch's* intra-op thread count to `workers` (ffcv.pipeline.Compiler), in the process
-that builds the loader.
+Batch buffers: FFCV allocates every buffer of an epoch afresh in each EpochIterator (ffcv.pipeline.Graph.
+allocate_memory; batches_ahead + 2 slots, each of batch x max_height x max_width x 3 bytes for the JPEG decode alone:
+~0.9 GiB at batch 256 for a 500-px beton, pinned when CUDA is present). `_KeptBuffers` hands one epoch's buffers to the
+next and allocates only those whose size changed (the output after `set_resolution`).
+
+Threads: `workers` decoding threads (0: this process's share of the cores, minus one for the training process, see
+`decode_threads`). A batch's samples are handed out one at a time from an atomic counter, so the threads finish a
+batch together under any numba threading layer (numba's own chunk size rebalances only under TBB; workqueue and
+OpenMP split a batch into fixed equal shares). FFCV sets torch's intra-op thread count to `workers` as well
+(ffcv.pipeline.Compiler.set_num_threads); the loader puts back the count the caller had.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from queue import Empty, Queue
 
 import numba
 import numpy as np
@@ -41,13 +53,15 @@ from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as _FFCVBaseLoader
 from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.pipeline.state import State
 from ffcv.transforms import ToTensor
 from ffcv.traversal_order.base import TraversalOrder
+from numba import types
+from numba.extending import intrinsic
 
 from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
 from pipeline.crops import random_resized_crop_boxes, sample_keys
@@ -57,11 +71,46 @@ from pipeline.order import EpochPlan, page_grouped_order
 PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, left, h, w, flip
 
 
+def decode_threads(workers: int) -> int:
+    """FFCV decoding threads for a `workers` setting: >= 1 is taken as is; 0 means this process's share of the cores
+    (the CPUs it may run on, divided by LOCAL_WORLD_SIZE, the ranks torchrun starts on this machine), minus one left
+    to the training process itself (its Python loop, kernel launches, and the thread feeding the decoders)."""
+    if workers >= 1:
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """FFCV's Compiler.set_num_threads also calls torch.set_num_threads: put back the caller's count."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@intrinsic
+def _take_next(typingctx, counter):
+    """counter[0] += 1 as one atomic step, returning the value before: the next sample a decoding thread takes."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", array.data, context.get_constant(types.int64, 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
 class KeyedResizedCrop(Operation):
     """Decode an RGBImageField, cut box (top, left, h, w), resize to `output_size`, flip if asked.
 
     Like FFCV's RandomResizedCropRGBImageDecoder, except that the box and flip come from a per-sample int64 buffer
-    (the third allocation) that the caller fills before each batch, instead of numba's unseeded np.random."""
+    (the third allocation) that the caller fills before each batch, instead of numba's unseeded np.random; and that
+    the threads take samples one at a time from a counter (the fourth allocation; one per batch slot) instead of
+    the fixed equal shares numba's workqueue and OpenMP layers give them, so none waits for a slow share."""
 
     def __init__(self, output_size: tuple[int, int]) -> None:
         super().__init__()
@@ -75,7 +124,8 @@ class KeyedResizedCrop(Operation):
         return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
                 (AllocationQuery(output_shape, u8),
                  AllocationQuery((max_height * max_width * np.uint64(3),), u8),
-                 AllocationQuery((PARAMS,), np.dtype("<i8"))))
+                 AllocationQuery((PARAMS,), np.dtype("<i8")),
+                 AllocationQuery((1,), np.dtype("<i8"))))
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -84,31 +134,48 @@ class KeyedResizedCrop(Operation):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
 
+        get_num_threads = numba.get_num_threads
+        take_next = _take_next
+
         def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, params = my_storage
-            for dst_ix in my_range(len(batch_indices)):
-                field = metadata[batch_indices[dst_ix]]
-                image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
-                top, left, h, w = params[dst_ix, 0], params[dst_ix, 1], params[dst_ix, 2], params[dst_ix, 3]
-                out = destination[dst_ix]
-                resize_crop_c(temp_buffer, top, top + h, left, left + w, out)
-                if params[dst_ix, 4] != 0:
-                    side = out.shape[1]
-                    for y in range(out.shape[0]):
-                        for x in range(side // 2):
-                            for c in range(3):
-                                v = out[y, x, c]
-                                out[y, x, c] = out[y, side - 1 - x, c]
-                                out[y, side - 1 - x, c] = v
-            return destination[: len(batch_indices)]
+            destination, temp_storage, params, counters = my_storage
+            n = len(batch_indices)
+            counter = counters[0]
+            counter[0] = 0
+            # One iteration per thread, each taking samples until none is left. A JPEG sample costs several times a
+            # raw one, so the fixed equal shares numba's workqueue and OpenMP layers give (chunk size ignored) finish
+            # at different times and the batch waits for the slowest. Per-sample costs measured on this project's
+            # 2-core CPU, replayed for 16 threads x 16 samples: threads busy 75% of a batch with fixed shares, 92%
+            # this way (a model, not a 16-core measurement). Alternating runs there (2 threads, 16 samples each,
+            # under other load, 168 pairs per layer): +1.1% (OpenMP) and +2.4% (workqueue) img/s median against the
+            # fixed shares, faster in 55% and 61% of pairs; level with TBB's chunks of one (+0.8%, 51%).
+            for _ in my_range(min(get_num_threads(), n)):
+                while True:
+                    dst_ix = take_next(counter)
+                    if dst_ix >= n:
+                        break
+                    field = metadata[batch_indices[dst_ix]]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    top, left, h, w = params[dst_ix, 0], params[dst_ix, 1], params[dst_ix, 2], params[dst_ix, 3]
+                    out = destination[dst_ix]
+                    resize_crop_c(temp_buffer, top, top + h, left, left + w, out)
+                    if params[dst_ix, 4] != 0:
+                        side = out.shape[1]
+                        for y in range(out.shape[0]):
+                            for x in range(side // 2):
+                                for c in range(3):
+                                    v = out[y, x, c]
+                                    out[y, x, c] = out[y, side - 1 - x, c]
+                                    out[y, side - 1 - x, c] = v
+            return destination[:n]
 
         decode.is_parallel = True
         return decode
@@ -129,37 +196,116 @@ class PlannedOrder(TraversalOrder):
         return self.indices_for_epoch(epoch)
 
 
+class _KeptBuffers:
+    """Stands in for FFCV's Graph.allocate_memory, which EpochIterator calls for every epoch: a buffer whose allocation
+    query (shape, dtype, device), batch size and slot count are those of the previous epoch is handed over again
+    instead of allocated (and, with CUDA, pinned) anew. `reuse` is False while an earlier epoch may still use them."""
+
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.allocated = 0  # buffers allocated so far (each a (slots, batch, ...) array)
+        self.reuse = True
+        self._kept: dict[tuple, object] = {}
+
+    def allocate_memory(self, batch_size: int, slots: int) -> dict[str, dict[int, object]]:
+        requirements, _ = self.graph.collect_requirements()  # reads the decoder's output_size of this epoch
+        kept, handed = (self._kept if self.reuse else {}), {}
+        buffers: dict[str, dict[int, object]] = {}
+        for kind, per_node in requirements.items():
+            buffers[kind] = {}
+            for node_id, query in per_node.items():
+                single = query is None or isinstance(query, AllocationQuery)  # else a sequence of queries
+                got = []
+                for i, q in enumerate([query] if single else query):
+                    key = (kind, node_id, i, q, batch_size, slots)
+                    if q is not None and key not in kept:
+                        kept[key] = allocate_query(q, batch_size, slots)
+                        self.allocated += 1
+                    handed[key] = kept.get(key)
+                    got.append(handed[key])
+                buffers[kind][node_id] = got[0] if single else tuple(got)
+        if self.reuse:
+            self._kept = handed  # buffers of an earlier resolution are let go
+        return buffers
+
+    def forget(self) -> None:
+        self._kept = {}
+
+
 class _ParamsEpochIterator(EpochIterator):
-    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded, and
-    handing the batch's samples to the decoding threads one at a time."""
+    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded. A
+    closed iterator stops before its next batch, so that the next epoch can take over its buffers."""
 
     def __init__(self, loader, order, node_id: int | None, fill: Callable[[int, np.ndarray, np.ndarray], None] | None):
         self._node_id, self._fill = node_id, fill  # set before super().__init__, which starts the thread
+        self._torch_threads = torch.get_num_threads()
         super().__init__(loader, order)
 
     def run(self) -> None:
-        # FFCV decodes a batch as one numba prange over its samples, and numba by default gives each thread an equal
-        # contiguous share. A JPEG sample costs several times a raw one, so equal shares finish at different times
-        # and every batch waits for its slowest thread. Chunks of one sample let a free thread take the next sample.
-        # The setting is per thread: this is the thread that launches the decoding. Measured on this project's
-        # 2-core CPU (2 threads, 160 px, alternating runs): +6 to +29% img/s in 8 of 8 pairs at 16 samples per thread,
-        # +5 and +8% at 128.
+        # FFCV's own parallel stages (validation's centre-crop decoder) split a batch into numba's fixed equal shares;
+        # chunks of one sample let TBB, the one layer that rebalances, hand them to free threads. Per thread: this
+        # one launches the decoding. (The training decoder takes samples one at a time under any layer.)
         numba.set_parallel_chunksize(1)
         super().run()
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if b_ix == 0:
+            # EpochIterator.run set torch's thread count to `workers` in this thread, which also becomes the count of
+            # threads torch starts later (autograd's, for one); put back the count of the thread that built us.
+            torch.set_num_threads(self._torch_threads)
+        if self.terminate_event.is_set():
+            raise StopIteration  # EpochIterator.run ends the thread on it
         if self._fill is not None:
             params = self.memory_allocations["operation"][self._node_id][2][batch_slot][: len(batch_indices)]
             self._fill(b_ix, np.asarray(batch_indices), params)
         return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
 
 
+def _drain(queue: Queue) -> None:
+    while True:
+        try:
+            queue.get_nowait()
+        except Empty:
+            return
+
+
 class _FFCVLoader(_FFCVBaseLoader):
+    """FFCV's Loader whose epochs share their batch buffers (`_KeptBuffers`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffers = _KeptBuffers(self.graph)
+        self.graph.allocate_memory = self.buffers.allocate_memory  # what EpochIterator.__init__ calls
+        self._holder: EpochIterator | None = None  # the last iterator given the kept buffers
+
     def epoch_iterator(self, order: np.ndarray, node_id: int | None, fill) -> EpochIterator:
-        Compiler.set_num_threads(self.num_workers)
         if self.code is None or self.recompile:
-            self.generate_code()
-        return _ParamsEpochIterator(self, order, node_id, fill)
+            with _torch_threads_kept():
+                Compiler.set_num_threads(self.num_workers)  # generate_code reads Compiler.num_threads
+                self.generate_code()
+        self.buffers.reuse = self._holder_done()
+        it = _ParamsEpochIterator(self, order, node_id, fill)
+        if self.buffers.reuse:
+            self._holder = it
+        return it
+
+    def _holder_done(self, timeout: float = 60.0) -> bool:
+        """Whether the next epoch may take the kept buffers. A closed iterator's thread stops before its next batch;
+        it is waited for (taking what it still puts in its queue, where a put may block). An iterator still open
+        belongs to a loop still running over this loader: the new epoch then gets buffers of its own."""
+        it = self._holder
+        if it is None:
+            return True
+        if not it.terminate_event.is_set():
+            return False
+        deadline = time.monotonic() + timeout
+        while it.is_alive() and time.monotonic() < deadline:
+            _drain(it.output_queue)
+            it.join(0.05)
+        if it.is_alive():  # a thread that would not stop keeps its buffers; no waiting for it again next epoch
+            self.buffers.forget()
+            self._holder = None
+        return True
 
 
 class FFCVLoader(Loader):
@@ -185,7 +331,10 @@ class FFCVLoader(Loader):
         super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=index.num_samples,
                          classes=beton_classes(data_dir), drop_last=drop_last, rank=rank, world_size=world_size,
                          seed=seed, device=device, dtype=dtype)
-        self.path, self.workers, self.os_cache, self.order = path, int(workers), bool(os_cache), order
+        self.path, self.workers, self.os_cache, self.order = path, decode_threads(workers), bool(os_cache), order
+        if self.workers > numba.config.NUMBA_NUM_THREADS:
+            raise ValueError(f"workers={self.workers}, but numba runs at most {numba.config.NUMBA_NUM_THREADS} threads "
+                             "here (NUMBA_NUM_THREADS, by default the number of cores); lower workers")
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         image_meta = index.metadata[f"f{index.field_names.index('image')}"]
         self._heights = image_meta["height"].astype(np.int64)
@@ -203,11 +352,17 @@ class FFCVLoader(Loader):
         pipelines = {name: None for name in index.field_names}
         pipelines["image"] = PipelineSpec("image", decoder=self._decoder, transforms=[ToTensor()])
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
-        self._ffcv = _FFCVLoader(str(path), batch_size=self.batch_size, num_workers=self.workers, os_cache=os_cache,
-                                 order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
-                                 drop_last=False, seed=self.seed, pipelines=pipelines, batches_ahead=batches_ahead)
+        with _torch_threads_kept():
+            self._ffcv = _FFCVLoader(str(path), batch_size=self.batch_size, num_workers=self.workers,
+                                     os_cache=os_cache, order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
+                                     drop_last=False, seed=self.seed, pipelines=pipelines, batches_ahead=batches_ahead)
         self._fields = list(self._ffcv.pipeline_specs)  # output order of FFCV's batches
         self._node_id = self._ffcv.graph.operation_to_node[self._decoder][0].id
+
+    def describe(self) -> str:
+        # FFCV's Loader has started numba's threads, so the threading layer is known
+        threads = f"{self.workers} decoding thread{'s' if self.workers != 1 else ''}"
+        return f"{super().describe()}; {threads}, numba {numba.threading_layer()} layer"
 
     def _make_plan(self, epoch: int) -> EpochPlan:
         if self._sample_pages is None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from dataset_tools.files import list_classes, scan_split
+from dataset_tools.files import list_classes, scan_split, skipped_in_report
 
 
 def folder_classes(data_dir: Path, split: str) -> list[str]:
@@ -40,25 +39,13 @@ def loader_listing(data_dir: str | Path, split: str, skip_listed_in: str | Path 
     return folder_listing(Path(data_dir), split, exclude)
 
 
-def skipped_in_report(report: Path) -> set[str]:
-    """Resolved paths of the files `rn50 convert` skipped (convert_report.json: {split: {"skipped": [{path}]}})."""
-    if not report.is_file():
-        raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
-    data = json.loads(report.read_text())
-    return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
-            for item in part.get("skipped", [])}
+def beton_classes(data_dir: Path, splits: list[str] | None = None) -> list[str]:
+    """The class list (index = label) of a .beton folder, after checking that its betons and classes.json belong
+    together (dataset_tools.beton_folder: the one place every backend and command asks). Raises DataFolderError
+    (a ValueError) with one line naming the file and the fix."""
+    from dataset_tools.beton_folder import check_beton_folder
 
-
-def beton_classes(data_dir: Path) -> list[str]:
-    """classes.json written by rn50 convert next to the .beton files."""
-    path = data_dir / "classes.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; rn50 convert writes it next to train.beton/val.beton "
-                                "(re-run the conversion, or write the sorted wnid list there as JSON)")
-    classes = json.loads(path.read_text())
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{path}: expected a JSON list of wnids (index = label)")
-    return classes
+    return check_beton_folder(data_dir, splits).classes
 
 
 def has_beton(data_dir: Path, split: str) -> bool:

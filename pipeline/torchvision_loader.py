@@ -7,24 +7,44 @@ normalised on the device with the next batch prefetched.
 Randomness: the sampler hands each worker (index, epoch, resolution) keys instead of bare indices, so a sample's crop
 and flip are a pure function of (seed, epoch, index) even with persistent workers, which keep their own copy of the
 dataset object and never see attribute changes made in the main process.
+
+Undecodable files (empty, truncated, not an image, unreadable): the next file in ImageFolder order that decodes takes
+the sample's place, with its own label, cut at the box keyed by the original (seed, epoch, index) -- so a batch keeps
+its shape and stays a pure function of (seed, epoch, index) on any number of workers, as timm's ImageDataset does.
+The main process names each such file once on stderr (`skipped` keeps them). A split where no file decodes within
+`MAX_CONSECUTIVE_BAD` stops with one error naming the first.
+
+Worker processes: they ignore SIGTERM/SIGINT (the trainer stops them after saving), so they are shut down by the
+loader itself -- when a loop fails, and at interpreter exit (before multiprocessing's exit handler, whose SIGTERM
+they would ignore, which left the process waiting for them forever) -- and they exit within a fraction of a second
+when the main process is killed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import atexit
+import functools
+import os
+import sys
+import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from dataset_tools.files import DataFolderError
 from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.order import EpochPlan
 
+MAX_CONSECUTIVE_BAD = 50  # timm's retry limit: more undecodable files in a row means a damaged folder, not a bad file
+MAX_NAMED = 20  # undecodable files named one by one on stderr; more are counted
+
 
 class FolderCrops(Dataset):
-    """Dataset keyed by (index, epoch, resolution) -> (uint8 (R, R, 3) array, label)."""
+    """Dataset keyed by (index, epoch, resolution) -> (uint8 (R, R, 3) array, label, undecodable files passed over)."""
 
     def __init__(self, files: list[tuple[str, int]], train: bool, seed: int, scale: tuple[float, float],
                  ratio: tuple[float, float], val_crop_ratio: float) -> None:
@@ -36,17 +56,34 @@ class FolderCrops(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[np.ndarray | None, int, list[tuple[str, str]]]:
+        """(R x R x 3 uint8 crop, label, [(path, reason)] of the undecodable files passed over for it). The crop is
+        None when no file decodes (see `failure`): an error raised in a worker would reach the user wrapped in a
+        worker traceback, so it is raised by the main process instead."""
+        index, epoch, resolution = key
+        skipped: list[tuple[str, str]] = []
+        n = len(self.files)
+        for step in range(min(n, MAX_CONSECUTIVE_BAD)):
+            path, label = self.files[(index + step) % n]
+            try:
+                im = _decode(path)
+            except Exception as e:  # PIL raises many types for bad files; name the file whatever it was
+                skipped.append((path, _reason(path, e)))
+                continue
+            return self._crop(im, index, epoch, resolution), label, skipped
+        return None, -1, skipped
+
+    def failure(self, skipped: list[tuple[str, str]]) -> str:
+        """The error for a sample that found no decodable file among the ones it tried."""
+        (first, reason), n = skipped[0], len(self.files)
+        more = (f"and no file of the {n} in this split can be decoded" if n <= MAX_CONSECUTIVE_BAD else
+                f"and neither can the next {len(skipped) - 1} files (a damaged folder?)")
+        return (f"{first}: cannot be decoded ({reason}), {more}; check the folder "
+                "(rn50 convert lists undecodable files in convert_report.json)")
+
+    def _crop(self, im, index: int, epoch: int, resolution: int) -> np.ndarray:
         from PIL import Image
 
-        index, epoch, resolution = key
-        path, label = self.files[index]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")  # what torchvision's pil_loader does: CMYK, grayscale, palette -> RGB
-        except Exception as e:  # PIL raises many types for bad files; name the file whatever it was
-            raise RuntimeError(f"{path}: cannot be decoded ({type(e).__name__}: {e}); remove or replace it "
-                               "(rn50 convert lists such files in convert_report.json)") from None
         width, height = im.size
         flip = False
         if self.train:
@@ -60,24 +97,65 @@ class FolderCrops(Dataset):
         out = im.resize((resolution, resolution), Image.BILINEAR, box=(left, top, left + w, top + h))
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.asarray(out, dtype=np.uint8), label
+        return np.asarray(out, dtype=np.uint8)
+
+
+def _decode(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")  # what torchvision's pil_loader does: CMYK, grayscale, palette -> RGB
+
+
+def _reason(path: str, e: Exception) -> str:
+    """Why `path` could not be decoded, without repeating its name."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else "not an image"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}"
 
 
 def _worker_init(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGINT to the main process, which stops them itself. Ctrl-C reaches every process of
     the terminal's process group (systemd's shutdown SIGTERM every process of the service), and a worker dying of
-    it would fail the main process ("worker exited unexpectedly") before the trainer could save its checkpoint.
-    A worker still exits when the main process is gone (DataLoader's watchdog)."""
+    it would fail the main process ("worker exited unexpectedly") before the trainer could save its checkpoint."""
     import signal
 
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
 
 
-def collate_uint8(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _start_worker(parent_pid: int | None, worker_id: int) -> None:
+    from dataset_tools.processes import exit_with_parent
+
+    exit_with_parent(parent_pid or os.getppid())  # a worker that ignores SIGTERM must still go with the main process
+    _worker_init(worker_id)
+
+
+def collate_uint8(samples: list[tuple[np.ndarray | None, int, list]]
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list | None]:
+    """(images, labels, undecodable files passed over, None) -- or (None, None, ..., the failed sample's tries)."""
+    skipped = [item for s in samples for item in s[2]]
+    failed = next((s[2] for s in samples if s[0] is None), None)
+    if failed is not None:
+        return None, None, skipped, failed
     images = torch.from_numpy(np.stack([s[0] for s in samples]))
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
-    return images, labels
+    return images, labels, skipped, None
+
+
+# Loaders with worker processes alive, closed at interpreter exit. The hook is re-registered last at each loader's
+# creation so that it runs before multiprocessing's exit handler and torch's exit flag (atexit runs last-in first-out),
+# both registered when torch was imported.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
 
 
 class _PlannedBatches:
@@ -113,11 +191,54 @@ class TorchvisionLoader(Loader):
         self._sampler = _PlannedBatches()
         self._dataloader = DataLoader(
             self.dataset, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=collate_uint8,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0, worker_init_fn=_worker_init,
+            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+            worker_init_fn=functools.partial(_start_worker, None),
             prefetch_factor=prefetch_factor if self.workers > 0 else None)
+        self.skipped: dict[str, str] = {}  # undecodable files met so far: path -> reason
+        if self.workers > 0:
+            _OPEN.add(self)
+            atexit.unregister(_close_open_loaders)
+            atexit.register(_close_open_loaders)
+
+    def close(self) -> None:
+        """Stop the worker processes now (the next loop starts new ones). Safe to call at any time, and again."""
+        it = getattr(self._dataloader, "_iterator", None)
+        if it is None or not hasattr(it, "_shutdown_workers"):
+            return
+        self._dataloader._iterator = None
+        it._shutdown_workers()  # what DataLoader does when its iterator is collected: a stop message, then join
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():  # stuck in a decode past the join timeout; it ignores SIGTERM
+                w.kill()
+                w.join(timeout=5)
+
+    def _named(self, batches: Iterable[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches without their skipped-file lists; each undecodable file is named on stderr once."""
+        for images, labels, skipped, failed in batches:
+            if failed is not None:
+                raise DataFolderError(self.dataset.failure(failed))
+            for path, reason in skipped:
+                if path in self.skipped:
+                    continue
+                self.skipped[path] = reason
+                where = f" (rank {self.rank})" if self.world_size > 1 else ""
+                if len(self.skipped) <= MAX_NAMED:
+                    print(f"rn50 data{where}: skipped {path}: cannot be decoded ({reason}); the next file takes its "
+                          "place; remove or replace it", file=sys.stderr, flush=True)
+                elif len(self.skipped) == MAX_NAMED + 1:
+                    print(f"rn50 data{where}: more than {MAX_NAMED} undecodable files in {self.data_dir / self.split}; "
+                          "further ones are skipped without a word (rn50 convert lists them all)",
+                          file=sys.stderr, flush=True)
+            yield images, labels
 
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         self._sampler.batches = [[(int(i), epoch, resolution) for i in plan.batch(b)]
                                  for b in range(start_batch, plan.num_batches)]
-        yield from device_batches(self._dataloader, self.device, self.dtype)
+        # workers (started by this loop if none are alive) watch the process that iterates, not the one that built us
+        self._dataloader.worker_init_fn = functools.partial(_start_worker, os.getpid())
+        try:
+            yield from device_batches(self._named(self._dataloader), self.device, self.dtype)
+        except Exception:
+            self.close()  # a failed loop must not leave workers waiting for work nobody will send
+            raise

@@ -24,9 +24,9 @@ def check_outputs(out: Path, name: str) -> dict:
 
 
 def test_bench_step_cpu(tmp_path):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    assert main(["step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
+    assert rn50(["bench", "step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
     data = check_outputs(tmp_path, "step")
     assert [r["res"] for r in data["results"]] == [32, 48]
     for r in data["results"]:
@@ -38,15 +38,53 @@ def test_bench_step_rejects_bad_res(capsys):
 
     assert main(["--res", "abc"]) == 2
     assert "--res" in capsys.readouterr().err
+    assert main(["--res", "32", "--levers", "warp-speed"]) == 2
+    assert "unknown lever 'warp-speed'" in capsys.readouterr().err
+
+
+def test_bench_step_levers_one_row_each(tmp_path):
+    """The levers that run without a GPU or a compiler, each against its own input form: uint8 NHWC for
+    normalize-inside, 4 channels for pad4."""
+    from benchmarks.step_bench import lever
+    from training.cli import main as rn50
+
+    args = ["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--levers",
+            "eager,fused,normalize-inside,pad4", "--out", str(tmp_path)] + TINY
+    assert rn50(args) == 0
+    rows = {r["lever"]: r for r in check_outputs(tmp_path, "step")["results"]}
+    assert list(rows) == ["eager", "fused", "normalize-inside", "pad4"]
+    assert rows["normalize-inside"]["input"] == "uint8 NHWC" and rows["pad4"]["input"] == "4 channels"
+    assert rows["fused"]["sgd"] == "fused" and rows["eager"]["mode"] == "eager"
+    assert all(r["images_per_s"] > 0 and r["vs_compile"] is None for r in rows.values())
+    assert lever("bs512").batch_size == 512 and lever("best", 384) == lever("best", 384)
+    assert (lever("best", 384).mode, lever("best", 384).sgd, lever("best", 384).batch_size) == ("graphs", "fused", 384)
+
+
+def test_pad4_stem_computes_the_same_function():
+    import torch
+
+    from benchmarks.step_bench import NormalizedInput, pad_stem_to_4_channels
+    from pipeline.contract import normalize_nhwc
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 4).eval()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    expected = model(x)
+    padded = torch.cat([x, torch.zeros(2, 1, 32, 32)], 1).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(pad_stem_to_4_channels(model)(padded), expected)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    model = build_model("resnet18", 4).eval()
+    torch.testing.assert_close(NormalizedInput(model, torch.float32)(pixels), model(normalize_nhwc(pixels)))
 
 
 @requires_ffcv
 def test_bench_keepup_cpu(tmp_path, coded_betons):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    args = ["keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
+    args = ["bench", "keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
             "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY
-    assert main(args) == 0
+    assert rn50(args) == 0
     data = check_outputs(tmp_path, "keepup")
     (r,) = data["results"]
     assert r["backend"] == "ffcv" and r["res"] == 32
@@ -66,9 +104,9 @@ def test_keepup_advice_names_the_first_fix():
 
 @requires_ffcv
 def test_bench_convert_tiny(tmp_path, coded_root):
-    from benchmarks.cli import main
+    from training.cli import main as rn50
 
-    assert main(["convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
+    assert rn50(["bench", "convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
                  str(tmp_path)]) == 0
     data = check_outputs(tmp_path, "convert")
     assert data["images"] == 48
@@ -78,11 +116,17 @@ def test_bench_convert_tiny(tmp_path, coded_root):
     assert data["ratio_ours_over_ffcv"] > 0
 
 
-def test_bench_unknown_kind(capsys):
-    from benchmarks.cli import main
+def test_one_command_table(capsys):
+    from training.cli import main as rn50
 
-    assert main(["nope"]) == 2
-    assert "unknown kind" in capsys.readouterr().err
+    assert rn50(["bench", "nope"]) == 2
+    assert "unknown bench kind 'nope'" in capsys.readouterr().err
+    assert rn50(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+    assert rn50(["bench"]) == 0 and "bench keepup" in capsys.readouterr().out
+    assert rn50([]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("bench step", "train", "show-batch", "doctor"))
 
 
 def test_doctor_without_gpu_says_so(tmp_path, capsys, coded_betons):
@@ -124,10 +168,10 @@ def test_recommendations_follow_memory():
 
 
 def test_summary_collects_every_result(tmp_path):
-    from benchmarks.cli import main as bench
     from benchmarks.summary import main
+    from training.cli import main as rn50
 
-    assert bench(["step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
+    assert rn50(["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "train step alone, eager" in text and "| 32 |" in text
@@ -140,3 +184,14 @@ def test_gpu_check_script_is_valid_bash():
     from conftest import REPO
 
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "gpu_check.sh")]).returncode == 0
+
+
+def test_sync_check_needs_a_gpu(capsys):
+    import torch
+
+    from benchmarks.sync_check import main
+
+    if torch.cuda.is_available():
+        pytest.skip("runs for real on a GPU (scripts/gpu_check.sh)")
+    assert main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -342,3 +342,227 @@ print(report["train"]["written"])
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("48")
+
+
+def test_second_conversion_into_a_busy_folder_stops_at_once_and_keeps_the_first_ones_work(tmp_path, coded_root,
+                                                                                          capsys):
+    """issue 13: a second convert removed the running one's temporary beton as 'left by an interrupted conversion'."""
+    from dataset_tools.convert import main
+    from dataset_tools.locks import folder_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    running = out / ".train.beton.tmp-424242"  # the first conversion's file in the making
+    running.write_bytes(b"partial")
+    with folder_lock(out, "rn50 convert"):  # ... and its lock
+        code = main(["--data-dir", str(coded_root), "--out-dir", str(out), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and str(out) in err and f"pid {os.getpid()}" in err
+    assert running.read_bytes() == b"partial"
+    assert not (out / "train.beton").exists() and not (out / "classes.json").exists()
+
+
+def _coded_pair(tmp_path):
+    """Two coded datasets with the same class count but other wnids and image sizes: A (96 x 80), B (64 x 48)."""
+    import shutil
+
+    from conftest import make_coded_dataset
+
+    a = make_coded_dataset(tmp_path / "A", classes=3, train_per_class=3, val_per_class=2)
+    b = make_coded_dataset(tmp_path / "B", classes=3, train_per_class=3, val_per_class=2, size=(64, 48))
+    for split in ("train", "val"):
+        for d in sorted((b / split).iterdir()):
+            shutil.move(d, d.with_name("n9" + d.name[2:]))  # n00000001 -> n90000001
+    return a, b
+
+
+def _killed_at(k: int, argv: list[str]) -> None:
+    """Child process: run rn50 convert and SIGKILL ourselves just before its k-th os.replace (a commit step)."""
+    real, calls = os.replace, [0]
+
+    def replace(src, dst):
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+
+    os.replace = replace
+    try:
+        from dataset_tools.convert import main
+
+        os._exit(main(argv))
+    except BaseException:
+        os._exit(3)
+
+
+def test_a_reconversion_killed_at_any_commit_step_never_relabels(tmp_path, capsys):
+    """issue 13: convert wrote classes.json first; killed while re-converting, old betons sat beside new names. Now a
+    killed re-run leaves either the old set, the new set, or a folder the loaders refuse -- never a mix."""
+    import multiprocessing as mp
+    import shutil
+
+    from dataset_tools.beton_format import read_index
+    from dataset_tools.convert import main
+    from pipeline.folders import beton_classes
+    from training.preflight import DataError, dataset_classes
+
+    a, b = _coded_pair(tmp_path)
+    classes_a = sorted(p.name for p in (a / "train").iterdir())
+    classes_b = sorted(p.name for p in (b / "train").iterdir())
+    first = tmp_path / "first"
+    assert main(["--data-dir", str(a), "--out-dir", str(first), "--workers", "1", "--no-progress"]) == 0
+    outcomes = []
+    for k in range(1, 30):
+        out = tmp_path / f"k{k}"
+        shutil.copytree(first, out)
+        child = mp.get_context("fork").Process(target=_killed_at, args=(k, ["--data-dir", str(b), "--out-dir",
+                                                                            str(out), "--workers", "1",
+                                                                            "--no-progress"]))
+        child.start()
+        child.join(120)
+        assert child.exitcode in (0, -signal.SIGKILL), child.exitcode
+        try:
+            classes = beton_classes(out)
+        except ValueError as e:
+            assert "\n" not in str(e) and str(out) in str(e)
+            with pytest.raises(DataError):
+                dataset_classes(out, "ffcv")
+            outcomes.append("refused")
+        else:
+            assert dataset_classes(out, "ffcv") == classes
+            widths = {int(w) for s in ("train", "val") for w in read_index(out / f"{s}.beton").metadata["f0"]["width"]}
+            expected = {96, 80} if classes == classes_a else {64, 48}
+            assert classes in (classes_a, classes_b) and widths == expected, (k, classes, widths)
+            outcomes.append("old" if classes == classes_a else "new")
+        if child.exitcode == 0:
+            break
+    capsys.readouterr()
+    assert outcomes[0] == "old" and outcomes[-1] == "new" and "refused" in outcomes, outcomes
+
+
+@pytest.mark.parametrize("layout", ["stray_val_class", "flat_val"])
+def test_every_split_is_checked_before_anything_is_written(tmp_path, coded_root, capsys, layout):
+    """issue 13: a val split that cannot match train was found only after train.beton was written (hours)."""
+    import shutil
+
+    from dataset_tools.convert import main
+
+    root = tmp_path / "data"
+    shutil.copytree(coded_root, root)
+    if layout == "stray_val_class":
+        shutil.copytree(root / "val" / "n00000000", root / "val" / "n09999999")
+    else:
+        for d in list((root / "val").iterdir()):
+            for f in d.iterdir():
+                f.rename(root / "val" / f"{d.name}_{f.name}")
+            d.rmdir()
+    out = tmp_path / "out"
+    code = main(["--data-dir", str(root), "--out-dir", str(out), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("n09999999" if layout == "stray_val_class" else "organize-val") in err
+    assert not (out / "train.beton").exists() and not (out / "classes.json").exists()
+
+
+def test_converting_one_split_with_another_class_list_is_refused(tmp_path, capsys):
+    """Converting val alone with other classes would orphan the folder's train.beton (labelled for the old list)."""
+    from dataset_tools.convert import main
+
+    a, b = _coded_pair(tmp_path)
+    out = tmp_path / "out"
+    assert main(["--data-dir", str(a), "--out-dir", str(out), "--workers", "1", "--no-progress"]) == 0
+    before = (out / "classes.json").read_text()
+    capsys.readouterr()
+    code = main(["--data-dir", str(b), "--out-dir", str(out), "--splits", "val", "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.beton" in err and "--splits train,val" in err and len(err.strip().splitlines()) == 1
+    assert (out / "classes.json").read_text() == before
+    # the same class list: val is re-converted and train.beton stays usable
+    assert main(["--data-dir", str(a), "--out-dir", str(out), "--splits", "val", "--workers", "1",
+                 "--no-progress"]) == 0
+    from pipeline.folders import beton_classes
+
+    assert beton_classes(out) == sorted(p.name for p in (a / "train").iterdir())
+
+
+def test_output_problems_are_one_line(tmp_path, coded_root, capsys, monkeypatch):
+    import errno
+
+    from ffcv.memory_allocator import MemoryAllocator
+
+    import dataset_tools.convert as convert_module
+    from dataset_tools.convert import main
+
+    (tmp_path / "file.txt").write_text("x")
+    args = ["--data-dir", str(coded_root), "--workers", "1", "--no-progress"]
+    assert main(args + ["--out-dir", str(tmp_path / "file.txt" / "sub")]) == 2  # not a folder (read-only: same path)
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "file.txt" in err and "--out-dir" in err, err
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MemoryAllocator, "flush_page", full)  # inherited by the forked writer processes
+    out = tmp_path / "full"
+    assert main(args + ["--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err and str(out) in err, err
+    assert not (out / "train.beton").exists() and not list(out.glob(".*tmp*"))
+    monkeypatch.undo()
+
+    def full_json(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(convert_module, "write_json_atomic", full_json)
+    assert main(args + ["--out-dir", str(tmp_path / "full2")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+    assert not (tmp_path / "full2" / "train.beton").exists()
+
+
+def test_unreadable_input_folders_are_one_line(tmp_path, coded_root, capsys, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): the refusal is simulated where the listing happens."""
+    import dataset_tools.files as files
+    from dataset_tools.convert import main
+
+    real = os.scandir
+    denied = {str(coded_root / "train" / "n00000002"), str(coded_root / "val")}
+
+    def scandir(path="."):
+        if str(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(files.os, "scandir", scandir)
+    code = main(["--data-dir", str(coded_root), "--out-dir", str(tmp_path / "out"), "--workers", "1",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
+    assert not (tmp_path / "out" / "train.beton").exists()
+
+
+def test_a_rerun_with_the_same_classes_stopped_half_way_leaves_a_usable_folder(tmp_path, coded_root, monkeypatch):
+    """Same class list, val fails after train was committed: train is the new one, val the previous, both usable."""
+    from dataset_tools.beton_format import read_index
+    from dataset_tools.convert import ConvertOptions, convert
+    from pipeline.folders import beton_classes
+
+    out = tmp_path / "out"
+    convert(coded_root, out, ["train", "val"], ConvertOptions(workers=1, progress=False, seed=0))
+    old_val = (out / "val.beton").read_bytes()
+    import dataset_tools.convert as convert_module
+
+    real = convert_module.write_beton
+
+    def fail_on_val(path, items, **kw):
+        if ".val.beton" in str(path):
+            raise KeyboardInterrupt
+        return real(path, items, **kw)
+
+    monkeypatch.setattr(convert_module, "write_beton", fail_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        convert(coded_root, out, ["train", "val"], ConvertOptions(workers=1, progress=False, seed=5, max_res=40))
+    assert beton_classes(out) == [f"n{i:08d}" for i in range(4)]
+    assert int(read_index(out / "train.beton").metadata["f0"]["width"].max()) == 40  # the new train
+    assert (out / "val.beton").read_bytes() == old_val  # the previous val, still vouched for

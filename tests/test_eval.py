@@ -42,3 +42,30 @@ def test_eval_refuses_other_classes_and_missing_ema(tmp_path_factory, coded_root
                  "--ema"]) == 2
     assert "no EMA weights" in capsys.readouterr().err
     assert main(["--checkpoint", str(out / "nope.pt"), "--data-dir", str(data)]) == 2
+
+
+def test_eval_out_unwritable_is_refused_before_evaluating(tmp_path_factory, tmp_path, capsys, monkeypatch):
+    """An --out nobody can write is one line before the evaluation (it used to be a traceback after it); a write
+    that fails anyway at the end still shows the result first."""
+    import training.evaluate as ev
+
+    data, out, run = trained_run(tmp_path_factory)
+    ckpt = str(out / "checkpoints" / run / "best.pt")
+    (tmp_path / "file.txt").write_text("x")
+    ran = []
+    monkeypatch.setattr(ev, "run_eval", lambda *a: ran.append(a) or 0)
+    assert main(["--checkpoint", ckpt, "--data-dir", str(data), "--out", str(tmp_path / "file.txt" / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rn50 eval: error: --out") and "\n" not in err and not ran
+    monkeypatch.undo()
+
+    import pathlib
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    assert main(["--checkpoint", ckpt, "--data-dir", str(data), "--loader", "torchvision", "--workers", "0",
+                 "--precision", "fp32", "--out", str(tmp_path / "r.json")]) == 1
+    captured = capsys.readouterr()
+    assert "top-1" in captured.out and "No space left" in captured.err and "the result is above" in captured.err

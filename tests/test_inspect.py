@@ -63,3 +63,56 @@ def test_not_a_beton_fails_clearly(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert str(bad) in err and len(err.strip().splitlines()) == 1
     assert main([str(tmp_path / "missing.beton")]) == 2
+
+
+def test_unwritable_grid_or_json_is_one_line_before_any_work(coded_betons, tmp_path, capsys, monkeypatch):
+    import dataset_tools.inspect_beton as inspect_beton
+    from dataset_tools.inspect_beton import main
+
+    (tmp_path / "file.txt").write_text("x")
+    drawn = []
+    monkeypatch.setattr(inspect_beton, "draw_grid", lambda *a, **k: drawn.append(a))
+    for flag in ("--grid", "--json"):
+        assert main([str(coded_betons / "train.beton"), flag, str(tmp_path / "file.txt" / "sub" / "x")]) == 2
+        captured = capsys.readouterr()
+        assert len(captured.err.strip().splitlines()) == 1 and flag in captured.err and "file.txt" in captured.err
+        assert captured.out == ""  # refused before the summary
+    assert not drawn
+
+
+def test_grid_full_disk_is_one_line(coded_betons, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    from dataset_tools.inspect_beton import main
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    assert main([str(coded_betons / "train.beton"), "--grid", str(tmp_path / "g.png"), "--n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err and "g.png" in err, err
+
+
+def test_folder_problems_are_a_warning_and_a_damaged_sample_is_named(coded_betons, tmp_path, capsys):
+    import shutil
+
+    from dataset_tools.beton_format import read_index
+    from dataset_tools.inspect_beton import main
+
+    out = tmp_path / "b"
+    shutil.copytree(coded_betons, out)
+    (out / "classes.json").write_text("[not json")
+    index = read_index(out / "train.beton")
+    jpeg = int(np.flatnonzero(index.metadata["f0"]["mode"] == 0)[0])  # raw pixels would "decode" whatever they are
+    with open(out / "train.beton", "r+b") as f:  # the sample's bytes become garbage (its index stays intact)
+        f.seek(int(index.metadata["f0"]["data_ptr"][jpeg]))
+        f.write(b"\x00" * 64)
+    assert main([str(out / "train.beton"), "--grid", str(tmp_path / "g.png"), "--n", "48"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("rn50 inspect: warning")]
+    assert len(warnings) == 2, captured.err
+    assert "classes.json" in warnings[0] and f"sample {jpeg}:" in warnings[1]
+    assert "48 images" in captured.out and (tmp_path / "g.png").is_file()

@@ -74,3 +74,12 @@ def test_command_writes_plot_and_suggestion(coded_root, tmp_path):
 def test_bad_sweep_flags_fail_fast(capsys, tmp_path):
     assert main(["--data-dir", str(tmp_path), "--start-lr", "1", "--end-lr", "0.1"]) == 2
     assert "--start-lr < --end-lr" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_refused_before_the_sweep(coded_root, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    rc = main(["--data-dir", str(coded_root), "--loader", "torchvision", "--output-dir",
+               str(tmp_path / "file.txt" / "out"), "--run-name", "t", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rn50 lr-find: error: --output-dir") and "\n" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,58 @@ def test_unusable_label_sources_fail_clearly(tmp_path, capsys):
     assert main([str(tmp_path / "val"), "--csv", str(tmp_path / "bad.csv")]) == 2
     assert "ImageId,PredictionString" in capsys.readouterr().err
     assert main([str(tmp_path / "missing"), "--csv", str(tmp_path / "bad.csv")]) == 2
+
+
+def test_unwritable_report_is_refused_before_moving(flat_val, tmp_path, capsys):
+    root, _ = flat_val
+    (tmp_path / "file.txt").write_text("x")
+    before = sorted(p.name for p in (root / "val").iterdir())
+    assert main([str(root / "val"), "--csv", str(root / "LOC_val_solution.csv"), "--report",
+                 str(tmp_path / "file.txt" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--report" in err, err
+    assert sorted(p.name for p in (root / "val").iterdir()) == before
+
+
+def test_unreadable_inputs_are_one_line(flat_val, tmp_path, capsys, monkeypatch):
+    import dataset_tools.organize_val as ov
+
+    root, _ = flat_val
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage\x81")
+    assert main([str(root / "val"), "--csv", str(tmp_path / "binary.csv")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "binary.csv" in err, err
+    real = ov.os.scandir
+
+    def denied(path="."):
+        if str(path) == str(root / "val"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ov.os, "scandir", denied)
+    assert main([str(root / "val"), "--csv", str(root / "LOC_val_solution.csv")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
+
+
+def test_a_move_that_fails_midway_is_one_line_and_a_rerun_finishes(flat_val, capsys, monkeypatch):
+    import errno
+
+    import dataset_tools.organize_val as ov
+
+    root, labels = flat_val
+    real, calls = os.rename, [0]
+
+    def rename(src, dst):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.EROFS, "Read-only file system", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(ov.os, "rename", rename)
+    assert main([str(root / "val"), "--csv", str(root / "LOC_val_solution.csv")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "moved 3 of 9" in err and "Read-only file system" in err, err
+    monkeypatch.undo()
+    assert main([str(root / "val"), "--csv", str(root / "LOC_val_solution.csv")]) == 0
+    assert_sorted(root / "val", labels)

@@ -1,14 +1,18 @@
 """ffcv backend specifics: keyed crops reach the compiled decoder, same order as torchvision, process cache with the
-page-grouped order under DDP, resolution changes without recompiling."""
+page-grouped order under DDP, resolution changes without recompiling, batch buffers kept across epochs, torch's thread
+count left alone, decoding threads that leave a core to the training process."""
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids
+from _pipeline_helpers import epoch_ids, sample_ids
 from conftest import requires_ffcv
 from PIL import Image
 
@@ -111,3 +115,115 @@ def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
         ids.append(sum(first, []))
     assert len(ids[0]) == len(ids[1]) == 24
     assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 48
+
+
+def test_batch_buffers_are_allocated_once_per_resolution(coded_betons):
+    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
+                          seed=5, verbose=False)
+    buffers = loader._ffcv.buffers
+    first = epoch_ids(loader)
+    allocated = buffers.allocated
+    assert allocated >= 3  # the decoder's output, JPEG and crop-parameter buffers, the labels
+    second, third = epoch_ids(loader), epoch_ids(loader)
+    assert buffers.allocated == allocated
+    loader.set_resolution(40)
+    fourth = [(images.shape[-1], sample_ids(images)) for images, _ in loader]
+    assert buffers.allocated == allocated + 1  # only the output buffer depends on the resolution
+    loader.set_epoch(1)
+    assert epoch_ids(loader) == second and buffers.allocated == allocated + 1
+    assert first != second != third
+    assert {side for side, _ in fourth} == {40}
+    loader.set_epoch(3)
+    assert [ids for _, ids in fourth] == epoch_ids(loader)
+
+
+def test_abandoned_and_overlapping_loops_keep_their_batches(coded_betons):
+    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
+                          seed=6, verbose=False)
+    loader.set_epoch(2)
+    full = {2: epoch_ids(loader), 3: epoch_ids(loader)}
+    allocated = loader._ffcv.buffers.allocated
+    loader.set_epoch(2)
+    next(iter(loader))  # abandoned after one batch: its thread stops, the next loop takes over its buffers
+    loader.set_epoch(2)
+    assert epoch_ids(loader) == full[2] and loader._ffcv.buffers.allocated == allocated
+    loader.set_epoch(2)
+    first_loop = iter(loader)
+    head = sample_ids(next(first_loop)[0])  # epoch 2's thread has decoded the batches ahead into its slots
+    loader.set_epoch(3)
+    assert epoch_ids(loader) == full[3]  # a loop while the first is open: buffers of its own, nothing overwritten
+    assert loader._ffcv.buffers.allocated > allocated
+    assert [head] + [sample_ids(images) for images, _ in first_loop] == full[2]
+
+
+def test_building_and_running_a_loader_keeps_torch_thread_count(coded_betons):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu",
+                              dtype=torch.float32, verbose=False)
+        assert torch.get_num_threads() == 1
+        epoch_ids(loader)
+        assert torch.get_num_threads() == 1
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # a thread torch starts later
+        later.start()
+        later.join()
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_loader_names_its_threads_and_threading_layer(coded_betons):
+    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
+                          verbose=False)
+    assert re.search(r"; 2 decoding threads, numba (tbb|omp|workqueue) layer$", loader.describe())
+
+
+def test_default_decoding_threads_leave_a_core_per_rank(monkeypatch):
+    from pipeline.ffcv_loader import decode_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decode_threads(0) == 15
+    assert decode_threads(6) == 6  # an explicit count is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert decode_threads(0) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert decode_threads(0) == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert decode_threads(0) == 1
+
+
+def test_decoding_threads_take_each_sample_exactly_once():
+    """The atomic counter behind the decoder's scheduling: every thread takes samples until none is left, and each
+    index is handed out once, whichever threading layer runs the loop."""
+    import numba
+
+    from pipeline.ffcv_loader import _take_next
+
+    @numba.njit(parallel=True)
+    def take_all(counter, taken, n):
+        counter[0] = 0
+        for _ in numba.prange(numba.get_num_threads()):
+            while True:
+                i = _take_next(counter)
+                if i >= n:
+                    break
+                taken[i] += 1
+                spin = 0.0
+                for k in range(2_000):  # some work per index, so that every thread is in the loop at once
+                    spin += np.sqrt(k + i)
+                counter[1] += spin < 0  # keeps the work from being optimised away (never true)
+
+    n = 20_000
+    taken = np.zeros(n, np.int64)
+    counter = np.zeros(2, np.int64)
+    before = numba.get_num_threads()  # importing ffcv set it to 1
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        take_all(counter, taken, n)
+    finally:
+        numba.set_num_threads(before)
+    assert np.all(taken == 1)
+    assert counter[0] == n + numba.config.NUMBA_NUM_THREADS  # no take lost: each thread's last found the batch done

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids
+from _pipeline_helpers import epoch_ids, sample_ids
+from conftest import REPO
 from PIL import Image
 
+from dataset_tools.files import DataFolderError
 from pipeline import build_loader
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.torchvision_loader import FolderCrops
@@ -38,7 +44,7 @@ def test_each_sample_is_cut_at_the_box_keyed_by_seed_epoch_index(tmp_path):
                      ratio=(3 / 4, 4 / 3), val_crop_ratio=0.875)
     flipped = 0
     for index in range(40):
-        out, _ = ds[(index, 9, res)]
+        out, _, _ = ds[(index, 9, res)]
         assert out.shape == (res, res, 3)
         (top, left, bh, bw), = random_resized_crop_boxes([h], [w], sample_keys(5, 9, [index]))[0]
         flip = bool(random_resized_crop_boxes([h], [w], sample_keys(5, 9, [index]))[1][0])
@@ -58,7 +64,7 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     loader = build_loader(tmp_path, backend="torchvision", batch_size=1, resolution=16, workers=0, device="cpu",
                           dtype=torch.float32, verbose=False)
-    with pytest.raises(RuntimeError, match="broken.JPEG: cannot be decoded"):
+    with pytest.raises(DataFolderError, match="broken.JPEG: cannot be decoded"):
         epoch_ids(loader)
 
 
@@ -71,3 +77,161 @@ def test_cuda_without_a_gpu_is_a_clear_error(coded_root):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither train.beton nor a train/ image folder"):
         build_loader(tmp_path, device="cpu", verbose=False)
+
+
+def _coded_copy(tmp_path, **kw):
+    from conftest import make_coded_dataset
+
+    return make_coded_dataset(tmp_path / "data", **kw)
+
+
+def test_undecodable_image_is_replaced_by_the_next_file_and_named_once(tmp_path, capfd):
+    """An empty or garbage file costs one sample, not the run: the next file in ImageFolder order takes its place (so
+    batch shapes hold and the batch stays a pure function of (seed, epoch, index)), and it is named once."""
+    root = _coded_copy(tmp_path, classes=2, train_per_class=6, val_per_class=2)
+    (root / "train" / "n00000000" / "img_0002.JPEG").write_bytes(b"")  # index 2: replaced by index 3 (class 0)
+    (root / "train" / "n00000000" / "img_0005.JPEG").write_bytes(b"<html>404</html>")  # index 5: by class 1's first
+    kw = dict(split="train", backend="torchvision", batch_size=4, resolution=16, device="cpu", dtype=torch.float32,
+              seed=3, verbose=False)
+    in_process, workers = build_loader(root, workers=0, **kw), build_loader(root, workers=2, **kw)
+    expected_id = {2: (0, 3), 5: (1, 0)}
+    for epoch in (0, 1):
+        in_process.set_epoch(epoch)
+        workers.set_epoch(epoch)
+        plan = workers.plan(epoch)
+        for b, ((xa, ya), (xb, yb)) in enumerate(zip(in_process, workers, strict=True)):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert len(yb) == 4
+            ids = sample_ids(xb)
+            assert [label for label, _ in ids] == yb.tolist()  # the label is the replacement's own
+            for index, got in zip(plan.batch(b), ids, strict=True):
+                if int(index) in expected_id:
+                    assert got == expected_id[int(index)]
+    err = capfd.readouterr().err
+    for name in ("img_0002.JPEG", "img_0005.JPEG"):
+        assert sum(name in line for line in err.splitlines()) == 2, err  # once per loader, not per epoch or worker
+    assert set(workers.skipped) == {str(root / "train" / "n00000000" / n) for n in ("img_0002.JPEG", "img_0005.JPEG")}
+
+
+def test_a_split_of_undecodable_files_stops_with_one_line(tmp_path):
+    root = _coded_copy(tmp_path, classes=1, train_per_class=3, val_per_class=1)
+    for p in (root / "train" / "n00000000").iterdir():
+        p.write_bytes(b"")
+    loader = build_loader(root, backend="torchvision", batch_size=2, resolution=16, workers=1, device="cpu",
+                          dtype=torch.float32, verbose=False)
+    with pytest.raises(DataFolderError, match=r"img_000\d.JPEG: cannot be decoded .* no file of .* can be decoded"):
+        next(iter(loader))
+
+
+_EXIT_PROBE = """
+import sys, torch
+from pipeline import build_loader
+loader = build_loader(sys.argv[1], backend="torchvision", batch_size=4, resolution=16, workers=1, device="cpu",
+                      dtype=torch.float32, verbose=False)
+next(iter(loader))
+if sys.argv[2] == "raise":
+    raise RuntimeError("an error anywhere after the workers started")
+print("done")
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "return"])
+def test_process_with_live_workers_exits(tmp_path, coded_root, how):
+    """Persistent workers ignore SIGTERM (the trainer stops them itself), which is what multiprocessing's exit
+    handler sends them: a process that ends while a loader is alive (an exception, or a loader in a global) hung."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(coded_root), how], cwd=REPO, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == (1 if how == "raise" else 0), proc.stderr
+
+
+_ORPHAN_PROBE = """
+import os, sys, time, torch
+from pipeline import build_loader
+loader = build_loader(sys.argv[1], backend="torchvision", batch_size=4, resolution=16, workers=2, device="cpu",
+                      dtype=torch.float32, verbose=False)
+it = iter(loader)
+next(it)
+print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_promptly_when_the_main_process_is_killed(coded_root):
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_PROBE, str(coded_root)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in workers), "DataLoader workers outlived their killed parent by > 3 s"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # a one-epoch CPU run and two evaluations (~45 s on 2 cores)
+def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, tmp_path):
+    """issue 13's case: an empty val image used to cost the epoch (trained, then a hang before any checkpoint)."""
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(synth_root, data)
+    bad = next(p for p in sorted((data / "val").iterdir()) if p.is_dir()) / "zero.JPEG"
+    bad.write_bytes(b"")
+    run = [sys.executable, "-m", "training.cli"]
+    train = subprocess.run(run + ["train", "--data-dir", str(data), "--arch", "resnet18", "--res", "64", "--val-res",
+                                  "64", "--batch-size", "16", "--workers", "1", "--epochs", "1", "--no-progress",
+                                  "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--run-name", "zv"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert sum(str(bad) in line for line in train.stderr.splitlines()) == 1, train.stderr
+    best = tmp_path / "o" / "checkpoints" / "zv" / "best.pt"
+    assert best.is_file()
+    ev = subprocess.run(run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1",
+                               "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr
+    assert sum(str(bad) in line for line in ev.stderr.splitlines()) == 1, ev.stderr
+    for p in (data / "val").rglob("*.JPEG"):  # nothing decodes: one line, exit 2, no hang
+        p.write_bytes(b"")
+    ev = subprocess.run(run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1",
+                               "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in ev.stderr.splitlines() if "error" in line]
+    assert ev.returncode == 2 and len(errors) == 1 and "cannot be decoded" in errors[0], ev.stderr
+    assert "Traceback" not in ev.stderr
+
+
+def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): the refusal is simulated where the folder is listed/checked."""
+    import os
+
+    import dataset_tools.files as files
+    import pipeline.build as build
+
+    real_scandir, real_access = os.scandir, os.access
+    denied = str(coded_root / "train" / "n00000001")
+
+    def scandir(path="."):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    kw = dict(backend="torchvision", batch_size=4, resolution=16, workers=0, device="cpu", dtype=torch.float32,
+              verbose=False)
+    monkeypatch.setattr(files.os, "scandir", scandir)
+    with pytest.raises(DataFolderError, match="n00000001: cannot be listed .Permission denied.; check its perm"):
+        build_loader(coded_root, **kw)
+    monkeypatch.undo()
+    monkeypatch.setattr(build.os, "access", lambda p, mode: False if str(p) == str(coded_root) else real_access(p, mode))
+    with pytest.raises(DataFolderError, match="cannot be read"):
+        build_loader(coded_root, **kw)

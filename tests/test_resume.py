@@ -28,7 +28,7 @@ from _resume_helpers import (
 )
 from conftest import make_coded_dataset, requires_dali
 
-from training.checkpoint import FORMAT_VERSION, atomic_save, load_checkpoint
+from training.checkpoint import FORMAT_VERSION, Checkpoint, atomic_save, load_checkpoint
 from training.model import build_model, build_optimizer
 from training.resume import ResumeError, check_compatible, check_position
 
@@ -198,18 +198,18 @@ def test_checks_compare_every_part_without_touching_the_model():
             "config": {"arch": "resnet18"}, "classes": ["a", "b", "c", "d"]}
     kw = dict(arch="resnet18", classes=["a", "b", "c", "d"], data_dir="d", model=model, optimizer=optimizer,
               ema_module=None)
-    check_compatible(good, Path("c.pt"), **kw)
+    check_compatible(Checkpoint(Path("c.pt"), good), **kw)
     other = build_model("resnet18", 4, blurpool=True, channels_last=False)
     bad_model = {**good, "model": other.state_dict()}
     with pytest.raises(ResumeError, match="c.pt: its model does not fit this run's resnet18 .*unexpected"):
-        check_compatible(bad_model, Path("c.pt"), **kw)
+        check_compatible(Checkpoint(Path("c.pt"), bad_model), **kw)
     bad_opt = {**good, "optimizer": {"state": {}, "param_groups": [{"params": [0, 1]}]}}
     with pytest.raises(ResumeError, match="parameter groups of sizes"):
-        check_compatible(bad_opt, Path("c.pt"), **kw)
+        check_compatible(Checkpoint(Path("c.pt"), bad_opt), **kw)
     with pytest.raises(ResumeError, match="incomplete checkpoint .no scaler"):
-        check_compatible({k: v for k, v in good.items() if k != "scaler"}, Path("c.pt"), **kw)
+        check_compatible(Checkpoint(Path("c.pt"), {k: v for k, v in good.items() if k != "scaler"}), **kw)
     with pytest.raises(ResumeError, match="mid-epoch checkpoint without its epoch progress"):
-        check_compatible({**good, "phase": "mid_epoch"}, Path("c.pt"), **kw)
+        check_compatible(Checkpoint(Path("c.pt"), {**good, "phase": "mid_epoch"}), **kw)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
@@ -219,17 +219,17 @@ def test_mid_epoch_position_needs_the_same_shards(tmp_path):
                                                               "batch_size": 256, "grad_accum": 1,
                                                               "num_samples": 1281167}}
     same = dict(world_size=8, batch_size=256, grad_accum=1, seed=0, num_samples=1281167)
-    assert check_position(mid, tmp_path / "checkpoint.pt", **same) == []
+    assert check_position(Checkpoint(tmp_path / "checkpoint.pt", mid), **same) == []
     with pytest.raises(ResumeError, match=r"middle of epoch 3 with world_size 8 \(now 4\).*same number of processes"):
-        check_position(mid, tmp_path / "checkpoint.pt", **{**same, "world_size": 4})
+        check_position(Checkpoint(tmp_path / "checkpoint.pt", mid), **{**same, "world_size": 4})
     (tmp_path / "model_002.pt").touch()
     with pytest.raises(ResumeError, match="copy model_002.pt over checkpoint.pt"):
-        check_position(mid, tmp_path / "checkpoint.pt", **{**same, "batch_size": 128})
+        check_position(Checkpoint(tmp_path / "checkpoint.pt", mid), **{**same, "batch_size": 128})
     with_order = {**mid, "loader": {**mid["loader"], "order": "random"}}
     with pytest.raises(ResumeError, match=r"order random \(now quasi_random\).*--loader-order"):
-        check_position(with_order, tmp_path / "checkpoint.pt", **{**same, "order": "quasi_random"})
+        check_position(Checkpoint(tmp_path / "checkpoint.pt", with_order), **{**same, "order": "quasi_random"})
     boundary = {**mid, "phase": "end_of_epoch", "loader": {**mid["loader"], "batch": 0}}
-    warnings = check_position(boundary, tmp_path / "checkpoint.pt", **{**same, "world_size": 4})
+    warnings = check_position(Checkpoint(tmp_path / "checkpoint.pt", boundary), **{**same, "world_size": 4})
     assert len(warnings) == 1 and "world_size 8 -> 4" in warnings[0]
 
 

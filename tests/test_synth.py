@@ -85,3 +85,54 @@ def test_flat_val_writes_solution_csv(tmp_path):
 def test_cli_rejects_bad_counts(tmp_path, capsys):
     assert main([str(tmp_path / "x"), "--classes", "0"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+SMALL = ["--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--min-short", "32", "--max-short", "40",
+         "--workers", "1"]
+
+
+def test_an_existing_dataset_is_not_overwritten(tmp_path, capsys):
+    """issue 13: synth into an existing dataset replaced its images, added a class and lost its names, rc 0."""
+    data = tmp_path / "imagenet"
+    (data / "train" / "n01440764").mkdir(parents=True)
+    (data / "train" / "n01440764" / "a.JPEG").write_bytes(b"a real photo")
+    (data / "LOC_synset_mapping.txt").write_text("n01440764 tench\n")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces only what rn50 synth wrote
+        assert main([str(data), *SMALL, *extra]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(data) in err, err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_rerun_and_overwrite_of_a_synth_folder(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main([str(out), *SMALL]) == 0
+    first = digest(out)
+    assert main([str(out), *SMALL]) == 0  # the same settings again: nothing to do (a second `make demo`)
+    assert "already" in capsys.readouterr().out and digest(out) == first
+    other = [a if a != "2" else "3" for a in SMALL]  # 3 classes, 3 per class
+    assert main([str(out), *other]) == 2  # other settings: refused ...
+    assert "--overwrite" in capsys.readouterr().err and digest(out) == first
+    assert main([str(out), *other, "--overwrite"]) == 0  # ... unless asked: replaced, nothing left of the first
+    assert len(list((out / "train").iterdir())) == 3 and len(digest(out)) == 3 * 3 + 3
+    assert len((out / "LOC_synset_mapping.txt").read_text().splitlines()) == 3
+
+
+def test_unwritable_or_full_output_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dataset_tools.synth as synth
+
+    (tmp_path / "file.txt").write_text("x")
+    assert main([str(tmp_path / "file.txt" / "sub"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "file.txt" in err, err
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(synth, "write_file", full)
+    assert main([str(tmp_path / "full"), *SMALL]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "rn50 synth" in line]  # not the progress bar
+    assert len(err) == 1 and err[0].startswith("rn50 synth: error:") and "No space left on device" in err[0], err

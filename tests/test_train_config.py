@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _beton_helpers import index_only_beton
 
 from training.config import CONFIGS_DIR, ConfigError, TrainConfig, apply_overrides, from_dict, load_yaml, preset_path
 from training.train import build_parser, resolve_config
@@ -101,6 +102,10 @@ def test_data_checks(tmp_path):
     (betons / "train.beton").touch()
     (betons / "val.beton").touch()
     (betons / "classes.json").write_text(json.dumps(["a", "b"]))
+    with pytest.raises(ValueError, match=r"train.beton: 0 bytes, too short"):  # damaged betons: found before torch
+        parse("--data-dir", str(betons), "--loader", "ffcv")
+    index_only_beton(betons / "train.beton", [0, 1, 1, 0])
+    index_only_beton(betons / "val.beton", [1, 0])
     assert parse("--data-dir", str(betons), "--loader", "ffcv", "--num-classes", "2").num_classes == 2
     with pytest.raises(ValueError, match="--resume: .*config.yaml not found"):
         parse("--data-dir", str(data), "--run-name", "nope", "--resume", "--output-dir", str(tmp_path))
@@ -113,6 +118,10 @@ def test_data_checks(tmp_path):
     (["--data-dir", "{data}", "--num-classes", "1000"], "has 2 classes"),
     (["--data-dir", "{data}", "--min-res", "160"], "needs both --min-res and --max-res"),
     (["--run-name", "x", "--resume", "--output-dir", "{data}"], "config.yaml not found"),
+    (["--data-dir", "{data}", "--run-name", "../../escaped"], "--run-name must be a plain folder name"),
+    (["--data-dir", "{data}", "--run-name", "/tmp/abs"], "--run-name must be a plain folder name"),
+    (["--run-name", "../x", "--resume", "--output-dir", "{data}"], "--run-name must be a plain folder name"),
+    (["--data-dir", "{data}", "--step", "graphs", "--grad-accum", "2"], "--step graphs captures one batch"),
 ])
 def test_bad_input_fails_before_torch_is_imported(tmp_path, flags, message):
     """One clear line on stderr, exit code 2, and torch never imported (that is what keeps it under a second)."""
@@ -176,3 +185,51 @@ def test_betons_bigger_than_ram_get_one_line_of_advice(tmp_path):
     assert "DALI reads the mapped file" in dali and "--compress-prob 1" in dali and "--no-os-cache" not in dali
     assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="torchvision"), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(tmp_path)), ram_bytes=1) is None  # no betons there
+
+
+def test_step_flags_and_the_compile_key_from_before_them(tmp_path):
+    """--step picks the train step; --compile/--no-compile and `compile: true/false` in presets and saved configs
+    (written before --step existed) still mean what they meant."""
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    assert parse("--data-dir", str(data)).step == "auto"
+    assert parse("--data-dir", str(data), "--step", "graphs").step == "graphs"
+    assert parse("--data-dir", str(data), "--compile").step == "compile"
+    assert parse("--data-dir", str(data), "--no-compile").step == "eager"
+    assert from_dict({"compile": True}).step == "compile" and from_dict({"compile": False}).step == "eager"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("compile: true\nsgd: foreach\n")
+    cfg = parse("--data-dir", str(data), "--config", str(preset))
+    assert (cfg.step, cfg.sgd) == ("compile", "foreach")
+    with pytest.raises(ConfigError, match="compile must be"):
+        from_dict({"compile": "yes"})
+
+
+def test_the_config_is_final_once_resolved(tmp_path):
+    """num_classes comes from the data before the run starts, and nothing changes the config afterwards."""
+    import dataclasses
+
+    data = folders(tmp_path / "d", ["n1", "n2", "n3"], ["n1", "n2", "n3"])
+    cfg = parse("--data-dir", str(data), "--run-name", "ok-run_1.2")
+    assert cfg.num_classes == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run_name = "other"
+
+
+def test_unreadable_class_folder_is_found_before_torch(tmp_path, monkeypatch):
+    """chmod 000 does not stop root (the tests' user): access() is made to say no for one class folder."""
+    import os
+
+    import training.preflight as preflight
+
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    real = os.access
+    monkeypatch.setattr(preflight.os, "access", lambda p, mode: False if str(p).endswith("val/n2") else real(p, mode))
+    with pytest.raises(ValueError, match=r"val/n2: cannot be read \(permissions\)"):
+        parse("--data-dir", str(data))
+
+
+def test_a_damaged_skip_report_is_found_before_torch(tmp_path):
+    data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
+    (tmp_path / "report.json").write_text("garbage")
+    with pytest.raises(ValueError, match=r"--skip-listed-in .*report.json: not a convert_report.json"):
+        parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "report.json"))

@@ -149,10 +149,10 @@ def test_existing_run_is_not_overwritten(tmp_path_factory, capsys):
 def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_betons, tmp_path, monkeypatch):
     """--no-os-cache --loader-order quasi_random (betons bigger than RAM): the trainer's loaders get them, and the
     ffcv backend trains on FFCV's process cache with the page-grouped order."""
-    import pipeline
+    from training import components
 
     seen = []
-    real = pipeline.build_loader
+    real = components.build_loader
 
     def spy(*args, **kwargs):
         loader = real(*args, **kwargs)
@@ -160,7 +160,7 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
                      getattr(loader, "_sample_pages", None) is not None))
         return loader
 
-    monkeypatch.setattr(pipeline, "build_loader", spy)  # the trainer imports it from here when it starts
+    monkeypatch.setattr(components, "build_loader", spy)  # every loader of a run is built there
     rc = main(argv(coded_betons, tmp_path, "pc", loader="ffcv", workers=1, epochs=1, res=32, val_res=32, batch_size=8,
                    os_cache=False, loader_order="quasi_random"))
     assert rc == 0
@@ -172,16 +172,74 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
 def test_auto_augment_flag_selects_the_policy():
     """--auto-augment autoaugment runs AutoAugment's ImageNet policy in the batch transform: seeded by (epoch, batch),
     and not the TrivialAugment result."""
-    from pipeline.augment import auto_augment
+    from pipeline.augment import auto_augment, batch_seed
+    from training.components import batch_transform
     from training.config import TrainConfig
-    from training.trainer import batch_seed, build_batch_transform
 
     images = torch.randn(16, 3, 24, 24).contiguous(memory_format=torch.channels_last)
     labels = torch.arange(16) % 4
-    aa = build_batch_transform(TrainConfig(auto_augment="autoaugment"), 4, rank=0)
-    ta = build_batch_transform(TrainConfig(auto_augment="trivialaugment"), 4, rank=0)
-    out, same_labels = aa(images, labels, 1, 3)
+    aa = batch_transform(TrainConfig(auto_augment="autoaugment"), 4, rank=0)
+    ta = batch_transform(TrainConfig(auto_augment="trivialaugment"), 4, rank=0)
+    out, same_labels = aa(images, labels, epoch=1, batch=3)
     assert torch.equal(same_labels, labels)
     expected = auto_augment(images, generator=torch.Generator().manual_seed(batch_seed(0, 1, 3, 0)))
     assert torch.equal(out, expected)
-    assert not torch.equal(out, ta(images, labels, 1, 3)[0])
+    assert not torch.equal(out, ta(images, labels, epoch=1, batch=3)[0])
+    assert batch_transform(TrainConfig(), 4, rank=0) is None
+
+
+def test_a_second_run_with_the_same_name_stops_and_the_first_is_untouched(coded_root, tmp_path):
+    """Two runs with one --run-name and --output-dir: the second stops at once with one line naming the first's pid
+    (the run folder's lock), writes nothing, and the first run's files stay as they were."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from dataset_tools.locks import LOCK_NAME
+
+    folder = tmp_path / "checkpoints" / "twin"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom dataset_tools.locks import folder_lock\n"
+        f"with folder_lock({str(folder)!r}, 'rn50 train'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        t0 = time.monotonic()
+        rc = subprocess.run([sys.executable, "-m", "training", *argv(coded_root, tmp_path, "twin", epochs=1, res=32,
+                                                                      val_res=32, batch_size=8)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert rc.returncode == 2, rc.stderr + rc.stdout
+        errors = [line for line in (rc.stdout + rc.stderr).splitlines() if "error" in line]
+        assert len(errors) == 1 and f"in use by rn50 train (pid {holder.pid}" in errors[0], errors
+        assert time.monotonic() - t0 < 120
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, not even logs
+        assert (folder / LOCK_NAME).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(coded_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A full disk at an epoch's checkpoint: one line, exit 1, the previous epoch's files intact and resumable."""
+    import errno
+
+    from training import checkpoint
+
+    real, calls = checkpoint.save_checkpoint, []
+
+    def full_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoints" / "full"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_on_second)
+    rc = main(argv(coded_root, tmp_path, "full", epochs=3, res=32, val_res=32, batch_size=8))
+    assert rc == 1
+    err = [line for line in capsys.readouterr().out.splitlines() if "error" in line]
+    assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0]
+    assert load_checkpoint(tmp_path / "checkpoints" / "full" / "checkpoint.pt")["next_epoch"] == 1

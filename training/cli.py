@@ -1,7 +1,7 @@
-"""The `rn50` console script: one entry, subcommands that live in the package they belong to.
+"""The `rn50` console script: one command table; each command is a module's `main(argv) -> int`.
 
-Each subcommand is a module with `main(argv) -> int`; it is imported only when called, so `rn50 synth` does not pay
-for importing torch, and `rn50 --help` is instant.
+A module is imported only when its command runs, so `rn50 synth` does not pay for importing torch and `rn50 --help`
+is instant. Two-word commands (`rn50 bench step`) sit in the same table as one-word ones.
 """
 
 from __future__ import annotations
@@ -15,21 +15,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "organize-val": ("dataset_tools.organize_val", "sort the flat ILSVRC2012 val images into class folders"),
     "convert": ("dataset_tools.convert", "write an ImageNet folder to FFCV .beton files"),
     "inspect": ("dataset_tools.inspect_beton", "summarise a .beton and draw a grid of its images"),
-    "bench": ("benchmarks.cli", "benchmarks: loader | step | keepup | convert"),
-    "doctor": ("benchmarks.doctor", "check this machine and dataset; recommend loader settings"),
-    "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
+    "show-batch": ("training.show_batch", "save a picture of one training batch, as the trainer sees it"),
     "lr-find": ("training.lr_finder", "LR range test: plot and suggested max LR"),
+    "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
     "eval": ("training.evaluate", "top-1/top-5 of a checkpoint on the val split"),
-    "show-batch": ("pipeline.show_batch", "save a picture of one training batch with class names"),
+    "bench loader": ("benchmarks.loader_bench", "loader img/s per backend and resolution (no model)"),
+    "bench step": ("benchmarks.step_bench", "train step img/s on synthetic data already on the device (no loader)"),
+    "bench keepup": ("benchmarks.keepup_bench", "the real loader feeding the real step: does it keep up?"),
+    "bench convert": ("benchmarks.convert_bench", "conversion img/s: rn50 convert vs FFCV's DatasetWriter"),
+    "doctor": ("benchmarks.doctor", "check this machine and dataset; recommend loader settings"),
 }
 
 
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = ["usage: rn50 COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "rn50 COMMAND --help shows the flags of a command."]
-    return "\n".join(lines)
+def usage(prefix: str = "") -> str:
+    names = [name for name in COMMANDS if name.startswith(prefix)]
+    width = max(len(name) for name in names)
+    head = f"usage: rn50 {prefix or 'COMMAND '}{'KIND ' if prefix else ''}[ARGS...]"
+    lines = [head, "", "commands:"] + [f"  {name:<{width}}  {COMMANDS[name][1]}" for name in names]
+    return "\n".join(lines + ["", "rn50 COMMAND --help shows the flags of a command."])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"rn50: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return int(importlib.import_module(COMMANDS[name][0]).main(argv[words:]) or 0)
+    group = f"{argv[0]} "
+    if any(name.startswith(group) for name in COMMANDS):  # `rn50 bench` with no kind, a bad one, or --help
+        asked = len(argv) == 1 or argv[1] in ("-h", "--help")
+        print(usage(group) if asked else f"rn50: unknown {argv[0]} kind {argv[1]!r}\n\n{usage(group)}",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
+    print(f"rn50: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

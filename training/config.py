@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,10 @@ SCHEDULES = ("onecycle", "triangular", "cosine", "step")
 AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
 RESUME = ("no", "yes", "auto")
 LOADER_ORDERS = ("random", "quasi_random")
+STEPS = ("auto", "eager", "compile", "graphs")
+# one folder name under logs/, runs/ and checkpoints/: no separators or "..", so a run cannot write outside them
+RUN_NAME = re.compile(r"[A-Za-z0-9_+=@][A-Za-z0-9._+=@-]{0,199}")
+SGD_IMPLS = ("auto", "fused", "foreach")
 
 
 class ConfigError(ValueError):
@@ -51,12 +56,12 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: st
     return field(default=default, metadata=meta, **kw)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
     data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
-    loader: str = _f("auto", "data loader backend (auto: betons -> ffcv; DALI + GPU -> dali; else torchvision)",
-                     LOADERS)
+    loader: str = _f("auto", "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
+                             "image folders: DALI + GPU -> dali, else torchvision)", LOADERS)
     workers: int = _f(8, "loader worker threads/processes per GPU")
     batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
     val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
@@ -91,7 +96,13 @@ class TrainConfig:
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block")
     blurpool: bool = _f(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
     channels_last: bool = _f(True, "channels_last memory format for model and inputs")
-    compile: bool = _f(False, "torch.compile the model (checkpoints still hold the plain module)")
+    step: str = _f("auto", "the train step: eager; compile (torch.compile, once per resolution; checkpoints hold the "
+                           "plain module); graphs (compile, then forward, backward and SGD update captured as one CUDA "
+                           "graph per resolution: one GPU, bf16/fp32, no --grad-accum); auto: compile on a GPU, eager on "
+                           "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
+                   STEPS)
+    sgd: str = _f("auto", "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
+                          "auto: fused on a GPU, torch's default on the CPU", SGD_IMPLS)
     # --- optimisation ---
     epochs: int = _f(16, "epochs to train")
     max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
@@ -209,11 +220,23 @@ class TrainConfig:
             problems.append("--warmup-epochs must be in [0, --epochs)")
         if self.lr_schedule == "step" and sorted(self.step_epochs) != list(self.step_epochs):
             problems.append("--step-epochs must be increasing")
+        if self.run_name and run_name_problem(self.run_name):
+            problems.append(run_name_problem(self.run_name))
         if self.resume != "no" and not self.run_name:
             problems.append(f"--resume {self.resume} needs --run-name (the run to continue)")
+        if self.step == "graphs" and self.grad_accum > 1:
+            problems.append("--step graphs captures one batch per optimizer step; use --step compile with --grad-accum")
         if self.stop_after_epoch >= self.epochs:
             problems.append("--stop-after-epoch must be < --epochs (epochs are counted from 0)")
         return problems
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run name (it names folders under --output-dir), or None."""
+    if RUN_NAME.fullmatch(name):
+        return None
+    return (f"--run-name must be a plain folder name (letters, digits and . _ - + = @, not starting with . or -), got "
+            f"{name!r}: it names the run's folders under --output-dir")
 
 
 # ---------------------------------------------------------------------------------------------- fields and types
@@ -256,6 +279,10 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], where: str) -> Tra
     updates = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name == "compile":  # presets and saved runs from before --step
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: compile must be true or false (or use step: {', '.join(STEPS)})")
+            name, value = "step", "compile" if value else "eager"
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -332,6 +359,11 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         else:
             p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if meta.get("choices") else
                            f.name.upper(), **common)
+    if "step" not in skip:  # the flag names from before --step
+        p.add_argument("--compile", dest="step", action="store_const", const="compile", default=argparse.SUPPRESS,
+                       help="= --step compile")
+        p.add_argument("--no-compile", dest="step", action="store_const", const="eager", default=argparse.SUPPRESS,
+                       help="= --step eager")
 
 
 def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

@@ -31,11 +31,14 @@ class DistContext:
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK) if CUDA is there, else the CPU; cuda; cuda:N (one GPU, benchmarks); cpu."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device (check nvidia-smi and that "
-                           "torch is a CUDA build), or pass --device cpu")
+        raise RuntimeError(f"--device {requested} was asked for but torch sees no CUDA device (check nvidia-smi and "
+                           "that torch is a CUDA build), or pass --device cpu")
+    if requested.startswith("cuda:"):
+        return torch.device(requested)
     return torch.device("cuda", local_rank)
 
 

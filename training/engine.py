@@ -82,15 +82,38 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 # ---------------------------------------------------------------------------------------------- training
 
-# (images, labels, epoch, batch index in the epoch) -> (images, targets). The batch index lets the transform derive
-# its random draws from (seed, epoch, batch, rank) instead of carrying a generator's state from batch to batch.
-BatchTransform = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+# (images, labels, epoch=, batch=) -> (images, targets): the run's augmentation recipe (pipeline.augment.Recipe).
+# The batch index lets it derive its random draws from (seed, epoch, batch, rank) instead of carrying a generator's
+# state from batch to batch.
+BatchTransform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def resolve_step(requested: str, device: torch.device, *, deterministic: bool = False, world_size: int = 1,
+                 grad_accum: int = 1, precision: str = "fp32") -> tuple[str, str]:
+    """(eager | compile | graphs, why) for --step. auto: compile on a GPU (an H200 measured 6,800 img/s compiled
+    against 4,700 eager for ResNet-50 bf16 at 224 px: ../shared/gpu/README.md), eager on the CPU (compiling costs
+    minutes there and gains little) and with --deterministic (identity after a restart was checked for the eager step
+    only). graphs falls back to compile where a whole-step CUDA graph cannot be captured (training.graphs)."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return "eager", "auto: eager on the CPU"
+        if deterministic:
+            return "eager", "auto: eager with --deterministic"
+        return "compile", "auto: torch.compile on a GPU"
+    if requested == "graphs":
+        blocker = ("not on a CUDA device" if device.type != "cuda" else
+                   f"{world_size} processes (DDP)" if world_size > 1 else
+                   f"--grad-accum {grad_accum}" if grad_accum > 1 else
+                   "fp16 (GradScaler decides on the host)" if precision == "fp16" else "")
+        if blocker:
+            return "compile", f"graphs not possible ({blocker}): compiled step instead"
+    return requested, "asked for"
 
 
 @dataclass
 class TrainParts:
     """What a training step needs besides the batch. `model` may be DDP- and/or compile-wrapped; `raw_model` is
-    the plain module (EMA, checkpoints)."""
+    the plain module (EMA, checkpoints). `graphed`: the whole step as a CUDA graph (--step graphs), else None."""
 
     model: nn.Module
     raw_model: nn.Module
@@ -101,15 +124,23 @@ class TrainParts:
     label_smoothing: float
     grad_accum: int = 1
     ema: object | None = None  # training.ema.ModelEMA
+    graphed: Callable | None = None  # training.graphs.GraphedStep
+    step_mode: str = "eager"  # eager | compile | graphs, and why (for the run header)
+    step_why: str = ""
 
 
 def train_step(parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """One optimizer step over `grad_accum` micro-batches: set the scheduled LR, forward/backward each micro-batch
     (gradients all-reduced by DDP only on the last one), unscale-free step through the GradScaler, EMA update.
+    With a graphed step (one micro-batch) the same happens in one CUDA graph replay.
 
     Returns (summed loss over samples, number of correct top-1 predictions, samples, lr); tensors stay on device."""
     lr = apply_schedule(parts.optimizer, parts.schedule, step)
+    if parts.graphed is not None:
+        (images, targets), = micro_batches
+        loss_sum, correct = parts.graphed(images, targets, lr, parts.optimizer.param_groups[0]["momentum"])
+        return loss_sum, correct, images.shape[0], lr
     model, n_micro = parts.model, len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -165,6 +196,7 @@ class EpochStats:
     data_wait_s: float  # this rank's time blocked on the loader
     lr: float
     completed: bool = True  # False: stopped early at a step boundary (a stop request)
+    first_step_s: float = 0.0  # host time of the epoch's first step: torch.compile / graph capture happen there
 
     @property
     def images_per_s(self) -> float:
@@ -258,19 +290,23 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     micro: list[tuple[torch.Tensor, torch.Tensor]] = []
     batch_index = start_batch
     completed = True
+    first_step_s = None
     for _ in range(first_step, steps_per_epoch):
         micro.clear()
         for images, labels in batches:
             targets = labels
             if batch_transform is not None:
-                images, targets = batch_transform(images, labels, epoch, batch_index)
+                images, targets = batch_transform(images, labels, epoch=epoch, batch=batch_index)
             batch_index += 1
             micro.append((images, targets))
             if len(micro) == accum:
                 break
         if len(micro) < accum:
             break  # the loader ran short (should not happen: len(loader) >= steps_per_epoch * accum)
+        t_step = time.perf_counter()
         loss_sum, correct, n, lr = train_step(parts, micro, step, device)
+        if first_step_s is None:
+            first_step_s = time.perf_counter() - t_step
         stats = torch.stack([loss_sum.double(), correct.double()])
         totals += stats
         window += stats
@@ -310,7 +346,8 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
         bar.close()
     t = _sum_over_ranks(totals, total_n, ctx)
     return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
-                      seconds=seconds, data_wait_s=waits[0], lr=lr, completed=completed)
+                      seconds=seconds, data_wait_s=waits[0], lr=lr, completed=completed,
+                      first_step_s=first_step_s or 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -318,14 +355,15 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, tta: bool = False,
-             epoch: int = 0, should_stop: Callable[[], bool] | None = None) -> dict | None:
+             epoch: int = 0, should_stop: Callable[[], bool] | None = None, static_shapes: bool = False) -> dict | None:
     """Top-1/top-5 (%) and mean cross-entropy over the whole split, each sample counted once across ranks.
 
     Under DDP the loader pads the last shard with repeats of other ranks' samples; `loader.num_valid(b)` says how
     many leading samples of batch b are real, and only those are counted. tta: the logits of the horizontally
     flipped batch are added (ffcv-imagenet's lr_tta). Pass the plain module, not the DDP wrapper.
     should_stop: polled before every batch (on every rank: it may be a collective); True abandons the pass and
-    returns None.
+    returns None. static_shapes: pad a short last batch to the full batch size (its padding is not counted), so a
+    compiled model sees one shape and compiles once.
     """
     model.eval()
     device = ctx.device
@@ -339,15 +377,20 @@ def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, t
                 source.close()
             return None
         valid = loader.num_valid(b, epoch=epoch)
-        if valid < images.shape[0]:
-            images, labels = images[:valid], labels[:valid]
         if valid == 0:
             continue
+        if not static_shapes:
+            images = images[:valid]
+        elif images.shape[0] < loader.batch_size:
+            padded = images.new_zeros((loader.batch_size, *images.shape[1:]))
+            padded = padded.contiguous(memory_format=torch.channels_last)
+            padded[: images.shape[0]] = images
+            images = padded
         with precision.autocast(device):
             logits = model(images)
             if tta:
                 logits = logits + model(torch.flip(images, dims=[3]))
-        logits = logits.float() / (2.0 if tta else 1.0)
+        logits, labels = logits[:valid].float() / (2.0 if tta else 1.0), labels[:valid]
         top1, top5 = topk_correct(logits, labels, (1, 5))
         sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
                              top5.double()])

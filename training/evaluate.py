@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from dataset_tools.files import DataFolderError, check_writable
 from training.config import DEVICES, LOADERS, PRECISIONS, Parser
 from training.preflight import DataError, dataset_classes
 
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1 or args.workers < 0 or (args.val_res is not None and args.val_res < 8):
             raise DataError("--batch-size must be >= 1, --workers >= 0, --val-res >= 8")
         classes = dataset_classes(args.data_dir, args.loader, splits=("val",))
+        # the result's file must be writable before minutes of evaluation, not after
+        probe = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}.json")
+        try:
+            check_writable(probe)
+        except OSError as e:
+            where = "--out" if args.out else "the checkpoint's folder (the result's default place; pass --out)"
+            raise DataError(f"{where} {probe}: cannot write there ({e.strerror or e})") from None
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -56,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> int:
-    from pipeline import build_loader
-    from training.checkpoint import load_checkpoint
+    import dataclasses
+
+    from training.checkpoint import Checkpoint
+    from training.components import make_loader
     from training.config import from_dict
     from training.distributed import cleanup, init_distributed
     from training.engine import evaluate, resolve_precision
@@ -66,46 +76,54 @@ def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> i
     ctx = init_distributed(args.device)
     try:
         try:
-            state = load_checkpoint(ckpt_path, map_location=ctx.device)
+            saved = Checkpoint.read(ckpt_path, map_location=ctx.device)
         except (FileNotFoundError, ValueError) as e:
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 2
-        cfg = from_dict(state["config"], f"{ckpt_path} config")
-        trained_classes = state.get("classes") or []
+        trained_classes = saved.classes
         if trained_classes and trained_classes != classes:
             print(f"{PROG}: error: {args.data_dir} has {len(classes)} classes"
                   f"{'' if len(classes) != len(trained_classes) else ' in a different order or naming'}, the model "
                   f"was trained on {len(trained_classes)}; evaluate on the dataset the run used", file=sys.stderr)
             return 2
-        if args.ema and not state.get("ema"):
+        if args.ema and not saved.ema:
             print(f"{PROG}: error: {ckpt_path} holds no EMA weights (the run had --no-ema)", file=sys.stderr)
             return 2
+        # the run's own config, with this command's data and loader settings
+        cfg = dataclasses.replace(from_dict(saved.config, f"{ckpt_path} config"), data_dir=str(args.data_dir),
+                                  loader=args.loader, workers=args.workers, val_batch_size=args.batch_size,
+                                  skip_listed_in="", seed=0)
         precision = resolve_precision(args.precision, ctx.device)
         val_res = args.val_res or cfg.val_res
         tta = cfg.tta if args.tta is None else args.tta
         model = build_model(cfg.arch, len(classes), blurpool=cfg.blurpool, channels_last=cfg.channels_last)
-        model.load_state_dict(state["ema"]["module"] if args.ema else state["model"])
+        model.load_state_dict(saved.weights(ema=args.ema))
         model.to(ctx.device)
-        loader = build_loader(args.data_dir, split="val", backend=args.loader, batch_size=args.batch_size,
-                              resolution=val_res, workers=args.workers, device=ctx.device,
-                              dtype=precision.input_dtype, rank=ctx.rank, world_size=ctx.world_size, seed=0,
-                              drop_last=False, verbose=ctx.is_main)
-        t0 = time.perf_counter()
-        result = evaluate(model, loader, precision, ctx, tta=tta)
+        try:
+            loader = make_loader(cfg, "val", ctx, precision.input_dtype, resolution=val_res)
+            t0 = time.perf_counter()
+            result = evaluate(model, loader, precision, ctx, tta=tta)
+        except DataFolderError as e:  # e.g. a val folder where no image decodes: one line, not a traceback
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
         seconds = time.perf_counter() - t0
         if not ctx.is_main:
             return 0
-        result.update({"checkpoint": str(ckpt_path), "epoch": state.get("epoch"), "data_dir": str(args.data_dir),
+        result.update({"checkpoint": str(ckpt_path), "epoch": saved.finished_epoch, "data_dir": str(args.data_dir),
                        "loader": loader.backend, "val_res": val_res, "tta": tta, "ema": args.ema,
                        "precision": precision.name, "arch": cfg.arch, "seconds": seconds})
         suffix = f"{val_res}px" + ("_tta" if tta else "") + ("_ema" if args.ema else "")
         out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}_{suffix}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{ckpt_path} (epoch {state.get('epoch')}, {cfg.arch}{', EMA' if args.ema else ''}) on "
+        print(f"{ckpt_path} (epoch {saved.finished_epoch}, {cfg.arch}{', EMA' if args.ema else ''}) on "
               f"{result['samples']} val images at {val_res} px{' + flip TTA' if tta else ''}: "
-              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}\n"
-              f"written: {out}", flush=True)
+              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+        try:  # the result is on screen first: a failed write loses no evaluation
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as e:
+            print(f"{PROG}: error: could not write {out} ({e.strerror or e}); the result is above", file=sys.stderr)
+            return 1
+        print(f"written: {out}", flush=True)
         return 0
     finally:
         cleanup()

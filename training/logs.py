@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from training import plots
+from training.layout import RunPaths
 
 COLUMNS = [  # (record key, header, format)
     ("epoch", "Epoch", "{:d}"),
@@ -52,12 +53,12 @@ def markdown_table(records: list[dict], title: str, header_lines: list[str]) -> 
 class RunLog:
     """Per-epoch records to Markdown/JSON/PNG and scalars to TensorBoard. Construct it on rank 0 only."""
 
-    def __init__(self, output_dir: Path, run: str, header_lines: list[str], records: list[dict] | None = None,
+    def __init__(self, paths: RunPaths, header_lines: list[str], records: list[dict] | None = None,
                  tensorboard: bool = True, purge_step: int | None = None):
         """purge_step: a resumed run's global step; TensorBoard hides the points the interrupted process logged from
         there on, which the resumed run logs again."""
-        self.run = run
-        self.dir = Path(output_dir) / "logs" / run
+        self.run = paths.run
+        self.dir = paths.logs
         self.dir.mkdir(parents=True, exist_ok=True)
         self.header_lines = header_lines
         self.records: list[dict] = list(records or [])
@@ -65,11 +66,11 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs" / run), purge_step=purge_step)
+            self.tb = SummaryWriter(log_dir=str(paths.events), purge_step=purge_step)
 
     @staticmethod
-    def read_records(output_dir: Path, run: str) -> list[dict]:
-        path = Path(output_dir) / "logs" / run / "training_log.json"
+    def read_records(paths: RunPaths) -> list[dict]:
+        path = paths.logs / "training_log.json"
         return json.loads(path.read_text()) if path.is_file() else []
 
     def write_config(self, yaml_text: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_tools.files import check_writable
 from training.config import ConfigError, Parser, TrainConfig, add_config_flags, resolve
 from training.preflight import DataError, check_data
 
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError("; ".join(problems))
         check_data(cfg)
+        try:  # the sweep's results go there: find out now, not after the sweep
+            check_writable(Path(cfg.output_dir) / "lr_finder_plots" / "probe.png")
+        except OSError as e:
+            raise DataError(f"--output-dir {cfg.output_dir}: cannot write there ({e.strerror or e})") from None
     except (ConfigError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -130,30 +135,20 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_factor: float) -> int:
     import torch
 
-    from pipeline import build_loader
+    from training.components import make_loader, make_parts, seed_everything
     from training.distributed import all_reduce_sum, cleanup, init_distributed
-    from training.engine import TrainParts, make_scaler, resolve_precision, train_step
-    from training.model import build_model, build_optimizer
+    from training.engine import resolve_precision, train_step
     from training.plots import plot_lr_finder
     from training.schedules import train_resolution
-    from training.trainer import seed_everything, wrap_model
 
     ctx = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed, ctx.rank)
         precision = resolve_precision(cfg.precision, ctx.device)
         res = train_resolution(cfg, 0)
-        loader = build_loader(cfg.data_dir, split="train", backend=cfg.loader, batch_size=cfg.batch_size,
-                              resolution=res, workers=cfg.workers, device=ctx.device, dtype=precision.input_dtype,
-                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed, drop_last=True,
-                              verbose=ctx.is_main, **cfg.loader_options())
-        raw = build_model(cfg.arch, loader.num_classes, cfg.zero_init_residual, cfg.blurpool,
-                          cfg.channels_last).to(ctx.device)
-        optimizer, _ = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-        model, _ = wrap_model(raw, cfg.compile, ctx)
-        parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
-                           schedule=sweep, precision=precision, label_smoothing=cfg.label_smoothing,  # type: ignore[arg-type]
-                           grad_accum=cfg.grad_accum)
+        loader = make_loader(cfg, "train", ctx, precision.input_dtype, resolution=res)
+        parts, _, _ = make_parts(cfg, loader.num_classes, ctx, precision, sweep)
+        model = parts.model
         model.train()
         lrs: list[float] = []
         losses: list[float] = []
@@ -205,9 +200,16 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
             "lrs": lrs, "losses": losses, "smoothed": smoothed,
         }
         json_path = out / f"lr_suggestion_{run}.json"
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
-        png = plot_lr_finder(lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png", run)
+        print(f"suggested_max_lr {suggestion['suggested_max_lr']:.6g}", flush=True)  # on screen before any write
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=1) + "\n")
+            png = plot_lr_finder(lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png",
+                                 run)
+        except OSError as e:
+            print(f"{PROG}: error: could not write {e.filename or out} ({e.strerror or e}); the suggestion is above",
+                  file=sys.stderr)
+            return 1
         print(f"LR range test: {len(lrs)} steps{' (stopped: loss diverged)' if stopped_early else ''} in "
               f"{seconds:.0f} s at global batch {global_batch}\n"
               f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "

@@ -85,12 +85,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], dic
     return groups, counts
 
 
-def build_optimizer(model: nn.Module, weight_decay: float, momentum: float, nesterov: bool
+SGD_KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def build_optimizer(model: nn.Module, weight_decay: float, momentum: float, nesterov: bool, impl: str = "default"
                     ) -> tuple[torch.optim.SGD, dict[str, int]]:
+    """SGD over the weight-decay groups. impl: "default" (torch's choice: foreach on a GPU, a loop per tensor on the
+    CPU), "foreach" (a few kernels per group) or "fused" (one kernel; with a GradScaler it also takes the scale and
+    the inf check on the device, so fp16 needs no host sync per step)."""
+    if impl not in SGD_KERNELS:
+        raise ValueError(f"SGD impl must be one of {', '.join(SGD_KERNELS)}, got {impl!r}")
     groups, counts = param_groups(model, weight_decay)
     # lr is set by the schedule before every step; 0.0 here only keeps a step before that harmless.
-    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov)
+    optimizer = torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, **SGD_KERNELS[impl])
     return optimizer, counts
+
+
+def sgd_kernels(optimizer: torch.optim.Optimizer) -> str:
+    """fused, foreach, or "default" (torch's choice) for the run header."""
+    d = optimizer.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "default"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,16 +1,18 @@
 """Checks that run before torch is imported, so a wrong path or class count fails in well under a second.
 
-They read only the folder layout (`classes.json`, class folder names), never images.
+They read only the folder layout (class folder names and whether they can be listed) and, for betons, their index
+tables and classes.json (dataset_tools.beton_folder: damaged, mismatched or half-replaced betons), never images.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import sys
 from pathlib import Path
 
-from dataset_tools.files import list_classes
+from dataset_tools.beton_folder import check_beton_folder
+from dataset_tools.files import DataFolderError, list_classes, skipped_in_report
 from training.config import TrainConfig
 
 
@@ -28,11 +30,23 @@ def _installed(module: str) -> bool:
 def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[str, ...] = ("train", "val")
                     ) -> list[str]:
     """The class list (index = label) the chosen loader will see for `splits`, from the layout alone."""
+    try:
+        return _dataset_classes(data_dir, loader, splits)
+    except DataFolderError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:  # a folder that cannot be listed or read (permissions, a vanished mount)
+        raise DataError(f"{e.filename or data_dir}: cannot be read ({e.strerror or e}); check its permissions"
+                        ) from None
+
+
+def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...]) -> list[str]:
     d = Path(data_dir)
     if not str(data_dir):
         raise DataError("--data-dir is required (a folder with train.beton/val.beton, or train/ and val/)")
     if not d.is_dir():
         raise DataError(f"--data-dir {d}: no such folder")
+    if not os.access(d, os.R_OK | os.X_OK):
+        raise DataError(f"--data-dir {d}: cannot be read (permissions); make it readable for this user")
     betons = all((d / f"{s}.beton").is_file() for s in splits)
     folders = all((d / s).is_dir() for s in splits)
     wanted = " and ".join(f"{s}.beton" for s in splits)
@@ -42,13 +56,10 @@ def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[st
         if not betons:
             raise DataError(f"--data-dir {d}: --loader ffcv needs {wanted} there "
                             f"(rn50 convert --data-dir IMAGENET --out-dir {d} writes them)")
-        path = d / "classes.json"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; rn50 convert writes it next to the .beton files")
-        classes = json.loads(path.read_text())
-        if not isinstance(classes, list) or not classes:
-            raise DataError(f"{path}: expected a non-empty JSON list of wnids")
-        return classes
+        folder = check_beton_folder(d, splits)
+        if folder.note and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {folder.note}", file=sys.stderr, flush=True)
+        return folder.classes
     if not folders:
         found = sorted(p.name for p in d.iterdir())[:8]
         raise DataError(f"--data-dir {d}: expected {' and '.join(s + '/' for s in splits)} class folders"
@@ -67,6 +78,10 @@ def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[st
         if stray:
             raise DataError(f"{d / s}: classes {stray[:5]} are not in {reference.name}/ ({len(stray)} in all); "
                             "the splits must share one class list")
+        for wnid in found:  # one access() per class folder: cheap, and the loader would fail on it after set-up
+            if not os.access(d / s / wnid, os.R_OK | os.X_OK):
+                raise DataError(f"{d / s / wnid}: cannot be read (permissions); make it readable, or move it out "
+                                f"of {d / s}")
     return classes
 
 
@@ -75,6 +90,11 @@ def check_data(cfg: TrainConfig) -> int:
     if cfg.skip_listed_in and not Path(cfg.skip_listed_in).is_file():
         raise DataError(f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "
                         "convert_report.json in its --out-dir)")
+    if cfg.skip_listed_in:
+        try:
+            skipped_in_report(Path(cfg.skip_listed_in))
+        except DataFolderError as e:
+            raise DataError(f"--skip-listed-in {e}") from None
     classes = dataset_classes(cfg.data_dir, cfg.loader)
     if cfg.num_classes and cfg.num_classes != len(classes):
         raise DataError(f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "

@@ -1,4 +1,5 @@
-"""SIGTERM and SIGINT as a request to stop at the next step boundary, with a checkpoint.
+"""Stop control: SIGTERM and SIGINT as a request to stop at the next step boundary, with a checkpoint, and the
+step-boundary agreement between ranks on when to save and when to stop (`StepControl`).
 
 A reclaimed spot instance (systemd sends SIGTERM, then SIGKILL ~90 s later), `torchrun` shutting down (it forwards
 SIGTERM/SIGINT to its workers, then sends SIGKILL after 30 s) and Ctrl-C all arrive here. The handler only records
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -62,3 +64,42 @@ class StopSignals:
             signal.signal(s, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
+
+
+class StepControl:
+    """What happens at a step boundary: save a mid-epoch checkpoint (every N steps, every M minutes), stop (a
+    signal). Under DDP the ranks agree through one all-reduce of two integers per step on a CPU (gloo) group: the
+    signal may reach ranks at different steps, and the minutes are counted on rank 0's clock, yet all ranks must
+    save and stop at the same step. The cost is one small host round trip per step, no GPU sync.
+
+    `agree(values)`: the element-wise max of small integers over ranks (training.distributed.all_reduce_max_cpu)."""
+
+    def __init__(self, signals: StopSignals, every: int, minutes: float, is_main: bool, agree) -> None:
+        self.signals, self.every, self.seconds = signals, every, minutes * 60.0
+        self.is_main, self.agree = is_main, agree
+        self.last_save = time.monotonic()
+        self.stop = 0  # the agreed signal number once a stop is decided
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether checkpoints are written inside epochs (and so before each validation)."""
+        return self.every > 0 or self.seconds > 0
+
+    def poll(self) -> tuple[int, bool]:
+        """(signal number or 0, minutes due), the same on every rank."""
+        due = self.is_main and self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
+        signum, due = self.agree([self.signals.requested, int(due)])
+        if signum:
+            self.stop = signum
+        return signum, bool(due)
+
+    def save_due(self, steps_done: int) -> tuple[int, bool]:
+        """At the boundary after `steps_done` steps of an epoch: (signal number or 0, whether to save here)."""
+        signum, due = self.poll()
+        return signum, bool(signum or due or (self.every and steps_done % self.every == 0))
+
+    def stop_requested(self) -> bool:
+        return bool(self.poll()[0])
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()

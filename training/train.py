@@ -14,11 +14,21 @@ YAML key (--max-lr -> max_lr).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from pathlib import Path
 
-from training.config import ConfigError, Parser, TrainConfig, add_config_flags, from_dict, load_yaml, resolve
+from training.config import (
+    ConfigError,
+    Parser,
+    TrainConfig,
+    add_config_flags,
+    from_dict,
+    load_yaml,
+    resolve,
+    run_name_problem,
+)
+from training.layout import RunPaths
 from training.preflight import DataError, check_data, page_cache_advice
 
 PROG = "rn50 train"
@@ -31,13 +41,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def run_dir(cfg: TrainConfig, kind: str) -> Path:
-    return Path(cfg.output_dir) / kind / cfg.run_name
-
-
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < saved config of a resumed run < --config preset < typed flags; then the cheap checks.
-    Raises ConfigError or DataError with a one-line message.
+    """Defaults < saved config of a resumed run < --config preset < typed flags; then the cheap checks, which also
+    fix num_classes from the data. Raises ConfigError or DataError with a one-line message.
 
     --resume auto continues the run when checkpoints/<run>/checkpoint.pt exists and starts it otherwise, so the
     same command line serves the first launch and every restart (torchrun --max-restarts, a spot job re-queued)."""
@@ -46,9 +52,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if mode != "no":
         if not getattr(args, "run_name", ""):
             raise ConfigError(f"--resume {mode} needs --run-name (the run to continue)")
-        probe = TrainConfig(run_name=args.run_name, output_dir=getattr(args, "output_dir", "."))
-        saved = run_dir(probe, "checkpoints") / "config.yaml"
-        latest = saved.with_name("checkpoint.pt")
+        if run_name_problem(args.run_name):
+            raise ConfigError(run_name_problem(args.run_name))
+        paths = RunPaths(getattr(args, "output_dir", "."), args.run_name)
+        saved, latest = paths.config, paths.latest
         if mode == "yes" or latest.is_file():
             if not saved.is_file():
                 raise ConfigError(f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
@@ -61,12 +68,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     problems = cfg.validate()
     if problems:
         raise ConfigError("; ".join(problems))
-    check_data(cfg)
+    cfg = dataclasses.replace(cfg, num_classes=check_data(cfg))
     advice = page_cache_advice(cfg)
     if advice and int(os.environ.get("RANK", "0")) == 0:
         print(f"{PROG}: {advice}", file=sys.stderr)
-    if cfg.run_name and cfg.resume == "no" and (run_dir(cfg, "checkpoints") / "checkpoint.pt").exists():
-        raise ConfigError(f"run {cfg.run_name!r} already has {run_dir(cfg, 'checkpoints') / 'checkpoint.pt'}; "
+    if cfg.run_name and cfg.resume == "no" and RunPaths(cfg.output_dir, cfg.run_name).latest.exists():
+        raise ConfigError(f"run {cfg.run_name!r} already has {RunPaths(cfg.output_dir, cfg.run_name).latest}; "
                           "pass --resume to continue it, or choose another --run-name")
     return cfg
 
@@ -80,13 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from training.trainer import train  # torch and the loaders: imported only once the arguments are known good
 
-    if argv is None:
-        argv = sys.argv[1:]
-        launcher = "torchrun -m training" if "LOCAL_RANK" in os.environ else (
-            "python -m training" if sys.argv[0].endswith("__main__.py") else PROG)
-    else:
-        launcher = PROG
-    return train(cfg, argv=[launcher, *argv])
+    return train(cfg, flags=sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":
