@@ -18,6 +18,8 @@
 #      It skips (and names) what would start after BUDGET_S seconds.
 #   3. the reference file benchmarks/reference/<card>_<date>.json (tracked; a copy lands in OUT/) and its tables.
 #      Commit it, then: python -m benchmarks.reference --write README.md
+#   4. python -m benchmarks.sync_check --steps eager (~15 s: every augmentation on, bf16 and fp16, no host sync in a
+#      step); SYNC_CHECK=full adds the compiled and graphed steps (a compilation each), SYNC_CHECK=0 skips it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -58,5 +60,10 @@ if [ -n "$newest" ]; then
   cp "$newest" "$OUT/" && cp "$DATA/dataset.json" "$OUT/dataset.json"
   echo "reference file: $newest (copy in $OUT/); commit it, then: python -m benchmarks.reference --write README.md"
 fi
+case "${SYNC_CHECK:-eager}" in
+  0) ;;
+  full) "$PY" -m benchmarks.sync_check --json "$OUT/sync_check.json" || rc=1 ;;
+  *) "$PY" -m benchmarks.sync_check --steps eager --json "$OUT/sync_check.json" || rc=1 ;;
+esac
 echo "gpu_check: $(( $(date +%s) - start )) s in all"
 exit "$rc"
