@@ -53,6 +53,7 @@ def dataset_facts(data_dir: Path) -> dict:
     for split in ("train", "val"):
         if has_beton(data_dir, split):
             facts["betons"][split] = (data_dir / f"{split}.beton").stat().st_size
+            facts.setdefault("storage", {})[split] = beton_storage(data_dir / f"{split}.beton")
         if has_folder(data_dir, split):
             classes = sorted(p for p in (data_dir / split).iterdir() if p.is_dir() and not p.name.startswith("."))
             step = max(1, len(classes) // 20)
@@ -69,6 +70,46 @@ def dataset_facts(data_dir: Path) -> dict:
     usage = shutil.disk_usage(data_dir)
     facts["disk_free_gib"] = usage.free / GIB
     return facts
+
+
+def beton_storage(path: Path) -> dict:
+    """How a beton stores its images, from its index: counts, mean bytes per JPEG and per raw sample, and the
+    all-JPEG size this dataset would have (an estimate: the raw samples at this beton's mean JPEG size)."""
+    from dataset_tools.beton_format import JPEG_MODE, image_column, read_index
+
+    column = image_column(read_index(path))
+    jpeg = column.modes == JPEG_MODE
+    jpeg_mean = float(column.sizes[jpeg].mean()) if jpeg.any() else None
+    raw_mean = float(column.sizes[~jpeg].mean()) if (~jpeg).any() else None
+    stored = int(column.sizes.sum())
+    return {"samples": len(column.labels), "raw": column.num_raw, "jpeg_bytes_mean": jpeg_mean,
+            "raw_bytes_mean": raw_mean, "stored_bytes": stored,
+            "all_jpeg_bytes_estimate": int(jpeg_mean * len(column.labels)) if jpeg_mean else None}
+
+
+def all_jpeg_advice(facts: dict, ram_gib: float, gpu_decode: bool) -> list[str]:
+    """What an all-JPEG beton would cost and gain here, from the betons' own indexes."""
+    storage = facts.get("storage") or {}
+    raw = sum(s["raw"] for s in storage.values())
+    if not storage:
+        return []
+    if raw == 0:
+        return [("all-JPEG betons: " + ("DALI decodes them on the GPU (--loader auto picks it)" if gpu_decode else
+                 "ready for GPU decoding by DALI on a machine with a GPU and DALI") + "; the ffcv backend decodes "
+                 "every image on the CPU (README, Data pipelines: what all-JPEG costs in CPU decode speed)")]
+    total = sum(s["samples"] for s in storage.values())
+    now = sum(s["stored_bytes"] for s in storage.values()) / GIB
+    estimates = [s["all_jpeg_bytes_estimate"] for s in storage.values()]
+    if None in estimates:  # a beton with no JPEG sample: nothing here to estimate the JPEG size from
+        return [f"{raw:,} of {total:,} images are stored raw; rn50 convert --compress-prob 1 writes all-JPEG betons "
+                "for GPU decoding by DALI"]
+    jpeg = sum(estimates) / GIB
+    fits = "fits" if jpeg <= 0.8 * ram_gib else "does not fit"
+    return [f"all-JPEG (rn50 convert --compress-prob 1): {raw:,} of {total:,} images are stored raw now; all JPEG "
+            f"they would take ~{jpeg:.2f} GiB instead of {now:.2f} GiB of image data (estimated from these betons' "
+            f"own JPEG samples), which {fits} in 80% of RAM ({ram_gib:.0f} GiB). Gain: DALI decodes them on the GPU"
+            + (" (--loader auto picks it then)" if gpu_decode else "") + "; cost: the ffcv backend decodes every "
+            "image on the CPU instead of copying half of them (README, Data pipelines: measured decode speeds)"]
 
 
 def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, batch_size: int = 64) -> dict:
@@ -134,7 +175,14 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
         recs.append("pass --data-dir to check the dataset against this machine's memory and disk")
     elif facts["betons"]:
         size = sum(facts["betons"].values()) / GIB
-        recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
+        storage = facts.get("storage") or {}
+        gpu_decode = bool(gpus) and info.get("dali", False)
+        if gpu_decode and storage and all(s["raw"] == 0 for s in storage.values()):
+            recs.append("loader: dali (all-JPEG betons, DALI and a GPU): the GPU decodes them (--loader auto picks "
+                        "it); knobs per GPU kind: --hw-decoder-load, --dali-threads, --dali-prefetch")
+        else:
+            recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
+        recs += all_jpeg_advice(facts, ram, gpu_decode)
         if size <= 0.8 * ram:
             recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep the page cache "
                         "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every "
@@ -154,7 +202,8 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
                         "ffcv loader")
         recs.append(f"conversion: train JPEGs ~{est:.2f} GiB here; rn50 convert's defaults (half stored raw) take "
                     f"~2.4x that on disk (ffcv-imagenet users report ~340 GB for ImageNet's ~140 GB of train JPEGs); "
-                    f"--compress-prob 1.0 stays near the JPEG size; free disk: {facts['disk_free_gib']:.0f} GiB")
+                    f"--compress-prob 1.0 stays near the JPEG size and is what DALI decodes on the GPU; free disk: "
+                    f"{facts['disk_free_gib']:.0f} GiB")
     if gpus == 0:
         recs.append("no GPU: training will run on the CPU (fine for tests and the demo, far too slow for ImageNet)")
     elif "batch" in probes:
@@ -184,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     info["memory"] = memory()
     info["driver"] = driver_version()
+    from pipeline import available_backends
+
+    info["dali"] = "dali" in available_backends()
     gpu = info["gpu"]
     print(f"CPU      {info['cpu']}, {info['cores']} usable cores")
     print(f"RAM      {info['memory']['total_gib']:.1f} GiB total, {info['memory']['available_gib']:.1f} GiB available")
@@ -202,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         facts = dataset_facts(data_dir)
         for split, size in facts["betons"].items():
-            print(f"data     {split}.beton {size / GIB:.2f} GiB")
+            st = facts["storage"][split]
+            kinds = f"{st['raw']:,} of {st['samples']:,} images raw" if st["raw"] else f"all {st['samples']:,} JPEG"
+            means = ", ".join(f"{k} {st[f'{k}_bytes_mean'] / 1e3:,.0f} kB" for k in ("jpeg", "raw")
+                              if st[f"{k}_bytes_mean"])
+            print(f"data     {split}.beton {size / GIB:.2f} GiB: {kinds} (mean per image: {means})")
         for split, f in facts["folders"].items():
             print(f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "
                   f"~{f['bytes_estimate'] / GIB:.2f} GiB (sampled)")

@@ -2,17 +2,20 @@
 
     rn50 bench loader --data-dir BETONS --image-folder ROOT --backend all --res 160 --batch-size 256 --workers 2
 
-Rows:
+Rows (each names its source, beton or folder):
 - ffcv: our backend on BETONS/train.beton (keyed crops, planned order, device normalisation).
 - ffcv-plain: the baseline, a plain ffcv.loader.Loader with RandomResizedCropRGBImageDecoder + RandomHorizontalFlip +
   ToTensor and FFCV's RANDOM order on the same beton and thread count, then the same device normalisation. Our
   backend should cost nothing over it (>= 0.95x).
-- torchvision, dali: our backends on ROOT/train (the image folders the beton was converted from).
+- dali-beton: our DALI backend decoding BETONS/train.beton (the GPU's decoder on a GPU, DALI's CPU threads without).
+- torchvision, dali-folder: our backends on ROOT/train (the image folders the beton was converted from).
 
 Every epoch is timed to its last batch (CUDA synchronised); img/s = images / seconds. Epochs run in rounds, one of
 each backend per round, so other load on a shared machine hits all rows alike. The first epoch (FFCV's JIT
 compilation, worker start-up, cold page cache) is reported apart and the result is the median of the later epochs.
-CPU use is the whole machine's busy share over the later epochs (other processes included). Writes loader.json, loader.md and loader.png to
+CPU use: the whole machine's busy share over the later epochs (other processes included), and the cores this
+process kept busy (its CPU seconds per second: FFCV's and DALI's decoding threads run in it; torchvision's worker
+processes are not counted there). Writes loader.json, loader.md and loader.png to
 benchmarks/results/ (or --out), each naming the machine.
 """
 
@@ -26,7 +29,8 @@ from pathlib import Path
 
 from benchmarks.report import describe_machine, machine_info, markdown_table, median, write_results
 
-BACKENDS = ("ffcv", "ffcv-plain", "torchvision", "dali")
+BACKENDS = ("ffcv", "ffcv-plain", "dali-beton", "torchvision", "dali-folder")
+SOURCE = {"ffcv": "beton", "ffcv-plain": "beton", "dali-beton": "beton", "torchvision": "folder", "dali-folder": "folder"}
 
 
 def plain_ffcv_loader(beton: Path, batch_size: int, resolution: int, workers: int, seed: int):
@@ -52,12 +56,14 @@ def normalised(batches: Iterable, device, dtype) -> Iterable:
                           source_reuses_buffers=True)
 
 
-def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float]:
-    """(images, seconds, machine CPU busy %) of one pass, timed to the last batch (CUDA synchronised)."""
+def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float, float]:
+    """(images, seconds, machine CPU busy %, cores this process used) of one pass, timed to the last batch (CUDA
+    synchronised)."""
     import psutil
     import torch
 
-    before = psutil.cpu_times()
+    me = psutil.Process()
+    before, mine = psutil.cpu_times(), me.cpu_times()
     start = time.perf_counter()
     n = 0
     for x, _ in make_epoch():
@@ -65,18 +71,20 @@ def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    after = psutil.cpu_times()
+    after, mine_after = psutil.cpu_times(), me.cpu_times()
+    cores = (mine_after.user + mine_after.system - mine.user - mine.system) / seconds
     busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "nice", "irq", "softirq"))
     total = busy + (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
-    return n, seconds, 100.0 * busy / total if total > 0 else float("nan")
+    return n, seconds, 100.0 * busy / total if total > 0 else float("nan"), cores
 
 
-def summarise(epochs: list[tuple[int, float, float]]) -> dict:
-    rates = [n / s for n, s, _ in epochs]
+def summarise(epochs: list[tuple[int, float, float, float]]) -> dict:
+    rates = [n / s for n, s, _, _ in epochs]
     later = epochs[1:] or epochs
-    return {"images_per_epoch": epochs[0][0], "epoch_seconds": [round(s, 3) for _, s, _ in epochs],
+    return {"images_per_epoch": epochs[0][0], "epoch_seconds": [round(s, 3) for _, s, _, _ in epochs],
             "first_epoch_img_s": round(rates[0], 1), "img_s": round(median(rates[1:] or rates), 1),
-            "cpu_busy_pct": round(median([c for _, _, c in later]), 1)}
+            "cpu_busy_pct": round(median([c for _, _, c, _ in later]), 1),
+            "process_cores": round(median([c for _, _, _, c in later]), 2)}
 
 
 def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
@@ -86,10 +94,12 @@ def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callabl
         loader = plain_ffcv_loader(Path(args.data_dir) / "train.beton", args.batch_size, resolution, args.workers,
                                    args.seed)
         return lambda: normalised(loader, device, dtype)
-    data_dir = args.data_dir if backend == "ffcv" else args.image_folder
-    loader = build_loader(data_dir, split="train", backend=backend, batch_size=args.batch_size, resolution=resolution,
-                          workers=args.workers, device=device, dtype=dtype, seed=args.seed, drop_last=True,
-                          verbose=False)
+    data_dir = args.data_dir if SOURCE[backend] == "beton" else args.image_folder
+    dali = dict(dali_source=SOURCE[backend], hw_decoder_load=args.hw_decoder_load, dali_threads=args.dali_threads,
+                dali_prefetch=args.dali_prefetch) if backend.startswith("dali") else {}
+    loader = build_loader(data_dir, split="train", backend=backend.split("-")[0], batch_size=args.batch_size,
+                          resolution=resolution, workers=args.workers, device=device, dtype=dtype, seed=args.seed,
+                          drop_last=True, verbose=False, **dali)
     return lambda: loader
 
 
@@ -109,22 +119,26 @@ def run_resolution(backends: list[str], args, resolution: int, device, dtype) ->
     rows = []
     for b in fns:
         r = summarise(epochs[b])
-        r.update(backend=b, resolution=resolution)
+        r.update(backend=b, source=SOURCE[b], resolution=resolution)
         rows.append(r)
         print(f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
-              f"CPU busy {r['cpu_busy_pct']:.0f}%", flush=True)
+              f"CPU busy {r['cpu_busy_pct']:.0f}%, this process {r['process_cores']:.1f} cores", flush=True)
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rn50 bench loader", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="folder with train.beton (ffcv, ffcv-plain)")
-    p.add_argument("--image-folder", help="ImageNet-layout root with train/ (torchvision, dali)")
+    p.add_argument("--data-dir", help="folder with train.beton (ffcv, ffcv-plain, dali-beton)")
+    p.add_argument("--image-folder", help="ImageNet-layout root with train/ (torchvision, dali-folder)")
     p.add_argument("--backend", default="all", help=f"one of {', '.join(BACKENDS)}, a comma list, or all")
     p.add_argument("--res", default="160", help="comma-separated resolutions (160)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="FFCV threads / DataLoader workers / DALI threads (2)")
+    p.add_argument("--hw-decoder-load", type=float, default=None, help="dali: hardware decoder share (GPU's default)")
+    p.add_argument("--dali-threads", type=int, default=0, help="dali: pipeline threads (0: the GPU's default, else "
+                                                               "--workers)")
+    p.add_argument("--dali-prefetch", type=int, default=0, help="dali: batches queued ahead (0: the GPU's default)")
     p.add_argument("--epochs", type=int, default=4, help="epochs (rounds) per row; the first is reported apart (4)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
@@ -158,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     installed = set(available_backends())
     plan, skipped = [], []
     for b in wanted:
-        needs_beton = b in ("ffcv", "ffcv-plain")
+        needs_beton = SOURCE[b] == "beton"
         source = args.data_dir if needs_beton else args.image_folder
-        if "ffcv" in b and "ffcv" not in installed or b == "dali" and "dali" not in installed:
+        if "ffcv" in b and "ffcv" not in installed or b.startswith("dali") and "dali" not in installed:
             skipped.append(f"{b}: package not installed")
         elif not source:
             skipped.append(f"{b}: needs {'--data-dir with train.beton' if needs_beton else '--image-folder'}")
@@ -191,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             ratios[f"ffcv / ffcv-plain @{resolution}"] = round(at["ffcv"] / at["ffcv-plain"], 3)
         if "ffcv" in at and "torchvision" in at:
             ratios[f"ffcv / torchvision @{resolution}"] = round(at["ffcv"] / at["torchvision"], 3)
-        if "dali" in at and "torchvision" in at:
-            ratios[f"dali / torchvision @{resolution}"] = round(at["dali"] / at["torchvision"], 3)
+        if "dali-folder" in at and "torchvision" in at:
+            ratios[f"dali-folder / torchvision @{resolution}"] = round(at["dali-folder"] / at["torchvision"], 3)
+        if "dali-beton" in at and "ffcv" in at:
+            ratios[f"dali-beton / ffcv @{resolution}"] = round(at["dali-beton"] / at["ffcv"], 3)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
 
@@ -200,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(device=str(device), dtype=args.dtype, resolutions=resolutions)
     data = {"machine": info, "settings": settings, "rows": rows, "ratios": ratios, "skipped": skipped}
     table = markdown_table(
-        ["backend", "res", "img/s (median, epochs 2+)", "first epoch img/s", "CPU busy %", "images/epoch"],
-        [[r["backend"], r["resolution"], r["img_s"], r["first_epoch_img_s"], r["cpu_busy_pct"],
-          r["images_per_epoch"]] for r in rows])
+        ["backend", "source", "res", "img/s (median, epochs 2+)", "first epoch img/s", "CPU busy %", "process cores",
+         "images/epoch"],
+        [[r["backend"], r["source"], r["resolution"], r["img_s"], r["first_epoch_img_s"], r["cpu_busy_pct"],
+          r["process_cores"], r["images_per_epoch"]] for r in rows])
     md = (f"# Loader throughput\n\n{describe_machine(info)}; device {device}, {args.dtype}; {args.workers} workers, "
           f"batch {args.batch_size}, {args.epochs} epochs per row\n\n{table}\n\n"
           + "".join(f"- {k}: {v:.2f}x\n" for k, v in ratios.items()))

@@ -80,3 +80,47 @@ def read_index(path: str | Path, with_alloc_table: bool = True) -> BetonIndex:
     if with_alloc_table and len(alloc) and int((alloc["ptr"] + alloc["size"]).max()) > alloc_ptr:
         raise BetonFormatError(f"{path}: damaged (its allocation table points past the sample data)")
     return BetonIndex(path, num_samples, int(header["page_size"]), names, kinds, metadata, alloc)
+
+
+@dataclass(frozen=True)
+class ImageColumn:
+    """Where each sample's image lies in the file: what a reader needs to take its bytes without ffcv."""
+
+    modes: np.ndarray  # uint8, JPEG_MODE or RAW_MODE
+    heights: np.ndarray  # int64, stored pixels
+    widths: np.ndarray  # int64
+    ptrs: np.ndarray  # int64 file offset of the image bytes
+    sizes: np.ndarray  # int64 byte count (from the allocation table)
+    labels: np.ndarray  # int64
+
+    @property
+    def num_raw(self) -> int:
+        return int((self.modes == RAW_MODE).sum())
+
+
+def image_column(index: BetonIndex, image: str = "image", label: str = "label") -> ImageColumn:
+    """The image field's modes, sizes and byte ranges, and the labels, checked against the allocation table and the
+    file's length (a damaged index raises BetonFormatError naming the file and the first bad sample)."""
+    names = index.field_names
+    if image not in names or label not in names or index.field_kinds[names.index(image)] != "rgb_image":
+        raise BetonFormatError(f"{index.path}: fields {names}, expected an rgb_image field {image!r} and {label!r} "
+                               "(made by rn50 convert?)")
+    meta = index.metadata[f"f{names.index(image)}"]
+    ptrs = meta["data_ptr"].astype(np.int64)
+    table = index.alloc_table
+    order = np.argsort(table["ptr"], kind="stable")
+    table_ptrs = table["ptr"][order].astype(np.int64)
+    at = np.clip(np.searchsorted(table_ptrs, ptrs), 0, max(len(table_ptrs) - 1, 0))
+    found = (table_ptrs[at] == ptrs) if len(table_ptrs) else np.zeros(len(ptrs), bool)
+    sizes = table["size"][order][at].astype(np.int64) if len(table_ptrs) else np.zeros(len(ptrs), np.int64)
+    modes = meta["mode"].astype(np.uint8)
+    heights, widths = meta["height"].astype(np.int64), meta["width"].astype(np.int64)
+    end = index.path.stat().st_size
+    bad = ~found | (ptrs + sizes > end) | (sizes <= 0) | ~np.isin(modes, (JPEG_MODE, RAW_MODE))
+    bad |= (modes == RAW_MODE) & (sizes != heights * widths * 3)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise BetonFormatError(f"{index.path}: the index of sample {first} (and {int(bad.sum()) - 1} more) does not "
+                               "match its stored bytes (damaged file? re-convert it with rn50 convert)")
+    labels = index.metadata[f"f{names.index(label)}"].astype(np.int64)
+    return ImageColumn(modes, heights, widths, ptrs, sizes, labels)

@@ -32,6 +32,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPLITS = ("train", "val")
 
 
+class SampleError(RuntimeError):
+    """A sample a loader cannot turn into pixels (damaged bytes, an unreadable file). The message is one line that
+    names the sample (file, index, label) and the fix; the loader stops rather than hand out garbage."""
+
+
 def normalize_nhwc(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> `dtype` (B, 3, H, W) channels_last, (x - mean) / std with ImageNet statistics.
 

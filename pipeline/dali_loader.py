@@ -1,75 +1,122 @@
-"""The DALI backend (fallback when there are no betons): JPEGs decoded on the GPU straight from the image folders.
+"""The DALI backend: JPEGs decoded by DALI -- nvJPEG and the A100/H100/H200 hardware decoder on a GPU, libjpeg-turbo
+threads on the CPU -- from a .beton (preferred) or from image folders, with the crops every other backend cuts.
 
-`imagenet_pipeline` is one decorated function, as in DALI's ResNet-50 example: `fn.readers.file` reads this rank's
-files, `fn.decoders.image_random_crop` on device="mixed" decodes only the random crop (nvJPEG, plus the A100/H100
-hardware JPEG decoder for `hw_decoder_load` of the images), `fn.resize` and `fn.crop_mirror_normalize` run on the GPU
-and emit HWC: the batch arrives as (B, R, R, 3), and permuting it to (B, 3, R, R) *is* channels_last, so no copy is
-spent on the layout. Without a GPU the same pipeline runs on the CPU (device_id=None, decoders on "cpu"), which is how
-the tests run it.
+One pipeline per loader, built once (`builds` counts it), fed by `fn.external_source` in batch mode. Each batch our
+callback hands DALI: the encoded bytes of the plan's next samples (`pipeline.dali_sources`), the crop box of each
+(`pipeline.crops`: RandomResizedCrop from (seed, epoch, index) and the stored height/width for train, the val
+centre crop for val -- the boxes the ffcv and torchvision backends cut), the flip, the output side and the labels.
+The graph then decodes only the box (`fn.decoders.image_slice`, an ROI decode; device="mixed" on a GPU, "cpu"
+without one), resizes it to R x R (antialiased), flips and normalises it in `fn.crop_mirror_normalize`, which
+emits HWC: permuting the (B, R, R, 3) batch to (B, 3, R, R) *is* channels_last, so no copy is spent on the layout.
+It emits FLOAT16 for float16 and bfloat16 (then converted in torch, 2 bytes to 2 bytes: no float32 batch is ever
+made) and FLOAT for float32. Raw samples of a .beton (rn50 convert stores half the images raw by default) take a
+DALI conditional branch that reshapes and cuts their pixels instead of decoding them; an all-JPEG beton gets a graph
+without that branch.
 
-Order and sharding are ours (`pipeline.order.plan_epoch`): the reader gets this rank's file list for the epoch, in
-order, with `num_shards=1`, because DALI's own sharding cuts contiguous blocks with its own padding rule and its
-shuffle is not a function of the epoch. A pipeline is built per epoch (a fraction of a second; an epoch takes
-minutes), which is what lets the list change. Last batch: the list is already cut to whole batches when drop_last,
-so the iterator's policy is DROP; otherwise PARTIAL (a short last batch).
+What stays fixed while the pipeline lives: the graph and the knobs (`pipeline.dali_tuning`). What changes without a
+rebuild: the epoch, the start batch and the order (they are the callback's), and the resolution (a per-sample
+argument of the resize). Each loop is one DALI "epoch": the callback raises StopIteration after the loop's last
+batch and the pipeline is reset for the next. A loop abandoned mid-epoch (a `break`) leaves up to `prefetch`
+batches of the old position queued: the next loop first runs them out and drops them (no rebuild).
 
-What holds for determinism: the order, the shards and `set_epoch(e, start_batch)` are exact, as on every backend.
-The crops and flips come from DALI's own generators, seeded from (seed, epoch, rank, start_batch): the same epoch
-gives the same augmentation when started from the same batch. DALI draws per pipeline, not per sample index, so
-for a mid-epoch resume the train pipeline runs with DALI's checkpointing (`enable_checkpointing`): `position_state()`
-serialises the reader position and the random operators' states after the batches handed out, and a loop started
-through `restore_position` rebuilds the epoch's pipeline from that checkpoint, so the remaining batches are cut as
-the uninterrupted epoch would have cut them (checked on the CPU; on the GPU this rests on DALI's checkpointing of
-the mixed decoder's random crop, which this project could not test without a GPU). Without such a state (a
-checkpoint written by another backend) a resumed epoch gets the right samples with different crops. A DALI build
-that cannot checkpoint one of these operators is met by rebuilding the pipeline without checkpointing (one line on
-stderr says so): training goes on, and resumes then hold that weaker guarantee.
+Determinism and resume: the order, the shards, the crops and the flips are pure functions of (seed, epoch, sample
+index), so `set_epoch(e, k)` is an exact mid-epoch resume and no DALI state needs checkpointing (`position_state`
+is None). DALI's own random operators are not used.
 
-Corrupt files: DALI cannot skip an undecodable file; the whole pipeline stops (NVIDIA/DALI#3913). `rn50 convert`
-lists such files in convert_report.json ("skipped"); pass that report as `skip_listed_in=` (build_loader) to leave
-them out, or delete them from the folders.
+Damaged data: each JPEG sample's start and end markers are checked before DALI sees the batch, and if DALI still
+fails on a batch, its samples are decoded with PIL to name the one that breaks: a `SampleError` (one line: file,
+sample index, label, fix) either way.
 """
 
 from __future__ import annotations
 
-import sys
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from dataset_tools.beton_format import RAW_MODE
 from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, Loader
-from pipeline.crops import sample_keys
+from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
+from pipeline.dali_sources import BetonSource, FolderSource
+from pipeline.dali_tuning import MIB, DaliTuning, resolve_tuning
 from pipeline.order import EpochPlan
 
-# ImageNet's largest image, so the hardware decoder's buffers are allocated once (DALI's ResNet-50 example).
-_WIDTH_HINT, _HEIGHT_HINT = 5980, 6430
+SOURCES = ("auto", "beton", "folder")
+_DTYPES = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT64]
+_RAW_DTYPES = [types.BOOL, types.INT32]
 
 
-@pipeline_def
-def imagenet_pipeline(files: list[str], labels: list[int], *, train: bool, resolution: int, gpu: bool,
-                      scale: tuple[float, float], ratio: tuple[float, float], val_crop_ratio: float,
-                      hw_decoder_load: float, half: bool):
-    jpegs, labels_out = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
-    decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, preallocate_width_hint=_WIDTH_HINT,
-                   preallocate_height_hint=_HEIGHT_HINT) if gpu else dict(device="cpu")
-    if train:
-        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(scale),
-                                               random_aspect_ratio=list(ratio), num_attempts=10, **decoder)
-        images = fn.resize(images, resize_x=resolution, resize_y=resolution)
-        mirror = fn.random.coin_flip(probability=0.5)
-        crop = None
+def _graph(callback, *, raw: bool, gpu: bool, half: bool, decoder: dict):
+    """The pipeline's operators. `raw`: the source holds raw samples, decided per sample by a DALI conditional."""
+    outputs = fn.external_source(source=callback, num_outputs=6 + 2 * raw, batch=True, batch_info=True,
+                                 dtype=_DTYPES + _RAW_DTYPES * raw)
+    data, anchor, shape, mirror, size, labels = outputs[:6]
+    if raw:
+        is_raw, hwc = outputs[6:]
+        if is_raw:
+            images = fn.slice(fn.reshape(data, shape=hwc, layout="HWC"), anchor, shape, axis_names="HW",
+                              out_of_bounds_policy="error")
+            images = images.gpu() if gpu else images
+        else:
+            images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", **decoder)
     else:
-        images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-        # shorter side to R / ratio, then the centre R x R: the same square as the other backends' centre crop
-        images = fn.resize(images, resize_shorter=round(resolution / val_crop_ratio))
-        mirror, crop = 0, (resolution, resolution)
+        images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", **decoder)
+    images = fn.resize(images, size=size, antialias=True)
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
-                                      crop=crop, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), mirror=mirror)
-    return images, (labels_out.gpu() if gpu else labels_out)
+                                      mirror=mirror, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return images, labels.gpu() if gpu else labels
+
+
+@dataclass
+class _Feed:
+    """What the callback hands out for the running loop: (batch number, dataset indices) pairs, in order."""
+
+    batches: Iterator[tuple[int, np.ndarray]]
+    epoch: int
+    resolution: int
+
+
+class _Feeder:
+    """external_source's callback: the next batch of the running loop, or StopIteration at its end.
+
+    It holds what a batch needs and never the loader, so no reference cycle runs through the pipeline and a dropped
+    loader frees its pipeline at once. (A pipeline left to the garbage collector can be finalised in a process
+    forked meanwhile -- rn50 convert's writers are forked -- where DALI's destructor waits forever for threads the
+    child does not have.)"""
+
+    def __init__(self, source, *, shuffle: bool, seed: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 val_crop_ratio: float) -> None:
+        self.source, self.shuffle, self.seed = source, shuffle, seed
+        self.scale, self.ratio, self.val_crop_ratio = scale, ratio, val_crop_ratio
+        self.feed: _Feed | None = None
+        self.pending: deque[tuple[int, np.ndarray]] = deque()  # batches handed to DALI, not yet handed out
+
+    def __call__(self, info):
+        feed = self.feed
+        item = next(feed.batches, None) if feed is not None else None
+        if item is None:
+            raise StopIteration
+        b, indices = item
+        src = self.source
+        data = src.read(indices)  # first, so a folder source knows the sizes of these files
+        heights, widths = src.heights[indices], src.widths[indices]
+        n = len(indices)
+        if self.shuffle:
+            boxes, flips = random_resized_crop_boxes(heights, widths, sample_keys(self.seed, feed.epoch, indices),
+                                                     self.scale, self.ratio)
+        else:
+            boxes, flips = center_crop_boxes(heights, widths, self.val_crop_ratio), np.zeros(n, bool)
+        out = [data, boxes[:, :2].astype(np.int32), boxes[:, 2:].astype(np.int32), flips.astype(np.int32),
+               np.full((n, 2), feed.resolution, np.float32), src.labels[indices]]
+        if src.num_raw:
+            out += [src.modes[indices] == RAW_MODE, np.stack([heights, widths, np.full(n, 3)], 1).astype(np.int32)]
+        self.pending.append((b, indices))
+        return tuple(out)
 
 
 class DALILoader(Loader):
@@ -78,96 +125,158 @@ class DALILoader(Loader):
     def __init__(self, data_dir: str | Path, *, split: str, batch_size: int, resolution: int, workers: int,
                  device: torch.device | str, dtype: torch.dtype, rank: int, world_size: int, seed: int,
                  drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 val_crop_ratio: float = VAL_CROP_RATIO, hw_decoder_load: float = 0.65,
-                 skip_listed_in: str | Path | None = None) -> None:
-        from pipeline.folders import loader_listing
+                 val_crop_ratio: float = VAL_CROP_RATIO, hw_decoder_load: float | None = None, dali_threads: int = 0,
+                 dali_prefetch: int = 0, nvjpeg_padding_mb: int | None = None,
+                 skip_listed_in: str | Path | None = None, source: str = "auto") -> None:
+        from pipeline.folders import beton_classes, has_beton
 
-        classes, files = loader_listing(data_dir, split, skip_listed_in)
-        super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=len(files),
-                         classes=classes, drop_last=drop_last, rank=rank, world_size=world_size, seed=seed,
-                         device=device, dtype=dtype)
-        if not 0.0 <= hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
-        self.data_dir = Path(data_dir)
-        self.workers = max(1, int(workers))
-        self.scale, self.ratio, self.val_crop_ratio = tuple(scale), tuple(ratio), val_crop_ratio
-        self.hw_decoder_load = hw_decoder_load
-        self._paths = np.array([p for p, _ in files])
-        self._labels = np.array([label for _, label in files], dtype=np.int64)
-        self._iterator: DALIGenericIterator | None = None  # the running loop's, for position_state()
-        self._restore: tuple[int, int, bytes] | None = None  # (epoch, batch, DALI checkpoint) for the next loop
-        self._checkpointing = True  # False once this DALI build refused to checkpoint the pipeline
+        data_dir = Path(data_dir)
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        if source == "auto":
+            source = "beton" if has_beton(data_dir, split) else "folder"
+        if source == "beton":
+            self.source = BetonSource(data_dir / f"{split}.beton")
+            classes = beton_classes(data_dir)
+        else:
+            self.source = FolderSource(data_dir, split, skip_listed_in, max(1, int(workers)))
+            classes = self.source.classes
+        super().__init__(split=split, batch_size=batch_size, resolution=resolution,
+                         num_samples=self.source.num_samples, classes=classes, drop_last=drop_last, rank=rank,
+                         world_size=world_size, seed=seed, device=device, dtype=dtype)
+        self.data_dir = data_dir
+        self.scale, self.ratio, self.val_crop_ratio = tuple(scale), tuple(ratio), float(val_crop_ratio)
+        self.tuning: DaliTuning = resolve_tuning(self.device, workers, self.source.size_hint,
+                                                 hw_decoder_load=hw_decoder_load, threads=dali_threads,
+                                                 prefetch=dali_prefetch, nvjpeg_padding_mb=nvjpeg_padding_mb)
+        self.builds = 0  # pipelines built by this loader: 1 for its whole life, unless a DALI error forced another
+        self._pipe = None
+        self._feeder = _Feeder(self.source, shuffle=self.shuffle, seed=self.seed, scale=self.scale, ratio=self.ratio,
+                               val_crop_ratio=self.val_crop_ratio)
+        self._owner: object | None = None  # the loop that owns the pipeline's current DALI epoch
+        self._unfinished = False  # a DALI epoch was left with batches queued (an abandoned loop)
 
     @property
-    def _checkpoints_pipeline(self) -> bool:
-        """Whether loops run DALI's checkpointing: train pipelines only (val has no random state), while this DALI
-        build supports it."""
-        return self.shuffle and self._checkpointing
+    def source_kind(self) -> str:
+        return self.source.kind
 
-    def pipeline_seed(self, epoch: int, start_batch: int) -> int:
-        key = sample_keys(self.seed, epoch, [(self.rank << 32) + start_batch])[0]
-        return int(key & np.uint64(0x7FFFFFFF))
+    @property
+    def _gpu(self) -> bool:
+        return self.device.type == "cuda"
 
-    def position_state(self) -> dict | None:
-        if self._iterator is None:
-            return None
-        # a uint8 tensor rather than bytes: plain tensors are what torch.load(weights_only=True) reads back
-        data = self._iterator.checkpoints()[0]
-        return {"dali_checkpoint": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+    def describe(self) -> str:
+        t = self.tuning
+        knobs = (f"hw_decoder_load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}, nvJPEG padding "
+                 f"{t.device_padding_mb}/{t.host_padding_mb} MiB" if self._gpu else f"{t.threads} threads")
+        return f"{super().describe()}; from the {self.source.kind} ({self.source.describe_storage()}); {knobs}"
 
-    def restore_position(self, epoch: int, batch: int, state: dict | None) -> None:
-        self._restore = None
-        if state and state.get("dali_checkpoint") is not None:
-            self._restore = (int(epoch), int(batch), state["dali_checkpoint"].numpy().tobytes())
+    def close(self) -> None:
+        """Free the pipeline (its pinned and device buffers) and the folder source's threads now; a later loop
+        builds a new pipeline."""
+        self._discard_pipeline()
+        if isinstance(self.source, FolderSource):
+            self.source.close()
 
-    def _start(self, plan: EpochPlan, start_batch: int, resolution: int, checkpoint: bytes | None) -> DALIGenericIterator:
-        """This loop's pipeline and iterator (DALIGenericIterator builds the pipeline). With a DALI checkpoint the
-        pipeline covers the whole epoch and DALI fast-forwards it to the checkpoint's batch."""
-        checkpointing = self._checkpoints_pipeline
-        checkpoint = checkpoint if checkpointing else None
-        first = 0 if checkpoint is not None else start_batch
-        indices = plan.indices[first * self.batch_size:]
-        gpu = self.device.type == "cuda"
-        pipe = imagenet_pipeline(
-            files=self._paths[indices].tolist(), labels=self._labels[indices].tolist(), train=self.shuffle,
-            resolution=resolution, gpu=gpu, scale=self.scale, ratio=self.ratio, val_crop_ratio=self.val_crop_ratio,
-            hw_decoder_load=self.hw_decoder_load, half=self.dtype == torch.float16, batch_size=self.batch_size,
-            num_threads=self.workers, device_id=(self.device.index or 0) if gpu else None,
-            seed=self.pipeline_seed(self.epoch, first), prefetch_queue_depth=2, enable_checkpointing=checkpointing,
-            checkpoint=checkpoint)
-        policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
+    # ------------------------------------------------------------------ the pipeline and its callback
+
+    def _pipeline(self):
+        if self._pipe is None:
+            t, raw = self.tuning, self.source.num_raw > 0
+            decoder = dict(device="mixed" if self._gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+            if self._gpu:
+                decoder.update(hw_decoder_load=t.hw_decoder_load, device_memory_padding=t.device_padding_mb * MIB,
+                               host_memory_padding=t.host_padding_mb * MIB, preallocate_width_hint=t.width_hint,
+                               preallocate_height_hint=t.height_hint)
+            device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+                if self._gpu else None
+            build = pipeline_def(_graph, enable_conditionals=raw)
+            self._pipe = build(self._feeder, raw=raw, gpu=self._gpu, half=self.dtype != torch.float32,
+                               decoder=decoder, batch_size=self.batch_size, num_threads=t.threads,
+                               device_id=device_id, prefetch_queue_depth=t.prefetch, seed=0)
+            self._pipe.build()
+            self.builds += 1
+        return self._pipe
+
+    def _discard_pipeline(self) -> None:
+        """After an error inside DALI the pipeline's state is unknown: the next loop builds a fresh one."""
+        self._pipe, self._feeder.feed, self._owner, self._unfinished = None, None, None, False
+        self._feeder.pending.clear()
+
+    def _finish_abandoned(self) -> None:
+        """Run out the batches an abandoned loop left queued and drop them, so the next loop starts clean."""
+        pipe, self._feeder.feed = self._pipe, None
         try:
-            return DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=policy,
-                                       auto_reset=False)
-        except RuntimeError as e:
-            # An operator of this DALI build without checkpointing support ("Checkpointing is not implemented for
-            # this operator"): train on without it rather than not at all.
-            if not checkpointing or "checkpointing" not in str(e).lower():
-                raise
-            self._checkpointing = False
-            print(f"rn50 dali: this DALI cannot checkpoint the pipeline ({str(e).strip().splitlines()[-1]}); "
-                  "training goes on without it: a mid-epoch resume reads the same samples with other crops",
-                  file=sys.stderr, flush=True)
-            return self._start(plan, start_batch, resolution, None)
+            while True:
+                pipe.schedule_run()  # the callback now raises StopIteration: nothing new is queued
+                try:
+                    pipe.share_outputs()
+                except StopIteration:
+                    break
+                pipe.release_outputs()
+            pipe.reset()
+        except Exception:  # a failure in batches nobody will see: start over with a fresh pipeline
+            self._discard_pipeline()
+            return
+        self._feeder.pending.clear()
+        self._unfinished = False
+
+    def _to_torch(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gpu:
+            with torch.cuda.device(self.device):
+                images, labels = torch.from_dlpack(outputs[0].as_tensor()), torch.from_dlpack(outputs[1].as_tensor())
+        else:
+            images, labels = torch.from_dlpack(outputs[0].as_tensor()), torch.from_dlpack(outputs[1].as_tensor())
+        if self.dtype == torch.bfloat16:
+            images = images.to(torch.bfloat16)  # DALI emitted float16: a 2-byte to 2-byte cast, still NHWC
+        # NHWC -> an NCHW view with channels_last strides: no copy
+        return images.permute(0, 3, 1, 2), labels.view(-1).to(torch.int64)
+
+    # ------------------------------------------------------------------ the loop
 
     def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        restore, self._restore = self._restore, None
-        if len(plan.indices[start_batch * self.batch_size:]) == 0:
+        if start_batch >= plan.num_batches:
             return
-        checkpoint = None
-        if restore is not None and restore[:2] == (self.epoch, start_batch):
-            checkpoint = restore[2]  # the epoch's whole pipeline, fast-forwarded by DALI to where it was taken
+        pipe = self._pipeline()
+        if self._unfinished:
+            self._finish_abandoned()
+            pipe = self._pipeline()
+        token = object()
+        self._owner, self._unfinished = token, True
+        feeder = self._feeder
+        feeder.pending.clear()
+        feeder.feed = _Feed(((b, plan.batch(b)) for b in range(start_batch, plan.num_batches)), self.epoch,
+                            resolution)
+        stream = torch.cuda.current_stream(self.device) if self._gpu else None
         try:
-            it = self._start(plan, start_batch, resolution, checkpoint)
-            self._iterator = it if self._checkpoints_pipeline else None
-            for batch in it:
-                images, labels = batch[0]["images"], batch[0]["labels"]
-                # HWC from DALI -> NCHW view with channels_last strides; only bfloat16 needs a conversion here
-                images = images.permute(0, 3, 1, 2).to(dtype=self.dtype, memory_format=torch.channels_last)
-                yield images.to(self.device), labels.view(-1).to(device=self.device, dtype=torch.int64)
-        except RuntimeError as e:
-            raise RuntimeError(f"DALI stopped reading {self.data_dir / self.split}: {e}\nDALI cannot skip an "
-                               "undecodable file: find it with rn50 convert (convert_report.json lists skipped files) "
-                               "and pass that report as skip_listed_in=, or use the ffcv/torchvision backend") from e
+            self._schedule(pipe)
+            while True:
+                try:
+                    outputs = pipe.share_outputs(stream) if stream is not None else pipe.share_outputs()
+                except StopIteration:
+                    break
+                except Exception as e:  # DALI failed on the batch at the head of the queue: name its culprit
+                    failed = feeder.pending[0][1] if feeder.pending else np.zeros(0, np.int64)
+                    self._discard_pipeline()
+                    raise self.source.diagnose(failed, str(e)) from e
+                feeder.pending.popleft()
+                batch = self._to_torch(outputs)
+                pipe.release_outputs()
+                self._schedule(pipe)
+                yield batch
+                if self._owner is not token:
+                    raise RuntimeError("another loop over this DALI loader started while this one was paused; "
+                                       "only the newest loop may continue")
+            pipe.reset()
+            self._unfinished = False
         finally:
-            self._iterator = None
+            if self._owner is token:
+                self._owner, feeder.feed = None, None
+
+    def _schedule(self, pipe) -> None:
+        """Queue the next batch (the callback runs here: its SampleError names a sample). After any error the
+        pipeline is dropped and the next loop builds a fresh one."""
+        try:
+            pipe.schedule_run()
+        except BaseException:
+            self._discard_pipeline()
+            raise

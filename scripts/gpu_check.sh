@@ -1,54 +1,69 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, one table at the end. For a CUDA machine; on an offline one without FFCV/DALI, bring
-# the bundle described in ../shared/gpu/README.md and `source .devbundle/gpu_env.sh` first.
+# The GPU proof in one run: does each loader path keep up with the COMPILED ResNet-50 step? For one CUDA machine.
+# On an offline machine without FFCV/DALI, bring the bundle described in ../shared/gpu/README.md first and
+# `source .devbundle/gpu_env.sh` (DALI arrives in parts over several runs; this script needs it installed).
 #
-#   bash scripts/gpu_check.sh [OUT]            # full: ~8-10 min on an H100/H200 (torch.compile takes ~1 min a shape)
-#   QUICK=1 bash scripts/gpu_check.sh [OUT]    # ~3 min: 160 px only, no compiled keep-up
-#   knobs: RES=160,192,224 BS=256 WORKERS=$(nproc) ARCH=resnet50 CLASSES=20 PER_CLASS=160 BENCH_ARGS="--steps 10"
+#   bash scripts/gpu_check.sh [OUT]              # full: 160/192/224 px + knob sweeps (budget: ~8 min, H200, 16 cores)
+#   QUICK=1 bash scripts/gpu_check.sh [OUT]      # 160 px + the hw_decoder_load sweep (budget: ~4 min)
+#   DATA=/tmp/rn50_bench bash scripts/gpu_check.sh "$OUT/gpu_check"   # data (~3 GB) outside a folder sent back
+#   knobs: RES=160,192,224 BS=256 WORKERS=$(nproc) UNIQUE=2000 SAMPLES=56000 BUDGET_S=420 PROOF_ARGS="--window 300"
 #
-# What it runs (each writes JSON + Markdown under OUT/, and a PNG when matplotlib is there):
-#   1. generated ImageNet-like data (synth, 20 classes) converted to .beton
-#   2. rn50 bench step   at 160/192/224 px, eager and torch.compile
-#   3. rn50 bench loader ffcv (ours and a plain FFCV Loader), dali, torchvision at the same resolutions
-#   4. rn50 bench keepup every backend feeding the eager (and compiled) step at 160 px
-#   5. the summary table (OUT/summary.md)
+# What it runs:
+#   1. python -m benchmarks.bench_data: UNIQUE distinct `rn50 synth` images (ImageNet-like, short side 300-500 px),
+#      converted all-JPEG and repeated to SAMPLES train samples (56,000 = 218 batches of 256: a 200-batch window
+#      fits inside one epoch after 10 warm-up batches); the same images as hard-linked folders; a half-raw beton.
+#   2. python -m benchmarks.gpu_proof: per resolution, the step compiled once, timed alone and fed by DALI from the
+#      beton, DALI from the folders and the ffcv backend (each loader also alone); then the hw_decoder_load,
+#      DALI threads and prefetch sweeps, a plain FFCV Loader and DALI on the half-raw beton. CPU cores per row.
+#      It skips (and names) what would start after BUDGET_S seconds.
+#   3. the reference file benchmarks/reference/<card>_<date>.json (tracked; a copy lands in OUT/) and its tables.
+#      Commit it, then: python -m benchmarks.reference --write README.md
+#   4. python -m benchmarks.sync_check --steps eager (~15 s: every augmentation on, bf16 and fp16, no host sync in a
+#      step); SYNC_CHECK=full adds the compiled and graphed steps (a compilation each), SYNC_CHECK=0 skips it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
+DATA=${DATA:-$OUT/data}
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-RES=${RES:-160,192,224}; BS=${BS:-256}; WORKERS=${WORKERS:-$(nproc)}; ARCH=${ARCH:-resnet50}
-CLASSES=${CLASSES:-20}; PER_CLASS=${PER_CLASS:-160}; read -r -a EXTRA <<< "${BENCH_ARGS:-}"
-[ -n "${QUICK:-}" ] && RES=160
-rn50() { "$PY" -m training.cli "$@"; }
+RES=${RES:-160,192,224}; BS=${BS:-256}; WORKERS=${WORKERS:-$(nproc)}; UNIQUE=${UNIQUE:-2000}
+SAMPLES=${SAMPLES:-56000}; BUDGET_S=${BUDGET_S:-420}; read -r -a EXTRA <<< "${PROOF_ARGS:-}"
+SWEEPS=hw_decoder_load,dali_threads,dali_prefetch,extras
+if [ -n "${QUICK:-}" ]; then RES=160; SWEEPS=hw_decoder_load; BUDGET_S=${BUDGET_S_QUICK:-200}; fi
 mkdir -p "$OUT"
-failures=()
-run() { local name=$1; shift; echo "== $name: $*"; "$@" || failures+=("$name"); }
+start=$(date +%s)
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-"$PY" - <<'PY'
-import importlib
-for m in ("torch", "torchvision", "numpy", "PIL", "tqdm", "yaml", "psutil", "matplotlib", "cv2", "numba", "ffcv", "nvidia.dali"):
+"$PY" - <<'PY' || { echo "gpu_check: torch, ffcv or DALI missing (see above)"; exit 2; }
+import importlib, sys
+missing = []
+for m in ("torch", "numpy", "PIL", "psutil", "numba", "ffcv", "nvidia.dali"):
     try:
-        importlib.import_module(m); print(f"  {m:12s} ok")
+        mod = importlib.import_module(m); print(f"  {m:12s} {getattr(mod, '__version__', 'ok')}")
     except Exception as e:
-        print(f"  {m:12s} MISSING ({type(e).__name__}: {str(e)[:60]})")
-import torch; print("  cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+        print(f"  {m:12s} MISSING ({type(e).__name__}: {str(e)[:60]})"); missing.append(m)
+import torch
+print("  cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+sys.exit(1 if missing or not torch.cuda.is_available() else 0)
 PY
+echo "cores: $(nproc) usable; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 
-if [ ! -f "$OUT/betons/train.beton" ]; then
-  run synth rn50 synth "$OUT/data" --classes "$CLASSES" --train-per-class "$PER_CLASS" --val-per-class 5 --seed 0
-  run convert rn50 convert --data-dir "$OUT/data" --out-dir "$OUT/betons" --splits train --no-progress
+echo "== data: $DATA"
+"$PY" -m benchmarks.bench_data "$DATA" --unique "$UNIQUE" --samples "$SAMPLES" --classes 100 --workers "$WORKERS" \
+  || { echo "gpu_check: making the data failed"; exit 1; }
+echo "== proof (budget ${BUDGET_S} s; data took $(( $(date +%s) - start )) s)"
+"$PY" -m benchmarks.gpu_proof --data "$DATA" --res "$RES" --batch-size "$BS" --workers "$WORKERS" \
+  --sweeps "$SWEEPS" --budget-s "$BUDGET_S" "${EXTRA[@]}" 2>&1 | tee "$OUT/gpu_proof.log"
+rc=${PIPESTATUS[0]}
+newest=$(ls -t benchmarks/reference/*.json 2>/dev/null | head -n 1)
+if [ -n "$newest" ]; then
+  cp "$newest" "$OUT/" && cp "$DATA/dataset.json" "$OUT/dataset.json"
+  echo "reference file: $newest (copy in $OUT/); commit it, then: python -m benchmarks.reference --write README.md"
 fi
-run step-eager rn50 bench step --res "$RES" --batch-size "$BS" --arch "$ARCH" "${EXTRA[@]}" --out "$OUT/step_eager"
-[ -z "${QUICK:-}" ] && run step-compiled rn50 bench step --res "$RES" --batch-size "$BS" --arch "$ARCH" "${EXTRA[@]}" \
-    --compile --out "$OUT/step_compiled"
-run loader rn50 bench loader --data-dir "$OUT/betons" --image-folder "$OUT/data" --backend all --res "$RES" \
-    --batch-size "$BS" --workers "$WORKERS" --epochs 3 --out "$OUT/loader"
-run keepup-eager rn50 bench keepup --data-dir "$OUT/betons" --image-folder "$OUT/data" --backend all --res 160 \
-    --batch-size "$BS" --workers "$WORKERS" --arch "$ARCH" "${EXTRA[@]}" --out "$OUT/keepup_eager"
-[ -z "${QUICK:-}" ] && run keepup-compiled rn50 bench keepup --data-dir "$OUT/betons" --image-folder "$OUT/data" \
-    --backend ffcv,dali --res 160 --batch-size "$BS" --workers "$WORKERS" --arch "$ARCH" "${EXTRA[@]}" --compile \
-    --out "$OUT/keepup_compiled"
-"$PY" -m benchmarks.summary "$OUT"
-[ ${#failures[@]} -eq 0 ] || { echo "failed steps: ${failures[*]}"; exit 1; }
+case "${SYNC_CHECK:-eager}" in
+  0) ;;
+  full) "$PY" -m benchmarks.sync_check --json "$OUT/sync_check.json" || rc=1 ;;
+  *) "$PY" -m benchmarks.sync_check --steps eager --json "$OUT/sync_check.json" || rc=1 ;;
+esac
+echo "gpu_check: $(( $(date +%s) - start )) s in all"
+exit "$rc"

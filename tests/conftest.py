@@ -3,7 +3,8 @@
 - `synth_root`: `rn50 synth` output (photo-like JPEGs), 4 classes, small images so loaders run fast on 2 cores.
 - `coded_root`: flat-colour images whose pixels encode (label, index): R = 40 * label + 20, G = 8 * (index % 30) + 8.
   A flat colour survives crops, flips and resizes, so any loader's output can be checked against the label.
-- `synth_betons` / `coded_betons`: the same folders converted by `rn50 convert` (train.beton, val.beton, classes.json).
+- `synth_betons` / `coded_betons`: the same folders converted by `rn50 convert` (train.beton, val.beton, classes.json);
+  `coded_betons_jpeg`: all stored as JPEG (--compress-prob 1).
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ def synth_betons(synth_root, tmp_path_factory) -> Path:
 def coded_betons(coded_root, tmp_path_factory) -> Path:
     pytest.importorskip("ffcv")
     return _convert(coded_root, tmp_path_factory.mktemp("coded_betons"))
+
+
+@pytest.fixture(scope="session")
+def coded_betons_jpeg(coded_root, tmp_path_factory) -> Path:
+    """`coded_betons` with every image stored as JPEG (rn50 convert --compress-prob 1), as GPU decoding wants."""
+    pytest.importorskip("ffcv")
+    return _convert(coded_root, tmp_path_factory.mktemp("coded_betons_jpeg"), compress_prob=1.0)
 
 
 def decode_beton(path: Path) -> tuple[list[np.ndarray], np.ndarray]:

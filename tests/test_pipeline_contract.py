@@ -14,7 +14,13 @@ from pipeline import build_loader
 N_TRAIN = CODED_CLASSES * CODED_TRAIN_PER_CLASS  # 48
 N_VAL = CODED_CLASSES * CODED_VAL_PER_CLASS  # 16
 BACKENDS = [pytest.param("torchvision"), pytest.param("ffcv", marks=requires_ffcv),
-            pytest.param("dali", marks=requires_dali)]
+            pytest.param("dali", marks=requires_dali),  # from the image folders
+            pytest.param("dali-beton", marks=[requires_dali, requires_ffcv]),  # half the samples raw (the default)
+            pytest.param("dali-beton-jpeg", marks=[requires_dali, requires_ffcv])]  # all JPEG (--compress-prob 1)
+# which data each parameter reads, and how it is asked for
+DATA = {"torchvision": ("coded_root", {}), "ffcv": ("coded_betons", {}), "dali": ("coded_root", {}),
+        "dali-beton": ("coded_betons", {"backend": "dali", "dali_source": "beton"}),
+        "dali-beton-jpeg": ("coded_betons_jpeg", {"backend": "dali", "dali_source": "beton"})}
 
 
 # Building an ffcv loader JIT-compiles its pipeline (seconds on 2 cores), so loaders with the same arguments are built
@@ -26,13 +32,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:p
 
 
 @pytest.fixture(params=BACKENDS)
-def make(request, coded_root):
+def make(request):
     backend = request.param
-    data_dir = request.getfixturevalue("coded_betons") if backend == "ffcv" else coded_root
+    fixture, how = DATA[backend]
+    data_dir = request.getfixturevalue(fixture)
 
     def make_loader(copy: int = 0, **kw):
         args = dict(split="train", backend=backend, batch_size=8, resolution=32, workers=0 if backend == "torchvision"
                     else 2, device="cpu", dtype=torch.float32, seed=0, verbose=False)
+        args.update(how)
         args.update(kw)
         key = (str(data_dir), copy, tuple(sorted((k, str(v)) for k, v in args.items())))
         if key not in _LOADERS:
@@ -42,7 +50,7 @@ def make(request, coded_root):
         loader.set_resolution(args["resolution"])
         return loader
 
-    make_loader.backend = backend
+    make_loader.backend = how.get("backend", backend)
     return make_loader
 
 

@@ -151,14 +151,19 @@ def test_loader_options_are_flags_and_are_checked(tmp_path):
     report = tmp_path / "convert_report.json"
     report.write_text("{}")
     cfg = parse("--data-dir", str(data), "--no-os-cache", "--loader-order", "quasi_random", "--hw-decoder-load", "0.3",
-                "--skip-listed-in", str(report))
+                "--dali-threads", "4", "--dali-prefetch", "3", "--nvjpeg-padding-mb", "64", "--skip-listed-in",
+                str(report))
     assert cfg.loader_options() == {"os_cache": False, "order": "quasi_random", "hw_decoder_load": 0.3,
+                                    "dali_threads": 4, "dali_prefetch": 3, "nvjpeg_padding_mb": 64,
                                     "skip_listed_in": str(report)}
-    assert parse("--data-dir", str(data)).loader_options() == {"os_cache": True, "order": "random",
-                                                               "hw_decoder_load": 0.65, "skip_listed_in": None}
+    assert parse("--data-dir", str(data)).loader_options() == {
+        "os_cache": True, "order": "random", "hw_decoder_load": -1.0, "dali_threads": 0, "dali_prefetch": 0,
+        "nvjpeg_padding_mb": -1, "skip_listed_in": None}  # -1 and 0: the GPU kind's defaults (pipeline.dali_tuning)
     with pytest.raises(ValueError, match="--skip-listed-in .*missing.json: no such file"):
         parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "missing.json"))
-    assert "--hw-decoder-load must be in [0, 1]" in TrainConfig(hw_decoder_load=1.5).validate()
+    assert "--hw-decoder-load must be in [0, 1], or -1 for the GPU's default" in TrainConfig(
+        hw_decoder_load=1.5).validate()
+    assert len(TrainConfig(dali_threads=-1, dali_prefetch=-2, nvjpeg_padding_mb=-2).validate()) == 3
     with pytest.raises(SystemExit):
         parse("--data-dir", str(data), "--loader-order", "sequential")
 
@@ -176,7 +181,9 @@ def test_betons_bigger_than_ram_get_one_line_of_advice(tmp_path):
     assert advice and "--no-os-cache --loader-order quasi_random" in advice and str(betons) in advice
     assert page_cache_advice(cfg, ram_bytes=5000) is None  # 4000 bytes fit in 80% of 5000
     assert page_cache_advice(TrainConfig(data_dir=str(betons), os_cache=False), ram_bytes=4000) is None
-    assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="dali"), ram_bytes=4000) is None
+    dali = page_cache_advice(TrainConfig(data_dir=str(betons), loader="dali"), ram_bytes=4000)
+    assert "DALI reads the mapped file" in dali and "--compress-prob 1" in dali and "--no-os-cache" not in dali
+    assert page_cache_advice(TrainConfig(data_dir=str(betons), loader="torchvision"), ram_bytes=4000) is None
     assert page_cache_advice(TrainConfig(data_dir=str(tmp_path)), ram_bytes=1) is None  # no betons there
 
 

@@ -60,8 +60,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: st
 class TrainConfig:
     # --- data ---
     data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
-    loader: str = _f("auto", "data loader backend (auto: betons -> ffcv; DALI + GPU -> dali; else torchvision)",
-                     LOADERS)
+    loader: str = _f("auto", "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
+                             "image folders: DALI + GPU -> dali, else torchvision)", LOADERS)
     workers: int = _f(8, "loader worker threads/processes per GPU")
     batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
     val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
@@ -72,7 +72,15 @@ class TrainConfig:
     loader_order: str = _f("random", "ffcv train order: random, or quasi_random (shuffles pages, then samples within "
                                      "a window of them: far fewer pages read at a time; less random batches)",
                            LOADER_ORDERS)
-    hw_decoder_load: float = _f(0.65, "dali: share of the JPEGs sent to the A100/H100 hardware JPEG decoder")
+    hw_decoder_load: float = _f(-1.0, "dali: share of the JPEGs sent to the A100/H100/H200 hardware JPEG decoder; -1: "
+                                      "the GPU's default (0.99 on H100/H200, NVIDIA's MLPerf setting; DALI's 0.65 "
+                                      "elsewhere)")
+    dali_threads: int = _f(0, "dali: CPU threads of each DALI pipeline; 0: 6 on H100/H200 (NVIDIA's MLPerf setting), "
+                              "else --workers")
+    dali_prefetch: int = _f(0, "dali: batches each DALI pipeline prepares ahead; 0: 5 on H100/H200 (NVIDIA's MLPerf "
+                               "setting), else DALI's 2")
+    nvjpeg_padding_mb: int = _f(-1, "dali: nvJPEG device and host buffer padding in MiB, so it never reallocates; -1: "
+                                    "256 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 16 device / 8 host")
     skip_listed_in: str = _f("", "dali/torchvision: a convert_report.json; the files it lists as skipped "
                                  "(undecodable) are left out, so DALI does not stop on them")
     # --- resolution: fixed --res, or progressive min_res -> max_res between start_ramp and end_ramp ---
@@ -156,7 +164,8 @@ class TrainConfig:
     def loader_options(self) -> dict[str, Any]:
         """build_loader's backend options; each backend takes its own and ignores the rest."""
         return dict(os_cache=self.os_cache, order=self.loader_order, hw_decoder_load=self.hw_decoder_load,
-                    skip_listed_in=self.skip_listed_in or None)
+                    dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
+                    nvjpeg_padding_mb=self.nvjpeg_padding_mb, skip_listed_in=self.skip_listed_in or None)
 
     def validate(self) -> list[str]:
         """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
@@ -174,8 +183,13 @@ class TrainConfig:
                   "checkpoint_minutes"):
             if getattr(self, n) < 0:
                 problems.append(f"--{flag_name(n)} must be >= 0")
-        if not 0 <= self.hw_decoder_load <= 1:
-            problems.append("--hw-decoder-load must be in [0, 1]")
+        if not (0 <= self.hw_decoder_load <= 1 or self.hw_decoder_load == -1):
+            problems.append("--hw-decoder-load must be in [0, 1], or -1 for the GPU's default")
+        for n in ("dali_threads", "dali_prefetch"):
+            if getattr(self, n) < 0:
+                problems.append(f"--{flag_name(n)} must be >= 0 (0: the GPU's default)")
+        if self.nvjpeg_padding_mb < -1:
+            problems.append("--nvjpeg-padding-mb must be >= 0, or -1 for the GPU's default")
         if self.max_lr <= 0:
             problems.append("--max-lr must be > 0")
         if not 0 < self.pct_start < 1:

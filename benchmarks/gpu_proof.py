@@ -1,0 +1,317 @@
+"""`python -m benchmarks.gpu_proof --data DIR`: does each loader path keep up with the compiled train step? The
+measurement behind scripts/gpu_check.sh, written as a reference file (benchmarks/reference/<card>_<date>.json).
+
+    python -m benchmarks.gpu_proof --data gpu_out/data --res 160,192,224
+    python -m benchmarks.gpu_proof --data gpu_out/data --res 160 --sweeps hw_decoder_load     # shorter
+
+DIR is made by `python -m benchmarks.bench_data` (betons/, folders/, betons_mixed/, dataset.json). For each
+resolution the model is built and compiled once; in that one process it is then timed
+1. alone, on one synthetic batch already on the device (the ceiling),
+2. for each loader path -- DALI from the beton, DALI from the image folders, the ffcv backend -- the loader alone,
+   then the loader feeding the same compiled step.
+Every timed window is `--window` batches (200) inside one epoch, after `--warmup` batches of that epoch (epoch
+starts, pipeline builds, FFCV's JIT and torch's compilation never fall into a window), timed with CUDA events (the
+GPU's timeline, from the window's first launch to its last batch's end: a GPU starved of data counts, and a loader
+alone is done when its last batch is on the device -- both backends make the current stream wait for it). The
+keep-up ratio is end to end / step alone. Process cores: the CPU seconds this process spent per second of the
+window (FFCV's and DALI's threads run in it).
+
+Then the DALI knobs, each value a fresh pipeline, DALI from the beton alone at the first resolution: the
+hw_decoder_load sweep (0, 0.65, 0.9, 0.99), threads (4, 6, 8, 12) and prefetch (2, 3, 5); a plain FFCV Loader on
+the same beton (the ffcv backend's baseline); and DALI on the half-raw beton (the raw-sample path on the GPU).
+`--budget-s` skips what would run past it (named in the file) rather than overrun a lent machine's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.report import machine_info, usable_cores
+
+SWEEPS = {"hw_decoder_load": [0.0, 0.65, 0.9, 0.99], "dali_threads": [4, 6, 8, 12], "dali_prefetch": [2, 3, 5]}
+PATHS = {"dali-beton": ("dali", "beton"), "dali-folder": ("dali", "folder"), "ffcv": ("ffcv", "beton")}
+
+
+class Window:
+    """CUDA events around a stretch of work (perf_counter on the CPU), plus this process's CPU time over it."""
+
+    def __init__(self, device) -> None:
+        import psutil
+        import torch
+
+        self.cuda, self.torch, self.proc = device.type == "cuda", torch, psutil.Process()
+
+    def __enter__(self) -> Window:
+        self.cpu0 = sum(self.proc.cpu_times()[:2])
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            self.start = self.torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            end = self.torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            self.seconds = self.start.elapsed_time(end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        wall = time.perf_counter() - self.t0
+        self.cores = (sum(self.proc.cpu_times()[:2]) - self.cpu0) / wall
+
+
+def step_alone(parts, device, batch_size: int, res: int, num_classes: int, dtype, warmup: int, window: int) -> dict:
+    from benchmarks.step_bench import synthetic_batches
+    from training.engine import train_step
+
+    batch = synthetic_batches(batch_size, res, num_classes, dtype, device)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        train_step(parts, [batch()], i, device)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    warm_s = time.perf_counter() - t0
+    with Window(device) as w:
+        for i in range(window):
+            train_step(parts, [batch()], warmup + i, device)
+    return {"images_per_s": window * batch_size / w.seconds, "warmup_s": warm_s, "process_cores": w.cores}
+
+
+def loader_window(loader, epoch: int, warmup: int, window: int, device, parts=None) -> dict:
+    """`window` batches of epoch `epoch` after `warmup` of them: the loader alone, or feeding `parts`' step."""
+    from training.engine import train_step
+
+    if len(loader) < warmup + window:
+        raise ValueError(f"{loader.num_samples} samples make {len(loader)} batches per epoch, fewer than the "
+                         f"{warmup} + {window} a window needs (make more with benchmarks.bench_data --samples)")
+    loader.set_epoch(epoch)
+    it = iter(loader)
+    try:
+        for i in range(warmup):
+            images, labels = next(it)
+            if parts is not None:
+                train_step(parts, [(images, labels)], i, device)
+        wait, n = 0.0, 0
+        with Window(device) as w:
+            for i in range(window):
+                t0 = time.perf_counter()
+                images, labels = next(it)
+                wait += time.perf_counter() - t0
+                n += images.shape[0]
+                if parts is not None:
+                    train_step(parts, [(images, labels)], warmup + i, device)
+    finally:
+        it.close()
+    return {"images_per_s": n / w.seconds, "data_wait_share": min(1.0, wait / w.seconds), "process_cores": w.cores}
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
+    from pipeline import build_loader
+
+    backend, source = PATHS[path]
+    where = data / ("betons" if source == "beton" else "folders")
+    extra = dict(dali_source=source, **knobs) if backend == "dali" else {}
+    return build_loader(where, "train", backend, batch_size=args.batch_size, resolution=res, workers=args.workers,
+                        device=device, dtype=dtype, seed=0, drop_last=True, verbose=False, **extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_proof", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder made by python -m benchmarks.bench_data")
+    p.add_argument("--res", default="160,192,224")
+    p.add_argument("--paths", default="dali-beton,dali-folder,ffcv", help="loader paths to time")
+    p.add_argument("--sweeps", default="hw_decoder_load,dali_threads,dali_prefetch,extras",
+                   help="knob sweeps after the keep-up rows ('extras': plain FFCV Loader, DALI on the half-raw beton)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=usable_cores(), help="ffcv threads; DALI off Hopper (all cores)")
+    p.add_argument("--window", type=int, default=200, help="timed batches per row, inside one epoch (200)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed batches of the epoch first (10)")
+    p.add_argument("--step-warmup", type=int, default=15, help="untimed steps before the step-alone window (15)")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--no-compile", action="store_true", help="time the eager step instead")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--budget-s", type=float, default=480, help="skip what would start after this many seconds (480)")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/reference/ (a GPU is then required)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from benchmarks.reference import REFERENCE_DIR, render_one, validate
+    from benchmarks.step_bench import make_parts, resolve_device
+    from training.engine import resolve_precision
+
+    t_start = time.perf_counter()
+    data = Path(args.data)
+    device = resolve_device(args.device)
+    out_dir = Path(args.out_dir) if args.out_dir else REFERENCE_DIR
+    if device.type != "cuda" and args.out_dir is None:
+        print("gpu_proof: error: no CUDA device, and a reference file is a GPU measurement; pass --out-dir to try "
+              "the script elsewhere", file=sys.stderr)
+        return 2
+    if not (data / "dataset.json").is_file():
+        print(f"gpu_proof: error: {data}/dataset.json missing; make the data with python -m benchmarks.bench_data "
+              f"{data}", file=sys.stderr)
+        return 2
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    resolutions = [int(r) for r in args.res.split(",") if r.strip()]
+    paths = [x for x in args.paths.split(",") if x]
+    compiled = not args.no_compile
+    info = machine_info()
+    dataset = json.loads((data / "dataset.json").read_text())
+    precision = resolve_precision(args.precision, device)
+    classes = len(json.loads((data / "betons" / "classes.json").read_text()))
+    skipped: list[str] = []
+
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - t_start > args.budget_s:
+            skipped.append(what)
+            print(f"gpu_proof: skipped {what} (past --budget-s {args.budget_s:.0f})", flush=True)
+            return True
+        return False
+
+    loaders, rows, epoch = {}, [], 0
+    for res in resolutions:
+        if over_budget(f"{res} px"):
+            continue
+        torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
+        parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
+        alone = step_alone(parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup,
+                           args.window)
+        print(f"{res} px: step alone {alone['images_per_s']:,.0f} img/s ({'compiled' if compiled else 'eager'}, "
+              f"warm-up {alone['warmup_s']:.0f} s)", flush=True)
+        for path in paths:
+            try:
+                if path not in loaders:
+                    loaders[path] = build(path, data, res, args, device, precision.input_dtype)
+                loader = loaders[path]
+                loader.set_resolution(res)
+                epoch += 1
+                solo = loader_window(loader, epoch, args.warmup, args.window, device)
+                epoch += 1
+                fed = loader_window(loader, epoch, args.warmup, args.window, device, parts)
+            except Exception as e:  # one path failing must not lose the others' rows
+                print(f"gpu_proof: {path} at {res} px failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                skipped.append(f"{path} {res} px ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                continue
+            backend, source = PATHS[path]
+            fed_rate, alone_rate = round(fed["images_per_s"], 1), round(alone["images_per_s"], 1)
+            row = {"backend": backend, "source": source, "res": res, "compiled": compiled,
+                   "loader_alone_images_per_s": round(solo["images_per_s"], 1),
+                   "end_to_end_images_per_s": fed_rate, "step_alone_images_per_s": alone_rate,
+                   "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
+                   "data_wait_share": round(fed["data_wait_share"], 4),
+                   "process_cores": round(fed["process_cores"], 2),
+                   "loader_alone_process_cores": round(solo["process_cores"], 2), "workers": args.workers}
+            if backend == "dali":
+                row["knobs"] = loader.tuning.as_dict()
+            rows.append(row)
+            print(f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
+                  f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
+                  f"{100 * row['data_wait_share']:.0f}% | cores {row['process_cores']:.1f}", flush=True)
+        del parts
+    res0 = resolutions[0]
+    sweeps: dict[str, list[dict]] = {}
+    wanted = [s for s in args.sweeps.split(",") if s]
+    for name in (n for n in SWEEPS if n in wanted):
+        for value in SWEEPS[name]:
+            if over_budget(f"{name}={value}"):
+                continue
+            try:
+                loader = build("dali-beton", data, res0, args, device, precision.input_dtype, **{name: value})
+                epoch += 1
+                r = loader_window(loader, epoch, args.warmup, args.window, device)
+            except Exception as e:
+                skipped.append(f"{name}={value} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                continue
+            t = loader.tuning
+            sweeps.setdefault(name, []).append({
+                "value": value, "images_per_s": round(r["images_per_s"], 1),
+                "process_cores": round(r["process_cores"], 2),
+                "what": f"DALI from the beton, loader alone, {res0} px",
+                "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}"})
+            print(f"  sweep {name}={value}: {r['images_per_s']:,.0f} img/s, cores {r['process_cores']:.1f}", flush=True)
+            loader.close()  # its pipeline's pinned and device buffers go now, not at the next garbage collection
+    extras = []
+    if "extras" in wanted:
+        if not over_budget("plain FFCV Loader"):
+            try:
+                from benchmarks.loader_bench import normalised, plain_ffcv_loader
+
+                plain = plain_ffcv_loader(data / "betons" / "train.beton", args.batch_size, res0, args.workers, 0)
+                n, it = 0, iter(normalised(plain, device, precision.input_dtype))
+                for _ in range(args.warmup):
+                    next(it)
+                with Window(device) as w:
+                    for _ in range(args.window):
+                        n += next(it)[0].shape[0]
+                extras.append({"what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res0} px, alone",
+                               "images_per_s": round(n / w.seconds, 1), "process_cores": round(w.cores, 2)})
+            except Exception as e:
+                skipped.append(f"plain FFCV Loader ({type(e).__name__}: {e})")
+        if not over_budget("DALI on the half-raw beton"):
+            try:
+                from pipeline import build_loader
+
+                mixed = build_loader(data / "betons_mixed", "train", "dali", batch_size=args.batch_size,
+                                     resolution=res0, workers=args.workers, device=device,
+                                     dtype=precision.input_dtype, drop_last=True, verbose=False)
+                list(mixed)  # builds the pipeline, warms the page cache
+                epochs, n = 3, 0
+                with Window(device) as w:
+                    for _ in range(epochs):
+                        n += sum(x.shape[0] for x, _ in mixed)
+                extras.append({"what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res0} "
+                                       f"px, alone, {epochs} whole epochs of {len(mixed)} batches (epoch starts "
+                                       "inside the timing)",
+                               "images_per_s": round(n / w.seconds, 1), "process_cores": round(w.cores, 2)})
+            except Exception as e:
+                skipped.append(f"DALI on the half-raw beton ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    gpu = info["gpu"]
+    result = {
+        "format": 1, "date": time.strftime("%Y-%m-%d"),
+        "gpu": gpu and {**gpu, "driver": _driver()},
+        "cpu": {"model": info["cpu"], "cores": info["cores"], "ram_gib": info["ram_gib"]},
+        "versions": info["versions"], "python": info["python"], "dataset": dataset,
+        "settings": {"arch": args.arch, "batch_size": args.batch_size, "precision": precision.name,
+                     "compiled": compiled, "window_batches": args.window, "warmup_batches": args.warmup,
+                     "workers": args.workers, "resolutions": resolutions},
+        "keepup": rows, "sweeps": sweeps, "extras": extras, "skipped": skipped,
+        "seconds": round(time.perf_counter() - t_start, 1)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{card_slug(gpu['name']) if gpu else 'cpu'}_{result['date']}.json"
+    path = out_dir / name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path} ({result['seconds']:.0f} s)")
+    if gpu:
+        validate(result, str(path))
+        print("\n" + render_one(path, result))
+    for e in extras:
+        print(f"- {e['what']}: {e['images_per_s']:,.0f} img/s, {e['process_cores']:.1f} cores")
+    if skipped:
+        print("skipped: " + "; ".join(skipped))
+    return 0 if rows else 1
+
+
+def _driver() -> str | None:
+    from benchmarks.doctor import driver_version
+
+    return driver_version()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

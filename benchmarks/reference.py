@@ -1,0 +1,154 @@
+"""The measured GPU reference files (benchmarks/reference/<card>_<YYYY-MM-DD>.json) and the README tables made from
+them.
+
+    python -m benchmarks.reference                      # print the Markdown made from every reference file
+    python -m benchmarks.reference --write README.md    # put it between the README's markers
+    python -m benchmarks.reference --check README.md    # exit 1 if the README's tables differ from the files
+
+A reference file is what `scripts/gpu_check.sh` (benchmarks.gpu_proof) wrote on one GPU on one day: the GPU, the CPU
+cores, the package versions and the dataset, then one keep-up row per (loader, source, resolution, compiled) with
+backend, source ("beton"/"folder"), res, compiled, end_to_end_images_per_s, step_alone_images_per_s and ratio, and
+the sweeps of the DALI knobs. Files are committed as measured and never edited by hand; the README's tables are
+regenerated from them, and the test suite fails when they disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN = "<!-- reference-tables:begin (made by: python -m benchmarks.reference --write README.md) -->"
+END = "<!-- reference-tables:end -->"
+FORMAT = 1
+TOP_KEYS = ("format", "date", "gpu", "cpu", "versions", "dataset", "settings", "keepup")
+ROW_KEYS = ("backend", "source", "res", "compiled", "end_to_end_images_per_s", "step_alone_images_per_s", "ratio")
+SOURCES = ("beton", "folder")
+NOTHING_YET = ("No GPU measurement is committed yet: `bash scripts/gpu_check.sh` on a CUDA machine writes\n"
+               "`benchmarks/reference/<card>_<date>.json`; commit it and run `python -m benchmarks.reference --write "
+               "README.md`.")
+
+
+class ReferenceError(ValueError):
+    pass
+
+
+def validate(data: dict, where: str, need_gpu: bool = True) -> dict:
+    """The file's content if it has every field the tables need; ReferenceError naming the file and field if not.
+    need_gpu=False: a trial run on the CPU (never a reference file)."""
+    missing = [k for k in TOP_KEYS if k not in data]
+    if missing:
+        raise ReferenceError(f"{where}: missing {', '.join(missing)}")
+    if data["format"] != FORMAT:
+        raise ReferenceError(f"{where}: format {data['format']}, this code reads {FORMAT}")
+    if need_gpu and (not data["gpu"] or "name" not in data["gpu"]):
+        raise ReferenceError(f"{where}: needs gpu.name (a reference is a GPU measurement)")
+    if "cores" not in data["cpu"]:
+        raise ReferenceError(f"{where}: needs cpu.cores")
+    for i, row in enumerate(data["keepup"]):
+        lacking = [k for k in ROW_KEYS if k not in row]
+        if lacking:
+            raise ReferenceError(f"{where}: keepup row {i} lacks {', '.join(lacking)}")
+        if row["source"] not in SOURCES:
+            raise ReferenceError(f"{where}: keepup row {i}: source must be one of {SOURCES}, got {row['source']!r}")
+        expected = row["end_to_end_images_per_s"] / row["step_alone_images_per_s"]
+        if abs(expected - row["ratio"]) > 0.005:
+            raise ReferenceError(f"{where}: keepup row {i}: ratio {row['ratio']} is not end to end / step alone "
+                                 f"({expected:.3f})")
+    return data
+
+
+def load_all(folder: Path = REFERENCE_DIR) -> list[tuple[Path, dict]]:
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [(p, validate(json.loads(p.read_text()), str(p))) for p in files]
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v < 10:
+        return f"{v:.2f}"
+    return f"{v:,.0f}"
+
+
+def render_one(path: Path, data: dict) -> str:
+    gpu, cpu, s = data["gpu"], data["cpu"], data["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
+    lines = [f"#### {gpu['name']}, {cpu['cores']} CPU cores, {data['date']} (`benchmarks/reference/{path.name}`)", "",
+             f"{cpu.get('model', '?')}; {versions}. Data: {data['dataset'].get('description', '?')}. "
+             f"{s.get('arch', 'resnet50')}, batch {s.get('batch_size', '?')}, {s.get('precision', '?')}, "
+             f"channels_last; each row one window of {s.get('window_batches', '?')} batches inside one epoch, after "
+             f"{s.get('warmup_batches', '?')} warm-up batches.", "",
+             "| loader | source | res | step | loader alone img/s | end to end img/s | step alone img/s | ratio "
+             "| data wait | process cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["keepup"]:
+        wait = r.get("data_wait_share")
+        lines.append(f"| {r['backend']} | {r['source']} | {r['res']} | {'compiled' if r['compiled'] else 'eager'} | "
+                     f"{_num(r.get('loader_alone_images_per_s'))} | {_num(r['end_to_end_images_per_s'])} | "
+                     f"{_num(r['step_alone_images_per_s'])} | {r['ratio']:.2f} | "
+                     f"{'-' if wait is None else f'{100 * wait:.0f}%'} | {_num(r.get('process_cores'))} |")
+    for name, rows in (data.get("sweeps") or {}).items():
+        if not rows:
+            continue
+        first = rows[0]
+        lines += ["", f"Sweep of {name} ({first.get('what', 'DALI from the beton, loader alone')}):", "",
+                  f"| {name} | img/s | process cores | other knobs |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['value']} | {_num(r['images_per_s'])} | {_num(r.get('process_cores'))} | "
+                         f"{r.get('knobs', '')} |")
+    return "\n".join(lines)
+
+
+def render(folder: Path = REFERENCE_DIR) -> str:
+    refs = load_all(folder)
+    if not refs:
+        return NOTHING_YET
+    return "\n\n".join(render_one(p, d) for p, d in refs)
+
+
+def readme_region(text: str, where: str = "README.md") -> tuple[int, int]:
+    """(start, end) of the text between the markers."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ReferenceError(f"{where}: needs exactly one {BEGIN!r} ... {END!r} region")
+    return text.index(BEGIN) + len(BEGIN), text.index(END)
+
+
+def fill(text: str, tables: str, where: str = "README.md") -> str:
+    start, end = readme_region(text, where)
+    return text[:start] + "\n" + tables + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=str(REFERENCE_DIR), help="folder of reference files (benchmarks/reference)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="README", help="put the tables between the markers of this file")
+    group.add_argument("--check", metavar="README", help="exit 1 if this file's tables differ from the files")
+    args = p.parse_args(argv)
+    try:
+        tables = render(Path(args.dir))
+        if args.write or args.check:
+            path = Path(args.write or args.check)
+            text = path.read_text()
+            updated = fill(text, tables, str(path))
+            if args.check:
+                if updated != text:
+                    print(f"{path}: the reference tables differ from {args.dir}; run python -m benchmarks.reference "
+                          f"--write {path}", file=sys.stderr)
+                    return 1
+                return 0
+            path.write_text(updated)
+            print(f"wrote the reference tables into {path}")
+            return 0
+    except (ReferenceError, json.JSONDecodeError, OSError) as e:
+        print(f"benchmarks.reference: error: {e}", file=sys.stderr)
+        return 2
+    print(tables)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
