@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -113,10 +112,6 @@ def loader_window(loader, epoch: int, warmup: int, window: int, device, parts=No
     return {"images_per_s": n / w.seconds, "data_wait_share": min(1.0, wait / w.seconds), "process_cores": w.cores}
 
 
-def card_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
-
-
 def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
     from pipeline import build_loader
 
@@ -150,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.reference import REFERENCE_DIR, render_one, validate
+    from benchmarks.reference import REFERENCE_DIR, render_one, save, validate
     from benchmarks.step_bench import make_parts, resolve_device
     from training.engine import resolve_precision
 
@@ -283,19 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"DALI on the half-raw beton ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     gpu = info["gpu"]
     result = {
-        "format": 1, "date": time.strftime("%Y-%m-%d"),
-        "gpu": gpu and {**gpu, "driver": _driver()},
-        "cpu": {"model": info["cpu"], "cores": info["cores"], "ram_gib": info["ram_gib"]},
-        "versions": info["versions"], "python": info["python"], "dataset": dataset,
+        "dataset": dataset,
         "settings": {"arch": args.arch, "batch_size": args.batch_size, "precision": precision.name,
                      "compiled": compiled, "window_batches": args.window, "warmup_batches": args.warmup,
                      "workers": args.workers, "resolutions": resolutions},
         "keepup": rows, "sweeps": sweeps, "extras": extras, "skipped": skipped,
         "seconds": round(time.perf_counter() - t_start, 1)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{card_slug(gpu['name']) if gpu else 'cpu'}_{result['date']}.json"
-    path = out_dir / name
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save(info, out_dir, driver=_driver(), **result)
+    result = json.loads(path.read_text())
     print(f"wrote {path} ({result['seconds']:.0f} s)")
     if gpu:
         validate(result, str(path))

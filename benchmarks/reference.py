@@ -5,18 +5,22 @@ them.
     python -m benchmarks.reference --write README.md    # put it between the README's markers
     python -m benchmarks.reference --check README.md    # exit 1 if the README's tables differ from the files
 
-A reference file is what `scripts/gpu_check.sh` (benchmarks.gpu_proof) wrote on one GPU on one day: the GPU, the CPU
-cores, the package versions and the dataset, then one keep-up row per (loader, source, resolution, compiled) with
-backend, source ("beton"/"folder"), res, compiled, end_to_end_images_per_s, step_alone_images_per_s and ratio, and
-the sweeps of the DALI knobs. Files are committed as measured and never edited by hand; the README's tables are
-regenerated from them, and the test suite fails when they disagree.
+A reference file is what `scripts/gpu_check.sh` wrote on one GPU on one day: the GPU, the CPU cores, the package
+versions, then what was measured. benchmarks.gpu_proof adds the dataset and one keep-up row per (loader, source,
+resolution, compiled) with backend, source ("beton"/"folder"), res, compiled, end_to_end_images_per_s,
+step_alone_images_per_s and ratio, and the sweeps of the DALI knobs; `rn50 bench step --reference` adds one step
+row per (lever, resolution) with res, batch_size, precision, mode, images_per_s and compile_s. Both write into the
+same file of the day (`save`), each replacing only its own part. Files are committed as measured and never edited
+by hand; the README's tables are regenerated from them, and the test suite fails when they disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
@@ -24,8 +28,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- reference-tables:begin (made by: python -m benchmarks.reference --write README.md) -->"
 END = "<!-- reference-tables:end -->"
 FORMAT = 1
-TOP_KEYS = ("format", "date", "gpu", "cpu", "versions", "dataset", "settings", "keepup")
+TOP_KEYS = ("format", "date", "gpu", "cpu", "versions")
+KEEPUP_KEYS = ("dataset", "settings")  # with keep-up rows
 ROW_KEYS = ("backend", "source", "res", "compiled", "end_to_end_images_per_s", "step_alone_images_per_s", "ratio")
+STEP_ROW_KEYS = ("res", "batch_size", "precision", "mode", "images_per_s", "compile_s")
 SOURCES = ("beton", "folder")
 NOTHING_YET = ("No GPU measurement is committed yet: `bash scripts/gpu_check.sh` on a CUDA machine writes\n"
                "`benchmarks/reference/<card>_<date>.json`; commit it and run `python -m benchmarks.reference --write "
@@ -48,7 +54,17 @@ def validate(data: dict, where: str, need_gpu: bool = True) -> dict:
         raise ReferenceError(f"{where}: needs gpu.name (a reference is a GPU measurement)")
     if "cores" not in data["cpu"]:
         raise ReferenceError(f"{where}: needs cpu.cores")
-    for i, row in enumerate(data["keepup"]):
+    if not data.get("keepup") and not data.get("step"):
+        raise ReferenceError(f"{where}: has neither keepup nor step rows")
+    if data.get("keepup"):
+        lacking = [k for k in KEEPUP_KEYS if k not in data]
+        if lacking:
+            raise ReferenceError(f"{where}: keepup rows without {', '.join(lacking)}")
+    for i, row in enumerate(data.get("step") or []):
+        lacking = [k for k in STEP_ROW_KEYS if k not in row]
+        if lacking:
+            raise ReferenceError(f"{where}: step row {i} lacks {', '.join(lacking)}")
+    for i, row in enumerate(data.get("keepup") or []):
         lacking = [k for k in ROW_KEYS if k not in row]
         if lacking:
             raise ReferenceError(f"{where}: keepup row {i} lacks {', '.join(lacking)}")
@@ -75,10 +91,28 @@ def _num(v) -> str:
 
 
 def render_one(path: Path, data: dict) -> str:
-    gpu, cpu, s = data["gpu"], data["cpu"], data["settings"]
+    gpu, cpu = data["gpu"], data["cpu"]
     versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
     lines = [f"#### {gpu['name']}, {cpu['cores']} CPU cores, {data['date']} (`benchmarks/reference/{path.name}`)", "",
-             f"{cpu.get('model', '?')}; {versions}. Data: {data['dataset'].get('description', '?')}. "
+             f"{cpu.get('model', '?')}; {versions}."]
+    if data.get("step"):
+        lines += ["", "Train step alone (`rn50 bench step --levers ...`), synthetic batches on the GPU, median of timed "
+                      "windows; compile s = warm-up including compilation or graph capture:", "",
+                  "| lever | res | batch | precision | mode | SGD | img/s | vs compile | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in data["step"]:
+            vs = r.get("vs_compile")
+            lines.append(f"| {r.get('lever', r['mode'])} | {r['res']} | {r['batch_size']} | {r['precision']} | "
+                         f"{r['mode']} | {r.get('sgd', '-')} | {_num(r['images_per_s'])} | "
+                         f"{'-' if vs is None else f'{vs:.2f}'} | {r['compile_s']:.0f} |")
+    if data.get("keepup"):
+        lines += ["", *keepup_lines(data)]
+    return "\n".join(lines)
+
+
+def keepup_lines(data: dict) -> list[str]:
+    s = data["settings"]
+    lines = [f"Data: {data['dataset'].get('description', '?')}. "
              f"{s.get('arch', 'resnet50')}, batch {s.get('batch_size', '?')}, {s.get('precision', '?')}, "
              f"channels_last; each row one window of {s.get('window_batches', '?')} batches inside one epoch, after "
              f"{s.get('warmup_batches', '?')} warm-up batches.", "",
@@ -99,7 +133,27 @@ def render_one(path: Path, data: dict) -> str:
         for r in rows:
             lines.append(f"| {r['value']} | {_num(r['images_per_s'])} | {_num(r.get('process_cores'))} | "
                          f"{r.get('knobs', '')} |")
-    return "\n".join(lines)
+    return lines
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def save(info: dict, out_dir: Path = REFERENCE_DIR, driver: str | None = None, **parts) -> Path:
+    """Write `parts` (keepup + dataset + settings + sweeps ..., or step) into today's file for this GPU
+    (<card>_<date>.json), keeping what another benchmark wrote there today. info: benchmarks.report.machine_info()."""
+    gpu = info["gpu"]
+    date = time.strftime("%Y-%m-%d")
+    path = Path(out_dir) / f"{card_slug(gpu['name']) if gpu else 'cpu'}_{date}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update({"format": FORMAT, "date": date, "gpu": gpu and {**gpu, "driver": driver},
+                 "cpu": {"model": info["cpu"], "cores": info["cores"], "ram_gib": info["ram_gib"]},
+                 "versions": info["versions"], "python": info["python"]})
+    data.update(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
 
 
 def render(folder: Path = REFERENCE_DIR) -> str:

@@ -31,6 +31,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (20)")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (5)")
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
+    p.add_argument("--reference", nargs="?", const="benchmarks/reference", default=None, metavar="DIR",
+                   help="also record the rows in today's reference file for this GPU (benchmarks/reference/; "
+                        "GPU only), beside what scripts/gpu_check.sh measured")
     return p
 
 
@@ -301,6 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         f"train step only ({results[0]['precision']}), {describe_machine(info)}", "images/s (median)"), args.out)
     print(md)
     print("results: " + ", ".join(str(p) for p in paths.values()))
+    if args.reference:
+        from benchmarks.doctor import driver_version
+        from benchmarks.reference import save
+
+        if not info["gpu"]:
+            print("rn50 bench step: --reference records GPU measurements; nothing recorded", file=sys.stderr)
+            return 2
+        keys = ("lever", "res", "batch_size", "precision", "mode", "sgd", "input", "images_per_s", "vs_compile",
+                "compile_s", "peak_memory_gib", "windows_images_per_s")
+        path = save(info, Path(args.reference), driver=driver_version(), step=[{k: r[k] for k in keys} for r in results])
+        print(f"reference: {path}")
     return 0
 
 

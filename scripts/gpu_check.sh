@@ -4,6 +4,7 @@
 # `source .devbundle/gpu_env.sh` (DALI arrives in parts over several runs; this script needs it installed).
 #
 #   bash scripts/gpu_check.sh [OUT]              # full: 160/192/224 px + knob sweeps (budget: ~8 min, H200, 16 cores)
+#   PART=step bash scripts/gpu_check.sh [OUT]    # the step's levers instead (rn50 bench step; ~6-8 min, see below)
 #   QUICK=1 bash scripts/gpu_check.sh [OUT]      # 160 px + the hw_decoder_load sweep (budget: ~4 min)
 #   DATA=/tmp/rn50_bench bash scripts/gpu_check.sh "$OUT/gpu_check"   # data (~3 GB) outside a folder sent back
 #   knobs: RES=160,192,224 BS=256 WORKERS=$(nproc) UNIQUE=2000 SAMPLES=56000 BUDGET_S=420 PROOF_ARGS="--window 300"
@@ -20,6 +21,10 @@
 #      Commit it, then: python -m benchmarks.reference --write README.md
 #   4. python -m benchmarks.sync_check --steps eager (~15 s: every augmentation on, bf16 and fp16, no host sync in a
 #      step); SYNC_CHECK=full adds the compiled and graphed steps (a compilation each), SYNC_CHECK=0 skips it.
+# PART=step (one lent session cannot hold both parts: a compilation costs ~1 min a shape) runs instead
+#   rn50 bench step --levers $STEP_LEVERS --res $STEP_RES --precision bf16 --reference: one row per lever against the
+#   compiled step (default levers eager,compile,graphs,fused,bs384,best at 224 px; STEP_LEVERS=all for every one),
+#   recorded in the same reference file, then the sync check of the compiled and graphed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -32,6 +37,20 @@ SWEEPS=hw_decoder_load,dali_threads,dali_prefetch,extras
 if [ -n "${QUICK:-}" ]; then RES=160; SWEEPS=hw_decoder_load; BUDGET_S=${BUDGET_S_QUICK:-200}; fi
 mkdir -p "$OUT"
 start=$(date +%s)
+
+if [ "${PART:-loaders}" = step ]; then
+  STEP_LEVERS=${STEP_LEVERS:-eager,compile,graphs,fused,bs384,best}; STEP_RES=${STEP_RES:-224}
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  echo "cores: $(nproc) usable; $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  "$PY" -m training.cli bench step --levers "$STEP_LEVERS" --res "$STEP_RES" --precision bf16 --batch-size "$BS" \
+    --best-batch "${BEST_BATCH:-$BS}" --out "$OUT/step" --reference 2>&1 | tee "$OUT/step.log"
+  rc=${PIPESTATUS[0]}
+  newest=$(ls -t benchmarks/reference/*.json 2>/dev/null | head -n 1)
+  [ -n "$newest" ] && cp "$newest" "$OUT/"
+  "$PY" -m benchmarks.sync_check --steps compile,graphs --precision bf16 --json "$OUT/sync_check.json" || rc=1
+  echo "gpu_check (step): $(( $(date +%s) - start )) s in all"
+  exit "$rc"
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 "$PY" - <<'PY' || { echo "gpu_check: torch, ffcv or DALI missing (see above)"; exit 2; }

@@ -46,7 +46,10 @@ def test_tables_come_from_the_files(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: d.pop("dataset"), "missing dataset"),
+    (lambda d: d.pop("dataset"), "keepup rows without dataset"),
+    (lambda d: (d.pop("keepup"), d.pop("step", None)), "neither keepup nor step rows"),
+    (lambda d: d.update(step=[{"res": 224, "batch_size": 256, "precision": "bf16", "mode": "graphs"}]),
+     "step row 0 lacks images_per_s, compile_s"),
     (lambda d: d.update(gpu=None), "needs gpu.name"),
     (lambda d: d["keepup"][0].pop("source"), "row 0 lacks source"),
     (lambda d: d["keepup"][1].update(source="disk"), "source must be one of"),
@@ -138,3 +141,27 @@ def test_gpu_proof_runs_on_the_cpu_and_writes_a_reference_shaped_file(coded_root
             r["knobs"]
     assert [s["value"] for s in result["sweeps"]["hw_decoder_load"]] == [0.0, 0.65, 0.9, 0.99]
     assert result["settings"]["window_batches"] == 3 and result["skipped"] == []
+
+
+STEP_ROWS = [{"lever": "compile", "res": 224, "batch_size": 256, "precision": "bf16", "mode": "compile",
+              "sgd": "foreach", "images_per_s": 6800.0, "vs_compile": 1.0, "compile_s": 71.2},
+             {"lever": "graphs", "res": 224, "batch_size": 256, "precision": "bf16", "mode": "graphs",
+              "sgd": "foreach", "images_per_s": 7400.0, "vs_compile": 1.088, "compile_s": 80.0}]
+
+
+def test_step_rows_and_keepup_rows_share_the_days_file(tmp_path, monkeypatch):
+    """rn50 bench step --reference and the GPU proof write one file per GPU and day, each replacing only its part;
+    the tables show both."""
+    info = {"gpu": FIXTURE["gpu"], "cpu": "Some Xeon", "cores": 16, "ram_gib": 126.0, "versions": FIXTURE["versions"],
+            "python": "3.12"}
+    step_path = reference.save(info, tmp_path, driver="580.1", step=STEP_ROWS)
+    keepup = {k: FIXTURE[k] for k in ("dataset", "settings", "keepup", "sweeps")}
+    assert reference.save(info, tmp_path, driver="580.1", **keepup) == step_path
+    data = json.loads(step_path.read_text())
+    assert data["step"] == STEP_ROWS and data["keepup"] == FIXTURE["keepup"] and data["gpu"]["driver"] == "580.1"
+    text = reference.render(tmp_path)
+    assert "| graphs | 224 | 256 | bf16 | graphs | foreach | 7,400 | 1.09 | 80 |" in text
+    assert "| dali | beton | 160 | compiled | 25,000 | 11,800 | 12,000 | 0.98 | 1% | 3.20 |" in text
+    reference.save(info, tmp_path, step=STEP_ROWS[:1])  # a rerun replaces the step rows only
+    again = json.loads(step_path.read_text())
+    assert again["step"] == STEP_ROWS[:1] and again["keepup"] == FIXTURE["keepup"]

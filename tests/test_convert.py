@@ -566,3 +566,15 @@ def test_a_rerun_with_the_same_classes_stopped_half_way_leaves_a_usable_folder(t
     assert beton_classes(out) == [f"n{i:08d}" for i in range(4)]
     assert int(read_index(out / "train.beton").metadata["f0"]["width"].max()) == 40  # the new train
     assert (out / "val.beton").read_bytes() == old_val  # the previous val, still vouched for
+
+
+def test_convert_says_what_the_jpeg_raw_mix_means_for_the_decoders(coded_root, tmp_path, capsys):
+    from dataset_tools.convert import main as convert_main
+
+    args = ["--data-dir", str(coded_root), "--workers", "1", "--no-progress", "--splits", "train"]
+    assert convert_main(args + ["--out-dir", str(tmp_path / "jpeg"), "--compress-prob", "1"]) == 0
+    assert "train: all 48 images stored as JPEG: DALI can decode this beton on the GPU" in capsys.readouterr().out
+    assert convert_main(args + ["--out-dir", str(tmp_path / "mix"), "--compress-prob", "0.5"]) == 0
+    out = capsys.readouterr().out
+    raw = int(out.split(" of 48 images stored raw")[0].rsplit(" ", 1)[-1])
+    assert 0 < raw < 48 and "--compress-prob 1 stores all as JPEG" in out

@@ -272,8 +272,8 @@ def build_run(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: l
         raise SetupError(f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
                          f"{cfg.grad_accum}; lower --batch-size or --grad-accum")
     if cfg.deterministic and train_loader.backend == "dali" and ctx.device.type == "cuda":
-        log0(ctx, "--deterministic with DALI on the GPU: order, position and DALI's own checkpointed random state "
-                  "resume exactly; bit-identical weights are not promised on a GPU (see README)")
+        log0(ctx, "--deterministic with DALI on the GPU: order, position and crops resume exactly (they are the "
+                  "loader's, not DALI's); bit-identical weights are not promised on a GPU (see README)")
 
     schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
     parts, eval_model, counts = make_parts(cfg, train_loader.num_classes, ctx, precision, schedule)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dataset_tools.files import DataFolderError
+from pipeline.contract import SampleError
 from training.checkpoint import Position
 from training.config import TrainConfig
 from training.distributed import cleanup, init_distributed
@@ -26,6 +27,8 @@ from training.engine import EpochStats, NonFiniteLoss, evaluate, train_one_epoch
 from training.run import Run, SetupError, WriteError, log0, setup
 from training.schedules import train_resolution
 from training.signals import StopSignals
+
+DATA_ERRORS = (DataFolderError, SampleError)
 
 
 def train(cfg: TrainConfig, flags: list[str]) -> int:
@@ -45,7 +48,7 @@ def train(cfg: TrainConfig, flags: list[str]) -> int:
     except (NonFiniteLoss, WriteError) as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 1
-    except DataFolderError as e:
+    except DATA_ERRORS as e:  # a folder or a sample the loader cannot read: one line naming it, from the rank that met it
         print(f"rn50 train: error: {e}", flush=True)
         return 2
     except KeyboardInterrupt:
@@ -125,7 +128,7 @@ def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: boo
         if val is not None and run.parts.ema is not None:
             ema_val = evaluate(run.parts.ema.module, run.val_loader, run.precision, run.ctx, tta=cfg.tta,
                                epoch=epoch, should_stop=control.stop_requested)
-    except DataFolderError:  # the val images cannot be read: keep the trained epoch (one process: no collective)
+    except DATA_ERRORS:  # the val images cannot be read: keep the trained epoch (one process: no collective)
         if not saved_before and not run.ctx.distributed:
             run.save(before)
         raise
