@@ -75,8 +75,18 @@ def choose_backend(data_dir: Path, split: str, device: torch.device) -> tuple[st
     return "torchvision", f"{why}; {missing}, so PIL decodes {split}/ on the CPU"
 
 
+def auto_workers(workers: int) -> int:
+    """workers < 0 ("auto"): this rank's share of the cores it may run on (LOCAL_WORLD_SIZE ranks per machine, set by
+    torchrun), minus one left to the training process itself (its Python loop, the kernel launches, the thread that
+    feeds the decoders); at least 1. Otherwise `workers` as given."""
+    if workers >= 0:
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
 def build_loader(data_dir: str | Path, split: str = "train", backend: str = "auto", batch_size: int = 256,
-                 resolution: int = 160, workers: int = 8, device: str | torch.device = "cuda",
+                 resolution: int = 160, workers: int = -1, device: str | torch.device = "cuda",
                  dtype: torch.dtype = torch.float16, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = True, *, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), val_crop_ratio: float = VAL_CROP_RATIO,
@@ -105,8 +115,8 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
         why = "asked for"
     else:
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
-    common = dict(split=split, batch_size=batch_size, resolution=resolution, workers=workers, device=device,
-                  dtype=dtype, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last)
+    common = dict(split=split, batch_size=batch_size, resolution=resolution, workers=auto_workers(workers),
+                  device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last)
     if backend == "torchvision":
         from pipeline.torchvision_loader import TorchvisionLoader
 

@@ -37,7 +37,6 @@ OpenMP split a batch into fixed equal shares). FFCV sets torch's intra-op thread
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,13 +71,11 @@ PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, le
 
 
 def decode_threads(workers: int) -> int:
-    """FFCV decoding threads for a `workers` setting: >= 1 is taken as is; 0 means this process's share of the cores
-    (the CPUs it may run on, divided by LOCAL_WORLD_SIZE, the ranks torchrun starts on this machine), minus one left
-    to the training process itself (its Python loop, kernel launches, and the thread feeding the decoders)."""
-    if workers >= 1:
-        return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+    """FFCV decoding threads for a `workers` setting: >= 1 is taken as is; 0 or less means this process's share of
+    the cores minus one (pipeline.build.auto_workers); FFCV itself would take every core."""
+    from pipeline.build import auto_workers
+
+    return int(workers) if workers >= 1 else auto_workers(-1)
 
 
 @contextmanager

@@ -242,3 +242,12 @@ def test_the_first_ffcv_loader_keeps_torch_thread_count(coded_betons):
             "device='cpu', dtype=torch.float32, verbose=False)\nprint(torch.get_num_threads())\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-1:] == ["2"], done.stdout + done.stderr
+
+
+def test_auto_workers_for_every_backend(monkeypatch):
+    """--workers -1 (the trainer's default): each rank's share of the cores minus one, for any backend."""
+    from pipeline.build import auto_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert auto_workers(-1) == 11 and auto_workers(0) == 0 and auto_workers(4) == 4

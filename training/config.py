@@ -62,7 +62,8 @@ class TrainConfig:
     data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
     loader: str = _f("auto", "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
                              "image folders: DALI + GPU -> dali, else torchvision)", LOADERS)
-    workers: int = _f(8, "loader worker threads/processes per GPU")
+    workers: int = _f(-1, "loader worker threads/processes per GPU; -1: this GPU's share of the cores minus one, left "
+                          "to the training process")
     batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
     val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
     num_classes: int = _f(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
@@ -177,8 +178,8 @@ class TrainConfig:
                 problems.append(f"--{flag_name(f.name)} must be one of {', '.join(choices)} (got {value!r})")
         positive = ["workers", "batch_size", "epochs", "grad_accum", "log_every", "res", "val_res", "res_step"]
         problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
-        if self.workers < 0:
-            problems.append("--workers must be >= 0")
+        if self.workers < -1:
+            problems.append("--workers must be >= 0, or -1 (auto)")
         for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch", "checkpoint_every",
                   "checkpoint_minutes"):
             if getattr(self, n) < 0:
