@@ -23,8 +23,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The linter and the formatter (CI runs both: .ci/run).
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

@@ -113,13 +113,25 @@ def bytes_per_image(beton: Path) -> dict:
     from dataset_tools.beton_format import image_column
 
     column = image_column(read_index(beton))
-    return {"samples": len(column.labels), "raw": column.num_raw, "stored_bytes_per_image": float(column.sizes.mean()),
-            "file_bytes": beton.stat().st_size, "mean_width": float(column.widths.mean()),
-            "mean_height": float(column.heights.mean())}
+    return {
+        "samples": len(column.labels),
+        "raw": column.num_raw,
+        "stored_bytes_per_image": float(column.sizes.mean()),
+        "file_bytes": beton.stat().st_size,
+        "mean_width": float(column.widths.mean()),
+        "mean_height": float(column.heights.mean()),
+    }
 
 
-def make(out: Path, unique: int, samples: int, classes: int, workers: int, seed: int = 0,
-         short_side: tuple[int, int] = (300, 500)) -> dict:
+def make(
+    out: Path,
+    unique: int,
+    samples: int,
+    classes: int,
+    workers: int,
+    seed: int = 0,
+    short_side: tuple[int, int] = (300, 500),
+) -> dict:
     from dataset_tools.convert import ConvertOptions, convert
     from dataset_tools.synth import synthesize
 
@@ -127,13 +139,23 @@ def make(out: Path, unique: int, samples: int, classes: int, workers: int, seed:
     repeat = max(1, -(-samples // (per_class * classes)))
     timings = {}
     t0 = time.perf_counter()
-    synthesize(out / "unique", num_classes=classes, train_per_class=per_class, val_per_class=0, seed=seed,
-               workers=workers, min_short=short_side[0], max_short=short_side[1], progress=False)
+    synthesize(
+        out / "unique",
+        num_classes=classes,
+        train_per_class=per_class,
+        val_per_class=0,
+        seed=seed,
+        workers=workers,
+        min_short=short_side[0],
+        max_short=short_side[1],
+        progress=False,
+    )
     timings["synth_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for name, prob in (("unique_jpeg", 1.0), ("betons_mixed", 0.5)):
-        convert(out / "unique", out / name, ["train"], ConvertOptions(workers=workers, compress_prob=prob,
-                                                                      progress=False))
+        convert(
+            out / "unique", out / name, ["train"], ConvertOptions(workers=workers, compress_prob=prob, progress=False)
+        )
     timings["convert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     (out / "betons").mkdir(parents=True, exist_ok=True)
@@ -141,12 +163,19 @@ def make(out: Path, unique: int, samples: int, classes: int, workers: int, seed:
     shutil.copy(out / "unique_jpeg" / "classes.json", out / "betons" / "classes.json")
     files = repeat_folders(out / "unique" / "train", out / "folders" / "train", repeat)
     timings["repeat_s"] = time.perf_counter() - t0
-    facts = {"description": f"{per_class * classes:,} distinct rn50 synth images (short side {short_side[0]}-"
-                            f"{short_side[1]} px, {classes} classes) each repeated {repeat}x: {total:,} train samples",
-             "unique_images": per_class * classes, "repeat": repeat, "train_samples": total, "folder_files": files,
-             "classes": classes, "seed": seed, "seconds": {k: round(v, 1) for k, v in timings.items()},
-             "beton_all_jpeg": bytes_per_image(out / "unique_jpeg" / "train.beton"),
-             "beton_mixed": bytes_per_image(out / "betons_mixed" / "train.beton")}
+    facts = {
+        "description": f"{per_class * classes:,} distinct rn50 synth images (short side {short_side[0]}-"
+        f"{short_side[1]} px, {classes} classes) each repeated {repeat}x: {total:,} train samples",
+        "unique_images": per_class * classes,
+        "repeat": repeat,
+        "train_samples": total,
+        "folder_files": files,
+        "classes": classes,
+        "seed": seed,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "beton_all_jpeg": bytes_per_image(out / "unique_jpeg" / "train.beton"),
+        "beton_mixed": bytes_per_image(out / "betons_mixed" / "train.beton"),
+    }
     (out / "dataset.json").write_text(json.dumps(facts, indent=2) + "\n")
     return facts
 
@@ -155,15 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--unique", type=int, default=2000, help="distinct images (2000)")
-    p.add_argument("--samples", type=int, default=56000, help="train samples after repeating (56000: 218 batches of "
-                                                               "256, room for a 200-batch window after warm-up)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=56000,
+        help="train samples after repeating (56000: 218 batches of 256, room for a 200-batch window after warm-up)",
+    )
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--short-side", default="300,500", help="min,max short side of the generated images (300,500)")
     args = p.parse_args(argv)
     if min(args.unique, args.samples, args.classes, args.workers) < 1 or args.unique < args.classes:
-        print("bench_data: error: --unique, --samples, --classes, --workers must be >= 1 and --unique >= --classes",
-              file=sys.stderr)
+        print(
+            "bench_data: error: --unique, --samples, --classes, --workers must be >= 1 and --unique >= --classes",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     if (out / "dataset.json").is_file():

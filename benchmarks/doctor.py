@@ -30,8 +30,12 @@ def driver_version() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -61,8 +65,11 @@ def dataset_facts(data_dir: Path) -> dict:
             files = [f for c in sample for f in c.iterdir() if f.is_file()]
             per_class = len(files) / max(1, len(sample))
             mean_bytes = sum(f.stat().st_size for f in files) / max(1, len(files))
-            facts["folders"][split] = {"classes": len(classes), "images_estimate": int(per_class * len(classes)),
-                                       "bytes_estimate": int(per_class * len(classes) * mean_bytes)}
+            facts["folders"][split] = {
+                "classes": len(classes),
+                "images_estimate": int(per_class * len(classes)),
+                "bytes_estimate": int(per_class * len(classes) * mean_bytes),
+            }
     report = data_dir / "convert_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
@@ -82,9 +89,14 @@ def beton_storage(path: Path) -> dict:
     jpeg_mean = float(column.sizes[jpeg].mean()) if jpeg.any() else None
     raw_mean = float(column.sizes[~jpeg].mean()) if (~jpeg).any() else None
     stored = int(column.sizes.sum())
-    return {"samples": len(column.labels), "raw": column.num_raw, "jpeg_bytes_mean": jpeg_mean,
-            "raw_bytes_mean": raw_mean, "stored_bytes": stored,
-            "all_jpeg_bytes_estimate": int(jpeg_mean * len(column.labels)) if jpeg_mean else None}
+    return {
+        "samples": len(column.labels),
+        "raw": column.num_raw,
+        "jpeg_bytes_mean": jpeg_mean,
+        "raw_bytes_mean": raw_mean,
+        "stored_bytes": stored,
+        "all_jpeg_bytes_estimate": int(jpeg_mean * len(column.labels)) if jpeg_mean else None,
+    }
 
 
 def all_jpeg_advice(facts: dict, ram_gib: float, gpu_decode: bool) -> list[str]:
@@ -94,22 +106,36 @@ def all_jpeg_advice(facts: dict, ram_gib: float, gpu_decode: bool) -> list[str]:
     if not storage:
         return []
     if raw == 0:
-        return [("all-JPEG betons: " + ("DALI decodes them on the GPU (--loader auto picks it)" if gpu_decode else
-                 "ready for GPU decoding by DALI on a machine with a GPU and DALI") + "; the ffcv backend decodes "
-                 "every image on the CPU (README, Data pipelines: what all-JPEG costs in CPU decode speed)")]
+        return [
+            (
+                "all-JPEG betons: "
+                + (
+                    "DALI decodes them on the GPU (--loader auto picks it)"
+                    if gpu_decode
+                    else "ready for GPU decoding by DALI on a machine with a GPU and DALI"
+                )
+                + "; the ffcv backend decodes "
+                "every image on the CPU (README, Data pipelines: what all-JPEG costs in CPU decode speed)"
+            )
+        ]
     total = sum(s["samples"] for s in storage.values())
     now = sum(s["stored_bytes"] for s in storage.values()) / GIB
     estimates = [s["all_jpeg_bytes_estimate"] for s in storage.values()]
     if None in estimates:  # a beton with no JPEG sample: nothing here to estimate the JPEG size from
-        return [f"{raw:,} of {total:,} images are stored raw; rn50 convert --compress-prob 1 writes all-JPEG betons "
-                "for GPU decoding by DALI"]
+        return [
+            f"{raw:,} of {total:,} images are stored raw; rn50 convert --compress-prob 1 writes all-JPEG betons "
+            "for GPU decoding by DALI"
+        ]
     jpeg = sum(estimates) / GIB
     fits = "fits" if jpeg <= 0.8 * ram_gib else "does not fit"
-    return [f"all-JPEG (rn50 convert --compress-prob 1): {raw:,} of {total:,} images are stored raw now; all JPEG "
-            f"they would take ~{jpeg:.2f} GiB instead of {now:.2f} GiB of image data (estimated from these betons' "
-            f"own JPEG samples), which {fits} in 80% of RAM ({ram_gib:.0f} GiB). Gain: DALI decodes them on the GPU"
-            + (" (--loader auto picks it then)" if gpu_decode else "") + "; cost: the ffcv backend decodes every "
-            "image on the CPU instead of copying half of them (README, Data pipelines: measured decode speeds)"]
+    return [
+        f"all-JPEG (rn50 convert --compress-prob 1): {raw:,} of {total:,} images are stored raw now; all JPEG "
+        f"they would take ~{jpeg:.2f} GiB instead of {now:.2f} GiB of image data (estimated from these betons' "
+        f"own JPEG samples), which {fits} in 80% of RAM ({ram_gib:.0f} GiB). Gain: DALI decodes them on the GPU"
+        + (" (--loader auto picks it then)" if gpu_decode else "")
+        + "; cost: the ffcv backend decodes every "
+        "image on the CPU instead of copying half of them (README, Data pipelines: measured decode speeds)"
+    ]
 
 
 def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, batch_size: int = 64) -> dict:
@@ -120,8 +146,19 @@ def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, ba
     from pipeline.folders import has_beton
 
     def build(bs):
-        return build_loader(data_dir, "train", "auto", batch_size=bs, resolution=160, workers=workers, device=device,
-                            dtype=torch.float32, seed=0, drop_last=False, verbose=False)
+        return build_loader(
+            data_dir,
+            "train",
+            "auto",
+            batch_size=bs,
+            resolution=160,
+            workers=workers,
+            device=device,
+            dtype=torch.float32,
+            seed=0,
+            drop_last=False,
+            verbose=False,
+        )
 
     # A small dataset gets smaller batches, so the probe still times several. The beton's count is read from its
     # index, which spares building (and JIT-compiling) an FFCV loader twice.
@@ -142,8 +179,14 @@ def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, ba
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     rate = n / (time.perf_counter() - t0) if n else None
-    return {"backend": loader.backend, "first_batch_s": first, "images_per_s": rate, "batch_size": batch_size,
-            "resolution": 160, "workers": workers}
+    return {
+        "backend": loader.backend,
+        "first_batch_s": first,
+        "images_per_s": rate,
+        "batch_size": batch_size,
+        "resolution": 160,
+        "workers": workers,
+    }
 
 
 def fitting_batch_size(res: int = 224, precision: str = "auto", probe_batch: int = 64) -> dict:
@@ -162,8 +205,15 @@ def fitting_batch_size(res: int = 224, precision: str = "auto", probe_batch: int
     fixed = big["peak_memory_gib"] - per_image * probe_batch
     budget = 0.9 * props.total_memory / GIB
     fits = int((budget - fixed) / per_image) // 32 * 32
-    return {"res": res, "precision": big["precision"], "gib_per_image": per_image, "fixed_gib": fixed,
-            "max_batch_size": fits, "step_images_per_s_at_probe": big["images_per_s"], "probe_batch": probe_batch}
+    return {
+        "res": res,
+        "precision": big["precision"],
+        "gib_per_image": per_image,
+        "fixed_gib": fixed,
+        "max_batch_size": fits,
+        "step_images_per_s_at_probe": big["images_per_s"],
+        "probe_batch": probe_batch,
+    }
 
 
 def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
@@ -178,49 +228,68 @@ def recommend(info: dict, facts: dict | None, probes: dict) -> list[str]:
         storage = facts.get("storage") or {}
         gpu_decode = bool(gpus) and info.get("dali", False)
         if gpu_decode and storage and all(s["raw"] == 0 for s in storage.values()):
-            recs.append("loader: dali (all-JPEG betons, DALI and a GPU): the GPU decodes them (--loader auto picks "
-                        "it); knobs per GPU kind: --hw-decoder-load, --dali-threads, --dali-prefetch")
+            recs.append(
+                "loader: dali (all-JPEG betons, DALI and a GPU): the GPU decodes them (--loader auto picks "
+                "it); knobs per GPU kind: --hw-decoder-load, --dali-threads, --dali-prefetch"
+            )
         else:
             recs.append(f"loader: ffcv (betons found), --workers {per_gpu} per GPU (FFCV decodes on threads)")
         recs += all_jpeg_advice(facts, ram, gpu_decode)
         if size <= 0.8 * ram:
-            recs.append(f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep the page cache "
-                        "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every "
-                        "GPU's process")
+            recs.append(
+                f"in memory: the betons ({size:.1f} GiB) fit in RAM ({ram:.0f} GiB): keep the page cache "
+                "on (the default); epoch 1 reads the disk, later epochs the page cache, shared by every "
+                "GPU's process"
+            )
         else:
-            recs.append(f"not in memory: the betons ({size:.1f} GiB) exceed 80% of RAM ({ram:.0f} GiB): use "
-                        "rn50 train --no-os-cache --loader-order quasi_random (FFCV's process cache reads only the "
-                        "pages coming batches need); or re-convert smaller -- published full-ImageNet train sizes: "
-                        + "; ".join(f"{k} {v:.0f} GB" for k, v in FFCV_SIZES_GB.items()))
+            recs.append(
+                f"not in memory: the betons ({size:.1f} GiB) exceed 80% of RAM ({ram:.0f} GiB): use "
+                "rn50 train --no-os-cache --loader-order quasi_random (FFCV's process cache reads only the "
+                "pages coming batches need); or re-convert smaller -- published full-ImageNet train sizes: "
+                + "; ".join(f"{k} {v:.0f} GB" for k, v in FFCV_SIZES_GB.items())
+            )
     elif facts["folders"]:
         est = facts["folders"].get("train", {}).get("bytes_estimate", 0) / GIB
         if gpus:
-            recs.append("loader: dali (image folders, GPU present): JPEGs decoded on the GPU; or convert once "
-                        "(rn50 convert) for the ffcv loader")
+            recs.append(
+                "loader: dali (image folders, GPU present): JPEGs decoded on the GPU; or convert once "
+                "(rn50 convert) for the ffcv loader"
+            )
         else:
-            recs.append("loader: torchvision (image folders, no GPU); convert once with rn50 convert for the faster "
-                        "ffcv loader")
-        recs.append(f"conversion: train JPEGs ~{est:.2f} GiB here; rn50 convert's defaults (half stored raw) take "
-                    f"~2.4x that on disk (ffcv-imagenet users report ~340 GB for ImageNet's ~140 GB of train JPEGs); "
-                    f"--compress-prob 1.0 stays near the JPEG size and is what DALI decodes on the GPU; free disk: "
-                    f"{facts['disk_free_gib']:.0f} GiB")
+            recs.append(
+                "loader: torchvision (image folders, no GPU); convert once with rn50 convert for the faster ffcv loader"
+            )
+        recs.append(
+            f"conversion: train JPEGs ~{est:.2f} GiB here; rn50 convert's defaults (half stored raw) take "
+            f"~2.4x that on disk (ffcv-imagenet users report ~340 GB for ImageNet's ~140 GB of train JPEGs); "
+            f"--compress-prob 1.0 stays near the JPEG size and is what DALI decodes on the GPU; free disk: "
+            f"{facts['disk_free_gib']:.0f} GiB"
+        )
     if gpus == 0:
         recs.append("no GPU: training will run on the CPU (fine for tests and the demo, far too slow for ImageNet)")
     elif "batch" in probes:
         b = probes["batch"]
-        recs.append(f"batch size: up to {b['max_batch_size']} per GPU fits at {b['res']} px in {b['precision']} "
-                    f"(~{b['gib_per_image'] * 1024:.0f} MiB per image); ResNet-50 recipes use 256 or 512")
+        recs.append(
+            f"batch size: up to {b['max_batch_size']} per GPU fits at {b['res']} px in {b['precision']} "
+            f"(~{b['gib_per_image'] * 1024:.0f} MiB per image); ResNet-50 recipes use 256 or 512"
+        )
     if "loader" in probes and "batch" in probes and probes["loader"]["images_per_s"]:
         rate, need = probes["loader"]["images_per_s"], probes["batch"]["step_images_per_s_at_probe"]
         verdict = "keeps up with" if rate >= 0.95 * need else "is slower than"
-        recs.append(f"quick probe: the loader ({rate:,.0f} img/s at 160 px) {verdict} the train step "
-                    f"({need:,.0f} img/s at {probes['batch']['res']} px); rn50 bench keepup measures it properly")
+        recs.append(
+            f"quick probe: the loader ({rate:,.0f} img/s at 160 px) {verdict} the train step "
+            f"({need:,.0f} img/s at {probes['batch']['res']} px); rn50 bench keepup measures it properly"
+        )
     return recs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 doctor", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 doctor",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data-dir", help="betons (train.beton) or an ImageNet-layout folder")
     p.add_argument("--no-probe", action="store_true", help="skip the loader and GPU probes")
     p.add_argument("--workers", type=int, default=None, help="loader workers for the probe (default: cores per GPU)")
@@ -240,12 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU      {info['cpu']}, {info['cores']} usable cores")
     print(f"RAM      {info['memory']['total_gib']:.1f} GiB total, {info['memory']['available_gib']:.1f} GiB available")
     if gpu:
-        print(f"GPU      {gpu['count']} x {gpu['name']} ({gpu['memory_gib']} GiB, compute {gpu['capability']}), "
-              f"driver {info['driver'] or '?'}, CUDA {gpu['cuda']}")
+        print(
+            f"GPU      {gpu['count']} x {gpu['name']} ({gpu['memory_gib']} GiB, compute {gpu['capability']}), "
+            f"driver {info['driver'] or '?'}, CUDA {gpu['cuda']}"
+        )
     else:
         print("GPU      none found (torch.cuda.is_available() is False): training and GPU benchmarks need one")
-    print("software " + ", ".join(f"{k} {v or 'missing'}" for k, v in info["versions"].items())
-          + f", python {info['python']}")
+    print(
+        "software "
+        + ", ".join(f"{k} {v or 'missing'}" for k, v in info["versions"].items())
+        + f", python {info['python']}"
+    )
     facts, probes = None, {}
     if args.data_dir:
         data_dir = Path(args.data_dir)
@@ -256,12 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         for split, size in facts["betons"].items():
             st = facts["storage"][split]
             kinds = f"{st['raw']:,} of {st['samples']:,} images raw" if st["raw"] else f"all {st['samples']:,} JPEG"
-            means = ", ".join(f"{k} {st[f'{k}_bytes_mean'] / 1e3:,.0f} kB" for k in ("jpeg", "raw")
-                              if st[f"{k}_bytes_mean"])
+            means = ", ".join(
+                f"{k} {st[f'{k}_bytes_mean'] / 1e3:,.0f} kB" for k in ("jpeg", "raw") if st[f"{k}_bytes_mean"]
+            )
             print(f"data     {split}.beton {size / GIB:.2f} GiB: {kinds} (mean per image: {means})")
         for split, f in facts["folders"].items():
-            print(f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "
-                  f"~{f['bytes_estimate'] / GIB:.2f} GiB (sampled)")
+            print(
+                f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "
+                f"~{f['bytes_estimate'] / GIB:.2f} GiB (sampled)"
+            )
         if not facts["betons"] and not facts["folders"]:
             print(f"data     {data_dir} holds neither train.beton nor train/<wnid>/ folders")
         if facts.get("skipped_at_conversion"):
@@ -272,16 +349,20 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 probes["loader"] = probe_loader(data_dir, workers, "cuda" if gpu else "cpu")
                 p = probes["loader"]
-                print(f"probe    loader {p['backend']}: first batch {p['first_batch_s']:.1f} s, then "
-                      f"{p['images_per_s'] or 0:,.0f} img/s (160 px, batch {p['batch_size']}, {workers} workers)")
+                print(
+                    f"probe    loader {p['backend']}: first batch {p['first_batch_s']:.1f} s, then "
+                    f"{p['images_per_s'] or 0:,.0f} img/s (160 px, batch {p['batch_size']}, {workers} workers)"
+                )
             except Exception as e:  # a probe must not hide the rest of the report
                 print(f"probe    loader failed: {type(e).__name__}: {e}")
     if gpu and not args.no_probe:
         try:
             probes["batch"] = fitting_batch_size()
             b = probes["batch"]
-            print(f"probe    GPU step {b['step_images_per_s_at_probe']:,.0f} img/s (resnet50, {b['res']} px, batch "
-                  f"{b['probe_batch']}, {b['precision']}); ~{b['gib_per_image'] * 1024:.0f} MiB per image")
+            print(
+                f"probe    GPU step {b['step_images_per_s_at_probe']:,.0f} img/s (resnet50, {b['res']} px, batch "
+                f"{b['probe_batch']}, {b['precision']}); ~{b['gib_per_image'] * 1024:.0f} MiB per image"
+            )
         except Exception as e:
             print(f"probe    GPU step failed: {type(e).__name__}: {e}")
     elif not gpu:
@@ -291,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in recs:
         print(f"  - {r}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "data": facts, "probes": probes,
-                                               "recommendations": recs}, indent=2, default=str) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": info, "data": facts, "probes": probes, "recommendations": recs}, indent=2, default=str
+            )
+            + "\n"
+        )
     return 0
 
 

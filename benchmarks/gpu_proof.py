@@ -89,8 +89,10 @@ def loader_window(loader, epoch: int, warmup: int, window: int, device, parts=No
     from training.engine import train_step
 
     if len(loader) < warmup + window:
-        raise ValueError(f"{loader.num_samples} samples make {len(loader)} batches per epoch, fewer than the "
-                         f"{warmup} + {window} a window needs (make more with benchmarks.bench_data --samples)")
+        raise ValueError(
+            f"{loader.num_samples} samples make {len(loader)} batches per epoch, fewer than the "
+            f"{warmup} + {window} a window needs (make more with benchmarks.bench_data --samples)"
+        )
     loader.set_epoch(epoch)
     it = iter(loader)
     try:
@@ -118,18 +120,37 @@ def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
     backend, source = PATHS[path]
     where = data / ("betons" if source == "beton" else "folders")
     extra = dict(dali_source=source, **knobs) if backend == "dali" else {}
-    return build_loader(where, "train", backend, batch_size=args.batch_size, resolution=res, workers=args.workers,
-                        device=device, dtype=dtype, seed=0, drop_last=True, verbose=False, **extra)
+    return build_loader(
+        where,
+        "train",
+        backend,
+        batch_size=args.batch_size,
+        resolution=res,
+        workers=args.workers,
+        device=device,
+        dtype=dtype,
+        seed=0,
+        drop_last=True,
+        verbose=False,
+        **extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_proof", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_proof",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="folder made by python -m benchmarks.bench_data")
     p.add_argument("--res", default="160,192,224")
     p.add_argument("--paths", default="dali-beton,dali-folder,ffcv", help="loader paths to time")
-    p.add_argument("--sweeps", default="hw_decoder_load,dali_threads,dali_prefetch,extras",
-                   help="knob sweeps after the keep-up rows ('extras': plain FFCV Loader, DALI on the half-raw beton)")
+    p.add_argument(
+        "--sweeps",
+        default="hw_decoder_load,dali_threads,dali_prefetch,extras",
+        help="knob sweeps after the keep-up rows ('extras': plain FFCV Loader, DALI on the half-raw beton)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=usable_cores(), help="ffcv threads; DALI off Hopper (all cores)")
     p.add_argument("--window", type=int, default=200, help="timed batches per row, inside one epoch (200)")
@@ -154,12 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     out_dir = Path(args.out_dir) if args.out_dir else REFERENCE_DIR
     if device.type != "cuda" and args.out_dir is None:
-        print("gpu_proof: error: no CUDA device, and a reference file is a GPU measurement; pass --out-dir to try "
-              "the script elsewhere", file=sys.stderr)
+        print(
+            "gpu_proof: error: no CUDA device, and a reference file is a GPU measurement; pass --out-dir to try "
+            "the script elsewhere",
+            file=sys.stderr,
+        )
         return 2
     if not (data / "dataset.json").is_file():
-        print(f"gpu_proof: error: {data}/dataset.json missing; make the data with python -m benchmarks.bench_data "
-              f"{data}", file=sys.stderr)
+        print(
+            f"gpu_proof: error: {data}/dataset.json missing; make the data with python -m benchmarks.bench_data {data}",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -185,10 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
         parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
-        alone = step_alone(parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup,
-                           args.window)
-        print(f"{res} px: step alone {alone['images_per_s']:,.0f} img/s ({'compiled' if compiled else 'eager'}, "
-              f"warm-up {alone['warmup_s']:.0f} s)", flush=True)
+        alone = step_alone(
+            parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup, args.window
+        )
+        print(
+            f"{res} px: step alone {alone['images_per_s']:,.0f} img/s ({'compiled' if compiled else 'eager'}, "
+            f"warm-up {alone['warmup_s']:.0f} s)",
+            flush=True,
+        )
         for path in paths:
             try:
                 if path not in loaders:
@@ -205,19 +235,29 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             backend, source = PATHS[path]
             fed_rate, alone_rate = round(fed["images_per_s"], 1), round(alone["images_per_s"], 1)
-            row = {"backend": backend, "source": source, "res": res, "compiled": compiled,
-                   "loader_alone_images_per_s": round(solo["images_per_s"], 1),
-                   "end_to_end_images_per_s": fed_rate, "step_alone_images_per_s": alone_rate,
-                   "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
-                   "data_wait_share": round(fed["data_wait_share"], 4),
-                   "process_cores": round(fed["process_cores"], 2),
-                   "loader_alone_process_cores": round(solo["process_cores"], 2), "workers": args.workers}
+            row = {
+                "backend": backend,
+                "source": source,
+                "res": res,
+                "compiled": compiled,
+                "loader_alone_images_per_s": round(solo["images_per_s"], 1),
+                "end_to_end_images_per_s": fed_rate,
+                "step_alone_images_per_s": alone_rate,
+                "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
+                "data_wait_share": round(fed["data_wait_share"], 4),
+                "process_cores": round(fed["process_cores"], 2),
+                "loader_alone_process_cores": round(solo["process_cores"], 2),
+                "workers": args.workers,
+            }
             if backend == "dali":
                 row["knobs"] = loader.tuning.as_dict()
             rows.append(row)
-            print(f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
-                  f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
-                  f"{100 * row['data_wait_share']:.0f}% | cores {row['process_cores']:.1f}", flush=True)
+            print(
+                f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
+                f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
+                f"{100 * row['data_wait_share']:.0f}% | cores {row['process_cores']:.1f}",
+                flush=True,
+            )
         del parts
     res0 = resolutions[0]
     sweeps: dict[str, list[dict]] = {}
@@ -234,11 +274,15 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append(f"{name}={value} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
                 continue
             t = loader.tuning
-            sweeps.setdefault(name, []).append({
-                "value": value, "images_per_s": round(r["images_per_s"], 1),
-                "process_cores": round(r["process_cores"], 2),
-                "what": f"DALI from the beton, loader alone, {res0} px",
-                "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}"})
+            sweeps.setdefault(name, []).append(
+                {
+                    "value": value,
+                    "images_per_s": round(r["images_per_s"], 1),
+                    "process_cores": round(r["process_cores"], 2),
+                    "what": f"DALI from the beton, loader alone, {res0} px",
+                    "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}",
+                }
+            )
             print(f"  sweep {name}={value}: {r['images_per_s']:,.0f} img/s, cores {r['process_cores']:.1f}", flush=True)
             loader.close()  # its pipeline's pinned and device buffers go now, not at the next garbage collection
     extras = []
@@ -254,36 +298,66 @@ def main(argv: list[str] | None = None) -> int:
                 with Window(device) as w:
                     for _ in range(args.window):
                         n += next(it)[0].shape[0]
-                extras.append({"what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res0} px, alone",
-                               "images_per_s": round(n / w.seconds, 1), "process_cores": round(w.cores, 2)})
+                extras.append(
+                    {
+                        "what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res0} px, alone",
+                        "images_per_s": round(n / w.seconds, 1),
+                        "process_cores": round(w.cores, 2),
+                    }
+                )
             except Exception as e:
                 skipped.append(f"plain FFCV Loader ({type(e).__name__}: {e})")
         if not over_budget("DALI on the half-raw beton"):
             try:
                 from pipeline import build_loader
 
-                mixed = build_loader(data / "betons_mixed", "train", "dali", batch_size=args.batch_size,
-                                     resolution=res0, workers=args.workers, device=device,
-                                     dtype=precision.input_dtype, drop_last=True, verbose=False)
+                mixed = build_loader(
+                    data / "betons_mixed",
+                    "train",
+                    "dali",
+                    batch_size=args.batch_size,
+                    resolution=res0,
+                    workers=args.workers,
+                    device=device,
+                    dtype=precision.input_dtype,
+                    drop_last=True,
+                    verbose=False,
+                )
                 list(mixed)  # builds the pipeline, warms the page cache
                 epochs, n = 3, 0
                 with Window(device) as w:
                     for _ in range(epochs):
                         n += sum(x.shape[0] for x, _ in mixed)
-                extras.append({"what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res0} "
-                                       f"px, alone, {epochs} whole epochs of {len(mixed)} batches (epoch starts "
-                                       "inside the timing)",
-                               "images_per_s": round(n / w.seconds, 1), "process_cores": round(w.cores, 2)})
+                extras.append(
+                    {
+                        "what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res0} "
+                        f"px, alone, {epochs} whole epochs of {len(mixed)} batches (epoch starts "
+                        "inside the timing)",
+                        "images_per_s": round(n / w.seconds, 1),
+                        "process_cores": round(w.cores, 2),
+                    }
+                )
             except Exception as e:
                 skipped.append(f"DALI on the half-raw beton ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     gpu = info["gpu"]
     result = {
         "dataset": dataset,
-        "settings": {"arch": args.arch, "batch_size": args.batch_size, "precision": precision.name,
-                     "compiled": compiled, "window_batches": args.window, "warmup_batches": args.warmup,
-                     "workers": args.workers, "resolutions": resolutions},
-        "keepup": rows, "sweeps": sweeps, "extras": extras, "skipped": skipped,
-        "seconds": round(time.perf_counter() - t_start, 1)}
+        "settings": {
+            "arch": args.arch,
+            "batch_size": args.batch_size,
+            "precision": precision.name,
+            "compiled": compiled,
+            "window_batches": args.window,
+            "warmup_batches": args.warmup,
+            "workers": args.workers,
+            "resolutions": resolutions,
+        },
+        "keepup": rows,
+        "sweeps": sweeps,
+        "extras": extras,
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
     path = save(info, out_dir, driver=_driver(), **result)
     result = json.loads(path.read_text())
     print(f"wrote {path} ({result['seconds']:.0f} s)")

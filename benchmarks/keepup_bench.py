@@ -40,23 +40,41 @@ def advice(backend: str, ratio: float, wait_share: float, workers: int, cores: i
     if ratio >= KEEPS_UP:
         return "nothing: the loader keeps up"
     if backend == "torchvision":
-        return ("PIL decoding on the CPU is the bottleneck: convert once to .beton (rn50 convert) and use "
-                "--loader ffcv, or use --loader dali on a GPU machine")
+        return (
+            "PIL decoding on the CPU is the bottleneck: convert once to .beton (rn50 convert) and use "
+            "--loader ffcv, or use --loader dali on a GPU machine"
+        )
     if workers < cores:
         return f"raise --workers from {workers} to {cores} (this machine's cores)"
     if backend == "ffcv":
-        return ("decoding is CPU-bound at this core count: re-convert with --compress-prob 0.25 (more images stored "
-                "raw: faster to load, larger file) or a smaller --max-res, train at a lower --res early on "
-                "(progressive resizing), or use --loader dali to decode on the GPU")
+        return (
+            "decoding is CPU-bound at this core count: re-convert with --compress-prob 0.25 (more images stored "
+            "raw: faster to load, larger file) or a smaller --max-res, train at a lower --res early on "
+            "(progressive resizing), or use --loader dali to decode on the GPU"
+        )
     if backend == "dali":
-        return ("raise hw_decoder_load towards 0.9 on A100/H100 (hardware JPEG decoder) or give DALI more threads; "
-                "on GPUs without the hardware decoder, nvJPEG's CUDA decode competes with training")
+        return (
+            "raise hw_decoder_load towards 0.9 on A100/H100 (hardware JPEG decoder) or give DALI more threads; "
+            "on GPUs without the hardware decoder, nvJPEG's CUDA decode competes with training"
+        )
     return "profile the loader: rn50 bench loader"
 
 
-def measure_keepup(data_dir: Path, backend: str, res: int, batch_size: int, workers: int, precision: str,
-                   compile_model: bool, device: str, arch: str, warmup: int, steps: int, windows: int,
-                   dali_source: str = "auto") -> dict:
+def measure_keepup(
+    data_dir: Path,
+    backend: str,
+    res: int,
+    batch_size: int,
+    workers: int,
+    precision: str,
+    compile_model: bool,
+    device: str,
+    arch: str,
+    warmup: int,
+    steps: int,
+    windows: int,
+    dali_source: str = "auto",
+) -> dict:
     """The same model (compiled once) timed twice: on a synthetic batch already on the device, then fed by the
     loader. Each run has its own warm-up (compilation and cuDNN autotuning in the first, the loader's JIT and
     first batches in the second)."""
@@ -69,32 +87,71 @@ def measure_keepup(data_dir: Path, backend: str, res: int, batch_size: int, work
         torch.backends.cudnn.benchmark = True
     from training.engine import resolve_precision
 
-    loader = build_loader(data_dir, "train", backend, batch_size=batch_size, resolution=res, workers=workers,
-                          device=dev, dtype=resolve_precision(precision, dev).input_dtype, seed=0, drop_last=True,
-                          dali_source=dali_source, verbose=False)
+    loader = build_loader(
+        data_dir,
+        "train",
+        backend,
+        batch_size=batch_size,
+        resolution=res,
+        workers=workers,
+        device=dev,
+        dtype=resolve_precision(precision, dev).input_dtype,
+        seed=0,
+        drop_last=True,
+        dali_source=dali_source,
+        verbose=False,
+    )
     parts, prec = make_parts(arch, loader.num_classes, precision, dev, compile_model, True)
-    alone = run_windows(parts, dev, synthetic_batches(batch_size, res, loader.num_classes, prec.input_dtype, dev),
-                        warmup, steps, windows)
+    alone = run_windows(
+        parts,
+        dev,
+        synthetic_batches(batch_size, res, loader.num_classes, prec.input_dtype, dev),
+        warmup,
+        steps,
+        windows,
+    )
     batches = endless(loader)
     fed = run_windows(parts, dev, lambda: next(batches), warmup, steps, windows)
     ratio = fed["images_per_s"] / alone["images_per_s"]
     source = loader.source_kind if loader.backend == "dali" else "beton" if loader.backend == "ffcv" else "folder"
-    return {"backend": loader.backend, "source": source, "res": res, "batch_size": batch_size, "workers": workers,
-            "precision": prec.name, "compile": compile_model, "compiled": compile_model, "device": str(dev),
-            "step_alone_images_per_s": alone["images_per_s"], "end_to_end_images_per_s": fed["images_per_s"],
-            "windows_images_per_s": fed["windows_images_per_s"], "data_wait_share": fed["data_wait_share"],
-            "ratio": ratio, "verdict": "keeps up" if ratio >= KEEPS_UP else "loader-bound",
-            "warmup_s": {"step_alone": alone["warmup_s"], "loader_fed": fed["warmup_s"]},
-            "advice": advice(loader.backend, ratio, fed["data_wait_share"], workers, usable_cores())}
+    return {
+        "backend": loader.backend,
+        "source": source,
+        "res": res,
+        "batch_size": batch_size,
+        "workers": workers,
+        "precision": prec.name,
+        "compile": compile_model,
+        "compiled": compile_model,
+        "device": str(dev),
+        "step_alone_images_per_s": alone["images_per_s"],
+        "end_to_end_images_per_s": fed["images_per_s"],
+        "windows_images_per_s": fed["windows_images_per_s"],
+        "data_wait_share": fed["data_wait_share"],
+        "ratio": ratio,
+        "verdict": "keeps up" if ratio >= KEEPS_UP else "loader-bound",
+        "warmup_s": {"step_alone": alone["warmup_s"], "loader_fed": fed["warmup_s"]},
+        "advice": advice(loader.backend, ratio, fed["data_wait_share"], workers, usable_cores()),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 bench keepup", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="folder with train.beton (ffcv) or train/<wnid>/ (dali, torchvision)")
+    p = argparse.ArgumentParser(
+        prog="rn50 bench keepup",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="folder with train.beton (ffcv) or train/<wnid>/ (dali, torchvision)"
+    )
     p.add_argument("--image-folder", help="ImageNet-layout root for dali/torchvision when --data-dir holds betons")
-    p.add_argument("--backend", default="auto", help="ffcv, dali-beton, dali-folder, dali (beton if there is one), "
-                                                     "torchvision, auto, all, or a comma-separated list")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="ffcv, dali-beton, dali-folder, dali (beton if there is one), "
+        "torchvision, auto, all, or a comma-separated list",
+    )
     p.add_argument("--res", default="160", help="comma-separated resolutions (160)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=usable_cores(), help="loader workers (all cores)")
@@ -111,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    backends = (["ffcv", "dali-beton", "dali-folder", "torchvision"] if args.backend == "all"
-                else parse_list(args.backend, str))
+    backends = (
+        ["ffcv", "dali-beton", "dali-folder", "torchvision"] if args.backend == "all" else parse_list(args.backend, str)
+    )
     try:
         resolutions = parse_list(args.res)
     except ValueError:
@@ -125,34 +183,72 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     results = []
     for backend in backends:
-        folder = backend in ("dali-folder", "torchvision") or (backend == "dali"
-                                                               and not (data_dir / "train.beton").is_file())
+        folder = backend in ("dali-folder", "torchvision") or (
+            backend == "dali" and not (data_dir / "train.beton").is_file()
+        )
         source = Path(args.image_folder) if args.image_folder and folder else data_dir
-        name, dali_source = (("dali", backend.split("-")[1]) if backend.startswith("dali-") else (backend, "auto"))
+        name, dali_source = ("dali", backend.split("-")[1]) if backend.startswith("dali-") else (backend, "auto")
         for res in resolutions:
             try:
-                r = measure_keepup(source, name, res, args.batch_size, args.workers, args.precision, args.compile,
-                                   args.device, args.arch, args.warmup, args.steps, args.windows, dali_source)
+                r = measure_keepup(
+                    source,
+                    name,
+                    res,
+                    args.batch_size,
+                    args.workers,
+                    args.precision,
+                    args.compile,
+                    args.device,
+                    args.arch,
+                    args.warmup,
+                    args.steps,
+                    args.windows,
+                    dali_source,
+                )
             except (FileNotFoundError, RuntimeError, ValueError, ImportError) as e:
                 print(f"  {backend} {res}px: skipped ({e})", file=sys.stderr)
                 continue
             results.append(r)
-            print(f"  {r['backend']} ({r['source']}) {res}px: {r['end_to_end_images_per_s']:,.0f} img/s end to end, "
-                  f"step alone "
-                  f"{r['step_alone_images_per_s']:,.0f} -> {r['ratio']:.2f} ({r['verdict']})", file=sys.stderr)
+            print(
+                f"  {r['backend']} ({r['source']}) {res}px: {r['end_to_end_images_per_s']:,.0f} img/s end to end, "
+                f"step alone "
+                f"{r['step_alone_images_per_s']:,.0f} -> {r['ratio']:.2f} ({r['verdict']})",
+                file=sys.stderr,
+            )
     if not results:
         print("rn50 bench keepup: error: no backend could run on this data (see the lines above)", file=sys.stderr)
         return 1
-    rows = [[r["backend"], r["source"], r["res"], r["end_to_end_images_per_s"], r["step_alone_images_per_s"],
-             f"{r['ratio']:.2f}", f"{100 * r['data_wait_share']:.0f}%", r["verdict"]] for r in results]
-    md = (f"# rn50 bench keepup\n\n{describe_machine(info)}; {args.arch}, batch {args.batch_size}, "
-          f"{results[0]['precision']}, {'torch.compile' if args.compile else 'eager'}, {args.workers} workers, "
-          f"device {results[0]['device']}\n\n"
-          + markdown_table(["backend", "source", "res", "end-to-end img/s", "step alone img/s", "ratio", "data wait",
-                            "verdict"], rows)
-          + "\n\n" + "\n".join(f"- {r['backend']} {r['res']}px: {r['advice']}" for r in results) + "\n")
-    paths = write_results("keepup", {"machine": info, "args": vars(args), "results": results}, md,
-                          lambda p: _chart(p, results, describe_machine(info)), args.out)
+    rows = [
+        [
+            r["backend"],
+            r["source"],
+            r["res"],
+            r["end_to_end_images_per_s"],
+            r["step_alone_images_per_s"],
+            f"{r['ratio']:.2f}",
+            f"{100 * r['data_wait_share']:.0f}%",
+            r["verdict"],
+        ]
+        for r in results
+    ]
+    md = (
+        f"# rn50 bench keepup\n\n{describe_machine(info)}; {args.arch}, batch {args.batch_size}, "
+        f"{results[0]['precision']}, {'torch.compile' if args.compile else 'eager'}, {args.workers} workers, "
+        f"device {results[0]['device']}\n\n"
+        + markdown_table(
+            ["backend", "source", "res", "end-to-end img/s", "step alone img/s", "ratio", "data wait", "verdict"], rows
+        )
+        + "\n\n"
+        + "\n".join(f"- {r['backend']} {r['res']}px: {r['advice']}" for r in results)
+        + "\n"
+    )
+    paths = write_results(
+        "keepup",
+        {"machine": info, "args": vars(args), "results": results},
+        md,
+        lambda p: _chart(p, results, describe_machine(info)),
+        args.out,
+    )
     print(md)
     print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0

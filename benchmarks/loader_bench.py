@@ -30,7 +30,13 @@ from pathlib import Path
 from benchmarks.report import describe_machine, machine_info, markdown_table, median, write_results
 
 BACKENDS = ("ffcv", "ffcv-plain", "dali-beton", "torchvision", "dali-folder")
-SOURCE = {"ffcv": "beton", "ffcv-plain": "beton", "dali-beton": "beton", "torchvision": "folder", "dali-folder": "folder"}
+SOURCE = {
+    "ffcv": "beton",
+    "ffcv-plain": "beton",
+    "dali-beton": "beton",
+    "torchvision": "folder",
+    "dali-folder": "folder",
+}
 
 
 def plain_ffcv_loader(beton: Path, batch_size: int, resolution: int, workers: int, seed: int):
@@ -42,18 +48,25 @@ def plain_ffcv_loader(beton: Path, batch_size: int, resolution: int, workers: in
     from ffcv.transforms import RandomHorizontalFlip, ToTensor
 
     decoder = RandomResizedCropRGBImageDecoder((resolution, resolution))
-    loader = Loader(str(beton), batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
-                    os_cache=True, drop_last=True, seed=seed,
-                    pipelines={"image": [decoder, RandomHorizontalFlip(), ToTensor()],
-                               "label": [IntDecoder(), ToTensor()]})
+    loader = Loader(
+        str(beton),
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.RANDOM,
+        os_cache=True,
+        drop_last=True,
+        seed=seed,
+        pipelines={"image": [decoder, RandomHorizontalFlip(), ToTensor()], "label": [IntDecoder(), ToTensor()]},
+    )
     return loader
 
 
 def normalised(batches: Iterable, device, dtype) -> Iterable:
     from pipeline.contract import device_batches
 
-    return device_batches(((images, labels.view(-1)) for images, labels in batches), device, dtype,
-                          source_reuses_buffers=True)
+    return device_batches(
+        ((images, labels.view(-1)) for images, labels in batches), device, dtype, source_reuses_buffers=True
+    )
 
 
 def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float, float]:
@@ -81,25 +94,49 @@ def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, 
 def summarise(epochs: list[tuple[int, float, float, float]]) -> dict:
     rates = [n / s for n, s, _, _ in epochs]
     later = epochs[1:] or epochs
-    return {"images_per_epoch": epochs[0][0], "epoch_seconds": [round(s, 3) for _, s, _, _ in epochs],
-            "first_epoch_img_s": round(rates[0], 1), "img_s": round(median(rates[1:] or rates), 1),
-            "cpu_busy_pct": round(median([c for _, _, c, _ in later]), 1),
-            "process_cores": round(median([c for _, _, _, c in later]), 2)}
+    return {
+        "images_per_epoch": epochs[0][0],
+        "epoch_seconds": [round(s, 3) for _, s, _, _ in epochs],
+        "first_epoch_img_s": round(rates[0], 1),
+        "img_s": round(median(rates[1:] or rates), 1),
+        "cpu_busy_pct": round(median([c for _, _, c, _ in later]), 1),
+        "process_cores": round(median([c for _, _, _, c in later]), 2),
+    }
 
 
 def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
     from pipeline import build_loader
 
     if backend == "ffcv-plain":
-        loader = plain_ffcv_loader(Path(args.data_dir) / "train.beton", args.batch_size, resolution, args.workers,
-                                   args.seed)
+        loader = plain_ffcv_loader(
+            Path(args.data_dir) / "train.beton", args.batch_size, resolution, args.workers, args.seed
+        )
         return lambda: normalised(loader, device, dtype)
     data_dir = args.data_dir if SOURCE[backend] == "beton" else args.image_folder
-    dali = dict(dali_source=SOURCE[backend], hw_decoder_load=args.hw_decoder_load, dali_threads=args.dali_threads,
-                dali_prefetch=args.dali_prefetch) if backend.startswith("dali") else {}
-    loader = build_loader(data_dir, split="train", backend=backend.split("-")[0], batch_size=args.batch_size,
-                          resolution=resolution, workers=args.workers, device=device, dtype=dtype, seed=args.seed,
-                          drop_last=True, verbose=False, **dali)
+    dali = (
+        dict(
+            dali_source=SOURCE[backend],
+            hw_decoder_load=args.hw_decoder_load,
+            dali_threads=args.dali_threads,
+            dali_prefetch=args.dali_prefetch,
+        )
+        if backend.startswith("dali")
+        else {}
+    )
+    loader = build_loader(
+        data_dir,
+        split="train",
+        backend=backend.split("-")[0],
+        batch_size=args.batch_size,
+        resolution=resolution,
+        workers=args.workers,
+        device=device,
+        dtype=dtype,
+        seed=args.seed,
+        drop_last=True,
+        verbose=False,
+        **dali,
+    )
     return lambda: loader
 
 
@@ -121,14 +158,21 @@ def run_resolution(backends: list[str], args, resolution: int, device, dtype) ->
         r = summarise(epochs[b])
         r.update(backend=b, source=SOURCE[b], resolution=resolution)
         rows.append(r)
-        print(f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
-              f"CPU busy {r['cpu_busy_pct']:.0f}%, this process {r['process_cores']:.1f} cores", flush=True)
+        print(
+            f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
+            f"CPU busy {r['cpu_busy_pct']:.0f}%, this process {r['process_cores']:.1f} cores",
+            flush=True,
+        )
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 bench loader", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 bench loader",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data-dir", help="folder with train.beton (ffcv, ffcv-plain, dali-beton)")
     p.add_argument("--image-folder", help="ImageNet-layout root with train/ (torchvision, dali-folder)")
     p.add_argument("--backend", default="all", help=f"one of {', '.join(BACKENDS)}, a comma list, or all")
@@ -136,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="FFCV threads / DataLoader workers / DALI threads (2)")
     p.add_argument("--hw-decoder-load", type=float, default=None, help="dali: hardware decoder share (GPU's default)")
-    p.add_argument("--dali-threads", type=int, default=0, help="dali: pipeline threads (0: the GPU's default, else "
-                                                               "--workers)")
+    p.add_argument(
+        "--dali-threads", type=int, default=0, help="dali: pipeline threads (0: the GPU's default, else --workers)"
+    )
     p.add_argument("--dali-prefetch", type=int, default=0, help="dali: batches queued ahead (0: the GPU's default)")
     p.add_argument("--epochs", type=int, default=4, help="epochs (rounds) per row; the first is reported apart (4)")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
@@ -150,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     wanted = list(BACKENDS) if args.backend == "all" else [b.strip() for b in args.backend.split(",") if b.strip()]
-    problems = [f"unknown backend {b!r} (choose from {', '.join(BACKENDS)} or all)" for b in wanted
-                if b not in BACKENDS]
+    problems = [
+        f"unknown backend {b!r} (choose from {', '.join(BACKENDS)} or all)" for b in wanted if b not in BACKENDS
+    ]
     try:
         resolutions = [int(r) for r in args.res.split(",") if r.strip()]
     except ValueError:
@@ -216,19 +262,46 @@ def main(argv: list[str] | None = None) -> int:
     settings.update(device=str(device), dtype=args.dtype, resolutions=resolutions)
     data = {"machine": info, "settings": settings, "rows": rows, "ratios": ratios, "skipped": skipped}
     table = markdown_table(
-        ["backend", "source", "res", "img/s (median, epochs 2+)", "first epoch img/s", "CPU busy %", "process cores",
-         "images/epoch"],
-        [[r["backend"], r["source"], r["resolution"], r["img_s"], r["first_epoch_img_s"], r["cpu_busy_pct"],
-          r["process_cores"], r["images_per_epoch"]] for r in rows])
-    md = (f"# Loader throughput\n\n{describe_machine(info)}; device {device}, {args.dtype}; {args.workers} workers, "
-          f"batch {args.batch_size}, {args.epochs} epochs per row\n\n{table}\n\n"
-          + "".join(f"- {k}: {v:.2f}x\n" for k, v in ratios.items()))
+        [
+            "backend",
+            "source",
+            "res",
+            "img/s (median, epochs 2+)",
+            "first epoch img/s",
+            "CPU busy %",
+            "process cores",
+            "images/epoch",
+        ],
+        [
+            [
+                r["backend"],
+                r["source"],
+                r["resolution"],
+                r["img_s"],
+                r["first_epoch_img_s"],
+                r["cpu_busy_pct"],
+                r["process_cores"],
+                r["images_per_epoch"],
+            ]
+            for r in rows
+        ],
+    )
+    md = (
+        f"# Loader throughput\n\n{describe_machine(info)}; device {device}, {args.dtype}; {args.workers} workers, "
+        f"batch {args.batch_size}, {args.epochs} epochs per row\n\n{table}\n\n"
+        + "".join(f"- {k}: {v:.2f}x\n" for k, v in ratios.items())
+    )
 
     def chart(path: Path) -> None:
         from benchmarks.report import bar_chart
 
-        bar_chart(path, [f"{r['backend']} {r['resolution']}" for r in rows], [r["img_s"] for r in rows],
-                  f"loader img/s, {describe_machine(info)}, {args.workers} workers", "images / s")
+        bar_chart(
+            path,
+            [f"{r['backend']} {r['resolution']}" for r in rows],
+            [r["img_s"] for r in rows],
+            f"loader img/s, {describe_machine(info)}, {args.workers} workers",
+            "images / s",
+        )
 
     paths = write_results("loader", data, md, chart, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

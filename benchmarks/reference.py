@@ -33,9 +33,11 @@ KEEPUP_KEYS = ("dataset", "settings")  # with keep-up rows
 ROW_KEYS = ("backend", "source", "res", "compiled", "end_to_end_images_per_s", "step_alone_images_per_s", "ratio")
 STEP_ROW_KEYS = ("res", "batch_size", "precision", "mode", "images_per_s", "compile_s")
 SOURCES = ("beton", "folder")
-NOTHING_YET = ("No GPU measurement is committed yet: `bash scripts/gpu_check.sh` on a CUDA machine writes\n"
-               "`benchmarks/reference/<card>_<date>.json`; commit it and run `python -m benchmarks.reference --write "
-               "README.md`.")
+NOTHING_YET = (
+    "No GPU measurement is committed yet: `bash scripts/gpu_check.sh` on a CUDA machine writes\n"
+    "`benchmarks/reference/<card>_<date>.json`; commit it and run `python -m benchmarks.reference --write "
+    "README.md`."
+)
 
 
 class ReferenceError(ValueError):
@@ -72,8 +74,9 @@ def validate(data: dict, where: str, need_gpu: bool = True) -> dict:
             raise ReferenceError(f"{where}: keepup row {i}: source must be one of {SOURCES}, got {row['source']!r}")
         expected = row["end_to_end_images_per_s"] / row["step_alone_images_per_s"]
         if abs(expected - row["ratio"]) > 0.005:
-            raise ReferenceError(f"{where}: keepup row {i}: ratio {row['ratio']} is not end to end / step alone "
-                                 f"({expected:.3f})")
+            raise ReferenceError(
+                f"{where}: keepup row {i}: ratio {row['ratio']} is not end to end / step alone ({expected:.3f})"
+            )
     return data
 
 
@@ -93,18 +96,27 @@ def _num(v) -> str:
 def render_one(path: Path, data: dict) -> str:
     gpu, cpu = data["gpu"], data["cpu"]
     versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
-    lines = [f"#### {gpu['name']}, {cpu['cores']} CPU cores, {data['date']} (`benchmarks/reference/{path.name}`)", "",
-             f"{cpu.get('model', '?')}; {versions}."]
+    lines = [
+        f"#### {gpu['name']}, {cpu['cores']} CPU cores, {data['date']} (`benchmarks/reference/{path.name}`)",
+        "",
+        f"{cpu.get('model', '?')}; {versions}.",
+    ]
     if data.get("step"):
-        lines += ["", "Train step alone (`rn50 bench step --levers ...`), synthetic batches on the GPU, median of timed "
-                      "windows; compile s = warm-up including compilation or graph capture:", "",
-                  "| lever | res | batch | precision | mode | SGD | img/s | vs compile | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Train step alone (`rn50 bench step --levers ...`), synthetic batches on the GPU, median of timed "
+            "windows; compile s = warm-up including compilation or graph capture:",
+            "",
+            "| lever | res | batch | precision | mode | SGD | img/s | vs compile | compile s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in data["step"]:
             vs = r.get("vs_compile")
-            lines.append(f"| {r.get('lever', r['mode'])} | {r['res']} | {r['batch_size']} | {r['precision']} | "
-                         f"{r['mode']} | {r.get('sgd', '-')} | {_num(r['images_per_s'])} | "
-                         f"{'-' if vs is None else f'{vs:.2f}'} | {r['compile_s']:.0f} |")
+            lines.append(
+                f"| {r.get('lever', r['mode'])} | {r['res']} | {r['batch_size']} | {r['precision']} | "
+                f"{r['mode']} | {r.get('sgd', '-')} | {_num(r['images_per_s'])} | "
+                f"{'-' if vs is None else f'{vs:.2f}'} | {r['compile_s']:.0f} |"
+            )
     if data.get("keepup"):
         lines += ["", *keepup_lines(data)]
     return "\n".join(lines)
@@ -112,27 +124,39 @@ def render_one(path: Path, data: dict) -> str:
 
 def keepup_lines(data: dict) -> list[str]:
     s = data["settings"]
-    lines = [f"Data: {data['dataset'].get('description', '?')}. "
-             f"{s.get('arch', 'resnet50')}, batch {s.get('batch_size', '?')}, {s.get('precision', '?')}, "
-             f"channels_last; each row one window of {s.get('window_batches', '?')} batches inside one epoch, after "
-             f"{s.get('warmup_batches', '?')} warm-up batches.", "",
-             "| loader | source | res | step | loader alone img/s | end to end img/s | step alone img/s | ratio "
-             "| data wait | process cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Data: {data['dataset'].get('description', '?')}. "
+        f"{s.get('arch', 'resnet50')}, batch {s.get('batch_size', '?')}, {s.get('precision', '?')}, "
+        f"channels_last; each row one window of {s.get('window_batches', '?')} batches inside one epoch, after "
+        f"{s.get('warmup_batches', '?')} warm-up batches.",
+        "",
+        "| loader | source | res | step | loader alone img/s | end to end img/s | step alone img/s | ratio "
+        "| data wait | process cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in data["keepup"]:
         wait = r.get("data_wait_share")
-        lines.append(f"| {r['backend']} | {r['source']} | {r['res']} | {'compiled' if r['compiled'] else 'eager'} | "
-                     f"{_num(r.get('loader_alone_images_per_s'))} | {_num(r['end_to_end_images_per_s'])} | "
-                     f"{_num(r['step_alone_images_per_s'])} | {r['ratio']:.2f} | "
-                     f"{'-' if wait is None else f'{100 * wait:.0f}%'} | {_num(r.get('process_cores'))} |")
+        lines.append(
+            f"| {r['backend']} | {r['source']} | {r['res']} | {'compiled' if r['compiled'] else 'eager'} | "
+            f"{_num(r.get('loader_alone_images_per_s'))} | {_num(r['end_to_end_images_per_s'])} | "
+            f"{_num(r['step_alone_images_per_s'])} | {r['ratio']:.2f} | "
+            f"{'-' if wait is None else f'{100 * wait:.0f}%'} | {_num(r.get('process_cores'))} |"
+        )
     for name, rows in (data.get("sweeps") or {}).items():
         if not rows:
             continue
         first = rows[0]
-        lines += ["", f"Sweep of {name} ({first.get('what', 'DALI from the beton, loader alone')}):", "",
-                  f"| {name} | img/s | process cores | other knobs |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Sweep of {name} ({first.get('what', 'DALI from the beton, loader alone')}):",
+            "",
+            f"| {name} | img/s | process cores | other knobs |",
+            "|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['value']} | {_num(r['images_per_s'])} | {_num(r.get('process_cores'))} | "
-                         f"{r.get('knobs', '')} |")
+            lines.append(
+                f"| {r['value']} | {_num(r['images_per_s'])} | {_num(r.get('process_cores'))} | {r.get('knobs', '')} |"
+            )
     return lines
 
 
@@ -147,9 +171,16 @@ def save(info: dict, out_dir: Path = REFERENCE_DIR, driver: str | None = None, *
     date = time.strftime("%Y-%m-%d")
     path = Path(out_dir) / f"{card_slug(gpu['name']) if gpu else 'cpu'}_{date}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update({"format": FORMAT, "date": date, "gpu": gpu and {**gpu, "driver": driver},
-                 "cpu": {"model": info["cpu"], "cores": info["cores"], "ram_gib": info["ram_gib"]},
-                 "versions": info["versions"], "python": info["python"]})
+    data.update(
+        {
+            "format": FORMAT,
+            "date": date,
+            "gpu": gpu and {**gpu, "driver": driver},
+            "cpu": {"model": info["cpu"], "cores": info["cores"], "ram_gib": info["ram_gib"]},
+            "versions": info["versions"],
+            "python": info["python"],
+        }
+    )
     data.update(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
@@ -190,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             updated = fill(text, tables, str(path))
             if args.check:
                 if updated != text:
-                    print(f"{path}: the reference tables differ from {args.dir}; run python -m benchmarks.reference "
-                          f"--write {path}", file=sys.stderr)
+                    print(
+                        f"{path}: the reference tables differ from {args.dir}; run python -m benchmarks.reference "
+                        f"--write {path}",
+                        file=sys.stderr,
+                    )
                     return 1
                 return 0
             path.write_text(updated)

@@ -43,17 +43,28 @@ def gpu_info() -> dict | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count(),
-            "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    return {
+        "name": props.name,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "count": torch.cuda.device_count(),
+        "capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+    }
 
 
 def package_versions() -> dict[str, str | None]:
     """Installed distribution versions (ffcv's own __version__ attribute is stale, so ask the installer's record)."""
     from importlib import metadata
 
-    names = {"torch": ["torch"], "torchvision": ["torchvision"], "ffcv": ["ffcv"], "numba": ["numba"],
-             "dali": ["nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"], "numpy": ["numpy"],
-             "pillow": ["pillow"]}
+    names = {
+        "torch": ["torch"],
+        "torchvision": ["torchvision"],
+        "ffcv": ["ffcv"],
+        "numba": ["numba"],
+        "dali": ["nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110"],
+        "numpy": ["numpy"],
+        "pillow": ["pillow"],
+    }
     found: dict[str, str | None] = {}
     for key, dists in names.items():
         found[key] = None
@@ -76,8 +87,15 @@ def machine_info() -> dict:
     except ImportError:
         pass
     gpu = gpu_info()
-    return {"cpu": cpu_model(), "cores": usable_cores(), "ram_gib": mem, "gpu": gpu, "python": platform.python_version(),
-            "versions": versions, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "ram_gib": mem,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def describe_machine(info: dict) -> str:
@@ -102,8 +120,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, data: dict, markdown: str, chart: Callable[[Path], None] | None,
-                  out_dir: str | Path | None = None) -> dict[str, Path]:
+def write_results(
+    name: str, data: dict, markdown: str, chart: Callable[[Path], None] | None, out_dir: str | Path | None = None
+) -> dict[str, Path]:
     """Write NAME.json, NAME.md and (if `chart`) NAME.png into `out_dir` (default benchmarks/results/)."""
     out = Path(out_dir) if out_dir else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
@@ -122,8 +141,15 @@ def write_results(name: str, data: dict, markdown: str, chart: Callable[[Path], 
     return paths
 
 
-def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float], title: str, ylabel: str,
-              reference: float | None = None, reference_label: str = "") -> None:
+def bar_chart(
+    path: Path,
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) + 2), 3.6))

@@ -43,8 +43,16 @@ def parse_list(text: str, cast=int) -> list:
     return [cast(x) for x in str(text).split(",") if x.strip()]
 
 
-def make_parts(arch: str, num_classes: int, precision_name: str, device, compile_model: bool, channels_last: bool,
-               lr: float = 0.1, lever: Lever | None = None):
+def make_parts(
+    arch: str,
+    num_classes: int,
+    precision_name: str,
+    device,
+    compile_model: bool,
+    channels_last: bool,
+    lr: float = 0.1,
+    lever: Lever | None = None,
+):
     """The pieces `train_step` needs, built by the trainer's own builder (training.components.make_parts) with a
     constant LR (the schedule's cost is one Python call per step either way), changed as `lever` says."""
     from training.components import make_parts as build
@@ -56,12 +64,26 @@ def make_parts(arch: str, num_classes: int, precision_name: str, device, compile
     lever = lever or Lever("compile" if compile_model else "eager", mode="compile" if compile_model else "eager")
     precision = resolve_precision(precision_name, device)
     step = {"eager": "eager", "graphs": "graphs"}.get(lever.mode, "compile")
-    cfg = TrainConfig(arch=arch, step=step, sgd=lever.sgd, channels_last=channels_last, weight_decay=5e-5,
-                      momentum=0.9, label_smoothing=0.1)
+    cfg = TrainConfig(
+        arch=arch,
+        step=step,
+        sgd=lever.sgd,
+        channels_last=channels_last,
+        weight_decay=5e-5,
+        momentum=0.9,
+        label_smoothing=0.1,
+    )
     schedule = Schedule(kind="step", max_lr=lr, steps_per_epoch=1, epochs=1)
     compile_mode = lever.mode if lever.mode in ("reduce-overhead", "max-autotune") else None
-    parts, _, _ = build(cfg, num_classes, DistContext(0, 0, 1, device), precision, schedule,
-                        model_hook=lever.model_hook(precision.input_dtype), compile_mode=compile_mode)
+    parts, _, _ = build(
+        cfg,
+        num_classes,
+        DistContext(0, 0, 1, device),
+        precision,
+        schedule,
+        model_hook=lever.model_hook(precision.input_dtype),
+        compile_mode=compile_mode,
+    )
     return parts, precision
 
 
@@ -88,17 +110,32 @@ class Lever:
         return self.mode != "eager"
 
 
-LEVERS = ("eager", "compile", "reduce-overhead", "max-autotune", "graphs", "fused", "normalize-inside", "pad4",
-          "bs384", "bs512", "best")
+LEVERS = (
+    "eager",
+    "compile",
+    "reduce-overhead",
+    "max-autotune",
+    "graphs",
+    "fused",
+    "normalize-inside",
+    "pad4",
+    "bs384",
+    "bs512",
+    "best",
+)
 
 
 def lever(name: str, best_batch: int | None = None) -> Lever:
     table = {
-        "eager": Lever("eager", mode="eager"), "compile": Lever("compile"),
+        "eager": Lever("eager", mode="eager"),
+        "compile": Lever("compile"),
         "reduce-overhead": Lever("reduce-overhead", mode="reduce-overhead"),
-        "max-autotune": Lever("max-autotune", mode="max-autotune"), "graphs": Lever("graphs", mode="graphs"),
-        "fused": Lever("fused", sgd="fused"), "normalize-inside": Lever("normalize-inside", normalize_inside=True),
-        "pad4": Lever("pad4", channels=4), "bs384": Lever("bs384", batch_size=384),
+        "max-autotune": Lever("max-autotune", mode="max-autotune"),
+        "graphs": Lever("graphs", mode="graphs"),
+        "fused": Lever("fused", sgd="fused"),
+        "normalize-inside": Lever("normalize-inside", normalize_inside=True),
+        "pad4": Lever("pad4", channels=4),
+        "bs384": Lever("bs384", batch_size=384),
         "bs512": Lever("bs512", batch_size=512),
         "best": Lever("best", mode="graphs", sgd="fused", batch_size=best_batch),
     }
@@ -195,12 +232,18 @@ def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int
         elapsed = timer.stop()
         rates.append(samples / elapsed)
         waits.append(min(1.0, wait / elapsed))
-    return {"warmup_s": warmup_s, "steps_per_window": steps, "windows_images_per_s": rates,
-            "images_per_s": median(rates), "data_wait_share": median(waits)}
+    return {
+        "warmup_s": warmup_s,
+        "steps_per_window": steps,
+        "windows_images_per_s": rates,
+        "images_per_s": median(rates),
+        "data_wait_share": median(waits),
+    }
 
 
-def synthetic_batches(batch_size: int, res: int, num_classes: int, dtype, device, channels_last: bool = True,
-                      lever: Lever | None = None):
+def synthetic_batches(
+    batch_size: int, res: int, num_classes: int, dtype, device, channels_last: bool = True, lever: Lever | None = None
+):
     """`next_batch` for the step alone: one fixed batch already on the device, in the form the lever's model takes
     (normalised `dtype` NCHW/channels_last; uint8 NHWC for normalize-inside; 4 channels for pad4)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -217,9 +260,20 @@ def synthetic_batches(batch_size: int, res: int, num_classes: int, dtype, device
     return lambda: (images, labels)
 
 
-def measure_step(arch: str = "resnet50", res: int = 160, batch_size: int = 256, precision: str = "auto",
-                 compile_model: bool = False, channels_last: bool = True, device: str = "auto", warmup: int = 10,
-                 steps: int = 20, windows: int = 5, num_classes: int = 1000, lever: Lever | None = None) -> dict:
+def measure_step(
+    arch: str = "resnet50",
+    res: int = 160,
+    batch_size: int = 256,
+    precision: str = "auto",
+    compile_model: bool = False,
+    channels_last: bool = True,
+    device: str = "auto",
+    warmup: int = 10,
+    steps: int = 20,
+    windows: int = 5,
+    num_classes: int = 1000,
+    lever: Lever | None = None,
+) -> dict:
     """Median img/s of the train step on synthetic data, plus warm-up (compile, capture) time and peak memory."""
     dev = resolve_device(device)
     lever = lever or Lever("compile" if compile_model else "eager", mode="compile" if compile_model else "eager")
@@ -229,25 +283,50 @@ def measure_step(arch: str = "resnet50", res: int = 160, batch_size: int = 256, 
         torch.cuda.reset_peak_memory_stats(dev)
     torch._dynamo.reset()  # every lever compiles afresh: its compile time is its own
     parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, channels_last, lever=lever)
-    timing = run_windows(parts, dev, synthetic_batches(batch, res, num_classes, prec.input_dtype, dev,
-                                                        channels_last, lever), warmup, steps, windows)
+    timing = run_windows(
+        parts,
+        dev,
+        synthetic_batches(batch, res, num_classes, prec.input_dtype, dev, channels_last, lever),
+        warmup,
+        steps,
+        windows,
+    )
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     wanted = {"eager": "eager", "graphs": "graphs"}.get(lever.mode, "compile")
     mode = lever.mode if parts.step_mode == wanted else f"{parts.step_mode} ({parts.step_why})"
-    return {"lever": lever.name, "mode": mode, "sgd": lever.sgd,
-            "input": "uint8 NHWC" if lever.normalize_inside else f"{lever.channels} channels", "arch": arch,
-            "res": res, "batch_size": batch, "precision": prec.name, "compile": lever.compiled,
-            "channels_last": channels_last, "device": str(dev), "warmup_steps": warmup, **timing,
-            "compile_s": timing["warmup_s"], "peak_memory_gib": peak}
+    return {
+        "lever": lever.name,
+        "mode": mode,
+        "sgd": lever.sgd,
+        "input": "uint8 NHWC" if lever.normalize_inside else f"{lever.channels} channels",
+        "arch": arch,
+        "res": res,
+        "batch_size": batch,
+        "precision": prec.name,
+        "compile": lever.compiled,
+        "channels_last": channels_last,
+        "device": str(dev),
+        "warmup_steps": warmup,
+        **timing,
+        "compile_s": timing["warmup_s"],
+        "peak_memory_gib": peak,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 bench step", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 bench step",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--res", default="160,192,224", help="comma-separated resolutions (160,192,224)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--levers", default=None,
-                   help=f"comma-separated, of {', '.join(LEVERS)}, or all (default: eager; --compile: compile)")
+    p.add_argument(
+        "--levers",
+        default=None,
+        help=f"comma-separated, of {', '.join(LEVERS)}, or all (default: eager; --compile: compile)",
+    )
     p.add_argument("--compile", action="store_true", help="= --levers compile")
     p.add_argument("--best-batch", type=int, default=None, help="batch size of the 'best' lever (--batch-size)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
@@ -258,9 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="steps per timed window (20)")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported (5)")
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
-    p.add_argument("--reference", nargs="?", const="benchmarks/reference", default=None, metavar="DIR",
-                   help="also record the rows in today's reference file for this GPU (benchmarks/reference/; "
-                        "GPU only), beside what scripts/gpu_check.sh measured")
+    p.add_argument(
+        "--reference",
+        nargs="?",
+        const="benchmarks/reference",
+        default=None,
+        metavar="DIR",
+        help="also record the rows in today's reference file for this GPU (benchmarks/reference/; "
+        "GPU only), beside what scripts/gpu_check.sh measured",
+    )
     return p
 
 
@@ -268,41 +353,87 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         resolutions = parse_list(args.res)
-        names = list(LEVERS) if args.levers == "all" else parse_list(args.levers or ("compile" if args.compile else
-                                                                                      "eager"), str)
+        names = (
+            list(LEVERS)
+            if args.levers == "all"
+            else parse_list(args.levers or ("compile" if args.compile else "eager"), str)
+        )
         levers = [lever(name, args.best_batch) for name in names]
     except ValueError as e:
         what = str(e) if "lever" in str(e) else f"--res wants integers like 160,192,224, got {args.res!r}"
         print(f"rn50 bench step: error: {what}", file=sys.stderr)
         return 2
     if args.batch_size < 1 or args.steps < 1 or args.windows < 1 or not resolutions or not levers:
-        print("rn50 bench step: error: --batch-size, --steps, --windows must be >= 1 and --res, --levers non-empty",
-              file=sys.stderr)
+        print(
+            "rn50 bench step: error: --batch-size, --steps, --windows must be >= 1 and --res, --levers non-empty",
+            file=sys.stderr,
+        )
         return 2
     info = machine_info()
     results = []
     for lv in levers:
         for res in resolutions:
-            r = measure_step(args.arch, res, args.batch_size, args.precision, False, not args.no_channels_last,
-                             args.device, args.warmup, args.steps, args.windows, lever=lv)
+            r = measure_step(
+                args.arch,
+                res,
+                args.batch_size,
+                args.precision,
+                False,
+                not args.no_channels_last,
+                args.device,
+                args.warmup,
+                args.steps,
+                args.windows,
+                lever=lv,
+            )
             results.append(r)
-            print(f"  {lv.name:16s} {args.arch} {res}px bs{r['batch_size']} {r['precision']} {r['mode']}: "
-                  f"{r['images_per_s']:,.0f} img/s (compile/warm-up {r['compile_s']:.1f} s)", file=sys.stderr)
+            print(
+                f"  {lv.name:16s} {args.arch} {res}px bs{r['batch_size']} {r['precision']} {r['mode']}: "
+                f"{r['images_per_s']:,.0f} img/s (compile/warm-up {r['compile_s']:.1f} s)",
+                file=sys.stderr,
+            )
     baseline = {r["res"]: r["images_per_s"] for r in results if r["lever"] == "compile"}
     for r in results:
         r["vs_compile"] = r["images_per_s"] / baseline[r["res"]] if r["res"] in baseline else None
     layout = "NCHW" if args.no_channels_last else "channels_last"
-    rows = [[r["lever"], r["res"], r["batch_size"], r["mode"], r["sgd"], r["input"], r["images_per_s"],
-             f"{r['vs_compile']:.2f}" if r["vs_compile"] else "-", r["compile_s"],
-             f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"] for r in results]
-    md = (f"# rn50 bench step\n\n{describe_machine(info)}; {args.arch}, {results[0]['precision']}, {layout}, device "
-          f"{results[0]['device']}; median of {args.windows} windows of {args.steps} steps\n\n"
-          + markdown_table(["lever", "res", "batch", "mode", "SGD", "input", "median img/s", "vs compile",
-                            "compile s", "peak GiB"], rows) + "\n")
+    rows = [
+        [
+            r["lever"],
+            r["res"],
+            r["batch_size"],
+            r["mode"],
+            r["sgd"],
+            r["input"],
+            r["images_per_s"],
+            f"{r['vs_compile']:.2f}" if r["vs_compile"] else "-",
+            r["compile_s"],
+            f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-",
+        ]
+        for r in results
+    ]
+    md = (
+        f"# rn50 bench step\n\n{describe_machine(info)}; {args.arch}, {results[0]['precision']}, {layout}, device "
+        f"{results[0]['device']}; median of {args.windows} windows of {args.steps} steps\n\n"
+        + markdown_table(
+            ["lever", "res", "batch", "mode", "SGD", "input", "median img/s", "vs compile", "compile s", "peak GiB"],
+            rows,
+        )
+        + "\n"
+    )
     data = {"machine": info, "args": vars(args), "results": results}
-    paths = write_results("step", data, md, lambda p: bar_chart(
-        p, [f"{r['lever']} {r['res']}px" for r in results], [r["images_per_s"] for r in results],
-        f"train step only ({results[0]['precision']}), {describe_machine(info)}", "images/s (median)"), args.out)
+    paths = write_results(
+        "step",
+        data,
+        md,
+        lambda p: bar_chart(
+            p,
+            [f"{r['lever']} {r['res']}px" for r in results],
+            [r["images_per_s"] for r in results],
+            f"train step only ({results[0]['precision']}), {describe_machine(info)}",
+            "images/s (median)",
+        ),
+        args.out,
+    )
     print(md)
     print("results: " + ", ".join(str(p) for p in paths.values()))
     if args.reference:
@@ -312,9 +443,23 @@ def main(argv: list[str] | None = None) -> int:
         if not info["gpu"]:
             print("rn50 bench step: --reference records GPU measurements; nothing recorded", file=sys.stderr)
             return 2
-        keys = ("lever", "res", "batch_size", "precision", "mode", "sgd", "input", "images_per_s", "vs_compile",
-                "compile_s", "peak_memory_gib", "windows_images_per_s")
-        path = save(info, Path(args.reference), driver=driver_version(), step=[{k: r[k] for k in keys} for r in results])
+        keys = (
+            "lever",
+            "res",
+            "batch_size",
+            "precision",
+            "mode",
+            "sgd",
+            "input",
+            "images_per_s",
+            "vs_compile",
+            "compile_s",
+            "peak_memory_gib",
+            "windows_images_per_s",
+        )
+        path = save(
+            info, Path(args.reference), driver=driver_version(), step=[{k: r[k] for k in keys} for r in results]
+        )
         print(f"reference: {path}")
     return 0
 

@@ -16,22 +16,53 @@ def rows_from(path: Path, data: dict) -> list[list]:
     if kind == "step":
         for r in data["results"]:
             mode = "compiled" if r["compile"] else "eager"
-            rows.append([f"train step alone, {mode}", r["res"], r["precision"], r["images_per_s"], "",
-                         f"warm-up {r['warmup_s']:.0f} s"])
+            rows.append(
+                [
+                    f"train step alone, {mode}",
+                    r["res"],
+                    r["precision"],
+                    r["images_per_s"],
+                    "",
+                    f"warm-up {r['warmup_s']:.0f} s",
+                ]
+            )
     elif kind == "loader":
         for r in data["rows"]:
-            rows.append([f"loader {r['backend']}", r["resolution"], data["settings"].get("dtype", ""), r["img_s"], "",
-                         f"first epoch {r['first_epoch_img_s']:,.0f} img/s, CPU {r['cpu_busy_pct']:.0f}%"])
+            rows.append(
+                [
+                    f"loader {r['backend']}",
+                    r["resolution"],
+                    data["settings"].get("dtype", ""),
+                    r["img_s"],
+                    "",
+                    f"first epoch {r['first_epoch_img_s']:,.0f} img/s, CPU {r['cpu_busy_pct']:.0f}%",
+                ]
+            )
     elif kind == "keepup":
         for r in data["results"]:
             mode = "compiled" if r["compile"] else "eager"
-            rows.append([f"{r['backend']} feeding the {mode} step", r["res"], r["precision"],
-                         r["end_to_end_images_per_s"], f"{r['ratio']:.2f}",
-                         f"{r['verdict']}; step alone {r['step_alone_images_per_s']:,.0f}"])
+            rows.append(
+                [
+                    f"{r['backend']} feeding the {mode} step",
+                    r["res"],
+                    r["precision"],
+                    r["end_to_end_images_per_s"],
+                    f"{r['ratio']:.2f}",
+                    f"{r['verdict']}; step alone {r['step_alone_images_per_s']:,.0f}",
+                ]
+            )
     elif kind == "convert":
         for name, w in data["writers"].items():
-            rows.append([f"conversion: {name}", data["max_res"], "", w["median_images_per_s"], "",
-                         f"{w['median_cpu_ms_per_image']:.2f} CPU-ms/img"])
+            rows.append(
+                [
+                    f"conversion: {name}",
+                    data["max_res"],
+                    "",
+                    w["median_images_per_s"],
+                    "",
+                    f"{w['median_cpu_ms_per_image']:.2f} CPU-ms/img",
+                ]
+            )
     return rows
 
 
@@ -45,8 +76,11 @@ def summarize(root: Path) -> str:
         machine = machine or data.get("machine")
         rows += rows_from(f, data)
     head = describe_machine(machine) if machine else "unknown machine"
-    return (f"# GPU check\n\n{head}\n\n"
-            + markdown_table(["what", "res", "precision", "img/s", "keep-up ratio", "notes"], rows) + "\n")
+    return (
+        f"# GPU check\n\n{head}\n\n"
+        + markdown_table(["what", "res", "precision", "img/s", "keep-up ratio", "notes"], rows)
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

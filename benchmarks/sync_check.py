@@ -51,8 +51,14 @@ def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize(device)
-    result = {"precision": prec.name, "requested": mode, "mode": parts.step_mode, "why": parts.step_why,
-              "sgd": sgd_kernels(parts.optimizer), "steps": steps}
+    result = {
+        "precision": prec.name,
+        "requested": mode,
+        "mode": parts.step_mode,
+        "why": parts.step_why,
+        "sgd": sgd_kernels(parts.optimizer),
+        "steps": steps,
+    }
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(warmup, warmup + steps):
@@ -69,8 +75,12 @@ def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sync_check", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.sync_check",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--precision", default="bf16,fp16", help="comma-separated (bf16,fp16)")
     p.add_argument("--steps", default=",".join(STEP_MODES), help=f"step modes, of {', '.join(STEP_MODES)}")
     p.add_argument("--arch", default="resnet18")
@@ -87,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("sync_check: error: needs a CUDA device (on the CPU, tests/test_step.py checks the step on the meta "
-              "device)", file=sys.stderr)
+        print(
+            "sync_check: error: needs a CUDA device (on the CPU, tests/test_step.py checks the step on the meta "
+            "device)",
+            file=sys.stderr,
+        )
         return 2
     modes = [m for m in args.steps.split(",") if m]
     if any(m not in STEP_MODES for m in modes):

@@ -52,16 +52,22 @@ def labels_of(index: BetonIndex) -> np.ndarray:
     """The label column as int64; DataFolderError when the beton has no integer field named 'label'."""
     kinds = dict(zip(index.field_names, index.field_kinds))
     if kinds.get("label") != "int" or kinds.get("image") != "rgb_image":
-        raise DataFolderError(f"{index.path}: fields {index.field_names}, expected an RGB image field 'image' and an "
-                              "integer field 'label' (as rn50 convert and ffcv-imagenet write them)")
+        raise DataFolderError(
+            f"{index.path}: fields {index.field_names}, expected an RGB image field 'image' and an "
+            "integer field 'label' (as rn50 convert and ffcv-imagenet write them)"
+        )
     return index.metadata[f"f{index.field_names.index('label')}"].astype(np.int64)
 
 
 def split_entry(index: BetonIndex) -> dict:
     """What the manifest records about one beton."""
     labels = labels_of(index)
-    return {"bytes": index.path.stat().st_size, "samples": index.num_samples,
-            "labels": int(labels.max()) + 1 if len(labels) else 0, "index": fingerprint(index)}
+    return {
+        "bytes": index.path.stat().st_size,
+        "samples": index.num_samples,
+        "labels": int(labels.max()) + 1 if len(labels) else 0,
+        "index": fingerprint(index),
+    }
 
 
 def open_index(path: Path) -> BetonIndex:
@@ -97,8 +103,11 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     data = read_json(path, "rn50 convert writes it; run the conversion again")
-    if (not isinstance(data, dict) or not isinstance(data.get("classes"), list)
-            or not isinstance(data.get("splits"), dict)):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("classes"), list)
+        or not isinstance(data.get("splits"), dict)
+    ):
         raise DataFolderError(f"{path}: not a manifest written by rn50 convert; run the conversion again")
     return data
 
@@ -110,7 +119,9 @@ def check_beton_folder(data_dir: str | Path, splits: tuple[str, ...] | list[str]
     if splits is None:
         splits = [s for s in SPLITS if (folder / f"{s}.beton").is_file()]
         if not splits:
-            raise DataFolderError(f"{folder}: no train.beton or val.beton (rn50 convert --out-dir {folder} writes them)")
+            raise DataFolderError(
+                f"{folder}: no train.beton or val.beton (rn50 convert --out-dir {folder} writes them)"
+            )
     betons = {s: folder / f"{s}.beton" for s in splits}
     for path in betons.values():
         if not path.is_file():
@@ -127,23 +138,30 @@ def check_beton_folder(data_dir: str | Path, splits: tuple[str, ...] | list[str]
     if manifest is not None:
         again = f"a conversion into {folder} was interrupted, or a file was replaced: run rn50 convert again"
         if not classes_path.is_file():
-            raise DataFolderError(f"{classes_path}: missing, though {folder / MANIFEST_NAME} lists "
-                                  f"{len(manifest['classes'])} classes; {again}")
+            raise DataFolderError(
+                f"{classes_path}: missing, though {folder / MANIFEST_NAME} lists "
+                f"{len(manifest['classes'])} classes; {again}"
+            )
         classes = read_classes(classes_path)
         if classes != manifest["classes"]:
             raise DataFolderError(f"{classes_path} does not match {folder / MANIFEST_NAME}; {again}")
         for s, index in indexes.items():
             entry = manifest["splits"].get(s)
             if not isinstance(entry, dict):
-                raise DataFolderError(f"{betons[s]}: not from the conversion that wrote {classes_path} (the "
-                                      f"manifest has no entry for it); re-convert it: rn50 convert --splits {s} ...")
+                raise DataFolderError(
+                    f"{betons[s]}: not from the conversion that wrote {classes_path} (the "
+                    f"manifest has no entry for it); re-convert it: rn50 convert --splits {s} ..."
+                )
             size = betons[s].stat().st_size
             if size != entry.get("bytes"):
-                raise DataFolderError(f"{betons[s]}: {size} bytes, but the conversion wrote {entry.get('bytes')}: "
-                                      "truncated or replaced since; copy it again, or re-convert it")
+                raise DataFolderError(
+                    f"{betons[s]}: {size} bytes, but the conversion wrote {entry.get('bytes')}: "
+                    "truncated or replaced since; copy it again, or re-convert it"
+                )
             if fingerprint(index) != entry.get("index"):
-                raise DataFolderError(f"{betons[s]}: not the file the conversion that wrote {classes_path} wrote; "
-                                      f"{again}")
+                raise DataFolderError(
+                    f"{betons[s]}: not the file the conversion that wrote {classes_path} wrote; {again}"
+                )
         _check_label_range(classes, betons, top, classes_path)
         return BetonFolder(folder, classes, "manifest", None)
 
@@ -153,28 +171,36 @@ def check_beton_folder(data_dir: str | Path, splits: tuple[str, ...] | list[str]
         highest = max(top.values())
         if len(classes) > highest + 1:
             names = " and ".join(p.name for p in betons.values())
-            raise DataFolderError(f"{classes_path}: {len(classes)} names, but the labels of {names} stop at {highest}: "
-                                  f"a model would get {len(classes)} outputs for {highest + 1} classes; keep the first "
-                                  f"{highest + 1} names there, or re-convert")
+            raise DataFolderError(
+                f"{classes_path}: {len(classes)} names, but the labels of {names} stop at {highest}: "
+                f"a model would get {len(classes)} outputs for {highest + 1} classes; keep the first "
+                f"{highest + 1} names there, or re-convert"
+            )
         return BetonFolder(folder, classes, "classes.json", None)
 
     # Betons written by FFCV's own DatasetWriter (ffcv-imagenet): labels, no names.
     if "train" in top and "val" in top and top["val"] > top["train"]:
-        raise DataFolderError(f"{betons['val']}: labels up to {top['val']}, but {betons['train']} only up to "
-                              f"{top['train']}: the two were not written with one class list")
+        raise DataFolderError(
+            f"{betons['val']}: labels up to {top['val']}, but {betons['train']} only up to "
+            f"{top['train']}: the two were not written with one class list"
+        )
     count = max(top.values()) + 1
     if count < 1:
         raise DataFolderError(f"{folder}: the betons hold no samples, so no class list can be read from them")
     classes = [f"class_{i}" for i in range(count)]
-    note = (f"{folder} has no {CLASSES_NAME} (betons from FFCV's own DatasetWriter?): {count} classes from the label "
-            f"field, named class_0 .. class_{count - 1}; to name them, write the names to {classes_path} as a JSON "
-            "list (index = label)")
+    note = (
+        f"{folder} has no {CLASSES_NAME} (betons from FFCV's own DatasetWriter?): {count} classes from the label "
+        f"field, named class_0 .. class_{count - 1}; to name them, write the names to {classes_path} as a JSON "
+        "list (index = label)"
+    )
     return BetonFolder(folder, classes, "labels", note)
 
 
 def _check_label_range(classes: list[str], betons: dict[str, Path], top: dict[str, int], classes_path: Path) -> None:
     for s, highest in top.items():
         if highest >= len(classes):
-            raise DataFolderError(f"{classes_path}: {len(classes)} names, but {betons[s]} has labels up to {highest}: "
-                                  f"every label needs a name (index = label); write {highest + 1} names there, or "
-                                  "re-convert")
+            raise DataFolderError(
+                f"{classes_path}: {len(classes)} names, but {betons[s]} has labels up to {highest}: "
+                f"every label needs a name (index = label); write {highest + 1} names there, or "
+                "re-convert"
+            )

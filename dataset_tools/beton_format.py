@@ -15,8 +15,16 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 2
-HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
-                   ("alloc_table_ptr", "<u8")], align=True)
+HEADER = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
 FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
 ALLOC_TABLE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 RGB_IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
@@ -53,8 +61,10 @@ def read_index(path: str | Path, with_alloc_table: bool = True) -> BetonIndex:
         raise BetonFormatError(f"{path}: {size} bytes, too short for a .beton header")
     header = np.fromfile(path, dtype=HEADER, count=1)[0]
     if int(header["version"]) != FORMAT_VERSION:
-        raise BetonFormatError(f"{path}: format version {int(header['version'])}, expected {FORMAT_VERSION} "
-                               "(not a .beton, or written by another FFCV release)")
+        raise BetonFormatError(
+            f"{path}: format version {int(header['version'])}, expected {FORMAT_VERSION} "
+            "(not a .beton, or written by another FFCV release)"
+        )
     num_fields, num_samples = int(header["num_fields"]), int(header["num_samples"])
     if HEADER.itemsize + num_fields * FIELD_DESC.itemsize > size:
         raise BetonFormatError(f"{path}: truncated or damaged (its header lists {num_fields} fields)")
@@ -65,8 +75,9 @@ def read_index(path: str | Path, with_alloc_table: bool = True) -> BetonIndex:
         names.append(raw.split(b"\0", 1)[0].decode("ascii", "replace"))
         kind, dtype = TYPE_IDS.get(int(d["type_id"]), (None, None))
         if kind is None:
-            raise BetonFormatError(f"{path}: field {names[-1]!r} has type id {int(d['type_id'])}, "
-                                   "which this reader does not know")
+            raise BetonFormatError(
+                f"{path}: field {names[-1]!r} has type id {int(d['type_id'])}, which this reader does not know"
+            )
         kinds.append(kind)
         dtypes.append(dtype)
     meta_type = np.dtype([(f"f{i}", t) for i, t in enumerate(dtypes)], align=True)
@@ -103,8 +114,9 @@ def image_column(index: BetonIndex, image: str = "image", label: str = "label") 
     file's length (a damaged index raises BetonFormatError naming the file and the first bad sample)."""
     names = index.field_names
     if image not in names or label not in names or index.field_kinds[names.index(image)] != "rgb_image":
-        raise BetonFormatError(f"{index.path}: fields {names}, expected an rgb_image field {image!r} and {label!r} "
-                               "(made by rn50 convert?)")
+        raise BetonFormatError(
+            f"{index.path}: fields {names}, expected an rgb_image field {image!r} and {label!r} (made by rn50 convert?)"
+        )
     meta = index.metadata[f"f{names.index(image)}"]
     ptrs = meta["data_ptr"].astype(np.int64)
     table = index.alloc_table
@@ -120,7 +132,9 @@ def image_column(index: BetonIndex, image: str = "image", label: str = "label") 
     bad |= (modes == RAW_MODE) & (sizes != heights * widths * 3)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise BetonFormatError(f"{index.path}: the index of sample {first} (and {int(bad.sum()) - 1} more) does not "
-                               "match its stored bytes (damaged file? re-convert it with rn50 convert)")
+        raise BetonFormatError(
+            f"{index.path}: the index of sample {first} (and {int(bad.sum()) - 1} more) does not "
+            "match its stored bytes (damaged file? re-convert it with rn50 convert)"
+        )
     labels = index.metadata[f"f{names.index(label)}"].astype(np.int64)
     return ImageColumn(modes, heights, widths, ptrs, sizes, labels)

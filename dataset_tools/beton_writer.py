@@ -108,7 +108,7 @@ def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params,
                     except Exception as e:  # a decoder bug must cost one image, not the run
                         failures.append((dest, path, f"undecodable: {type(e).__name__}: {e}"))
                         continue
-                    row = metadata[dest:dest + 1]
+                    row = metadata[dest : dest + 1]
                     for attempt in range(2):  # FFCV's protocol: a sample that straddles a page is retried on a new page
                         try:
                             allocator.set_current_sample(dest)
@@ -126,9 +126,19 @@ def _worker(tasks, metadata_sm, metadata_type, allocator, done, results, params,
     results.put(("ok", allocator.allocations, failures))
 
 
-def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None = 500, jpeg_quality: int = 90,
-                compress_prob: float = 0.5, workers: int = 1, seed: int = 0, chunk_size: int = 64,
-                desc: str = "convert", progress: bool = True) -> WriteResult:
+def write_beton(
+    path: str,
+    items: list[tuple[str, int]],
+    *,
+    max_side: int | None = 500,
+    jpeg_quality: int = 90,
+    compress_prob: float = 0.5,
+    workers: int = 1,
+    seed: int = 0,
+    chunk_size: int = 64,
+    desc: str = "convert",
+    progress: bool = True,
+) -> WriteResult:
     """Write `items` [(image path, label)] to `path` (overwritten). Returns what was written and what was skipped."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.memory_allocator import MemoryAllocator
@@ -152,13 +162,23 @@ def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None
         ctx = mp.get_context("fork")  # workers inherit the shared-memory mapping and allocator counters
         tasks, results = ctx.Queue(), ctx.Queue()
         for start in range(0, n, chunk_size):
-            tasks.put([(i, items[i][0], int(items[i][1]), bool(as_jpeg[i])) for i in range(start, min(n, start + chunk_size))])
+            tasks.put(
+                [(i, items[i][0], int(items[i][1]), bool(as_jpeg[i])) for i in range(start, min(n, start + chunk_size))]
+            )
         for _ in range(workers):
             tasks.put(None)
         done = ctx.Value(ctypes.c_uint64, 0)
         allocator = MemoryAllocator(path, writer.data_region_start, writer.page_size)
-        args = (tasks, writer.metadata_sm, writer.metadata_type, allocator, done, results, (max_side, jpeg_quality),
-                os.getpid())
+        args = (
+            tasks,
+            writer.metadata_sm,
+            writer.metadata_type,
+            allocator,
+            done,
+            results,
+            (max_side, jpeg_quality),
+            os.getpid(),
+        )
         procs = [ctx.Process(target=_worker, args=args, daemon=True) for _ in range(workers)]
         with single_threaded_opencv():
             for p in procs:
@@ -183,12 +203,15 @@ def write_beton(path: str, items: list[tuple[str, int]], *, max_side: int | None
                     bar.update(done.value - shown)
                     shown, last_progress = done.value, time.monotonic()
                 elif time.monotonic() - last_progress > STALL_SECONDS:
-                    raise WriterError(f"no image finished for {STALL_SECONDS // 60} minutes: a writer process is "
-                                      "stuck; the partial file is discarded")
+                    raise WriterError(
+                        f"no image finished for {STALL_SECONDS // 60} minutes: a writer process is "
+                        "stuck; the partial file is discarded"
+                    )
                 crashed = [p for p in procs if p.exitcode not in (0, None)]
                 if crashed:
-                    raise WriterError(f"a writer process died (exit code {crashed[0].exitcode}); "
-                                      "the partial file is discarded")
+                    raise WriterError(
+                        f"a writer process died (exit code {crashed[0].exitcode}); the partial file is discarded"
+                    )
                 if all(p.exitcode == 0 for p in procs):
                     all_exited_at = all_exited_at or time.monotonic()
                     if time.monotonic() - all_exited_at > 10:

@@ -145,12 +145,16 @@ def plan_split(root: Path, split: str, classes: list[str], opts: ConvertOptions)
         raise InputError(f"{split_dir}: no such folder")
     present = set(list_classes(split_dir))
     if not present:
-        raise InputError(f"{split_dir}: no class folders; expected {split_dir}/<wnid>/*.JPEG"
-                         + (" (a flat val folder? sort it first: rn50 organize-val)" if split == "val" else ""))
+        raise InputError(
+            f"{split_dir}: no class folders; expected {split_dir}/<wnid>/*.JPEG"
+            + (" (a flat val folder? sort it first: rn50 organize-val)" if split == "val" else "")
+        )
     unknown = sorted(present - set(classes)) if opts.classes is None else []
     if unknown:
-        raise InputError(f"{split_dir}: class folders not in the train split ({', '.join(unknown[:5])}"
-                         f"{', ...' if len(unknown) > 5 else ''}); labels would not match between splits")
+        raise InputError(
+            f"{split_dir}: class folders not in the train split ({', '.join(unknown[:5])}"
+            f"{', ...' if len(unknown) > 5 else ''}); labels would not match between splits"
+        )
     listing = scan_split(split_dir, classes)
     cap = opts.per_class if split == "train" else opts.val_per_class
     items = cap_per_class(listing, cap, opts.subset_seed)
@@ -159,19 +163,37 @@ def plan_split(root: Path, split: str, classes: list[str], opts: ConvertOptions)
     return items, listing.ignored
 
 
-def convert_split(root: Path, out: Path, split: str, items: list[tuple[str, int]], ignored: int, classes: list[str],
-                  manifest: dict, opts: ConvertOptions) -> dict:
+def convert_split(
+    root: Path,
+    out: Path,
+    split: str,
+    items: list[tuple[str, int]],
+    ignored: int,
+    classes: list[str],
+    manifest: dict,
+    opts: ConvertOptions,
+) -> dict:
     """Write one split under a temporary name, then commit it: manifest, beton, classes.json (in that order)."""
     final = out / f"{split}.beton"
     tmp = out / f".{split}.beton.tmp-{os.getpid()}"
     try:
-        result = write_beton(str(tmp), items, max_side=opts.max_res, jpeg_quality=opts.jpeg_quality,
-                             compress_prob=opts.compress_prob, workers=opts.workers,
-                             seed=opts.seed + (0 if split == "train" else 1), chunk_size=opts.chunk_size,
-                             desc=split, progress=opts.progress)
+        result = write_beton(
+            str(tmp),
+            items,
+            max_side=opts.max_res,
+            jpeg_quality=opts.jpeg_quality,
+            compress_prob=opts.compress_prob,
+            workers=opts.workers,
+            seed=opts.seed + (0 if split == "train" else 1),
+            chunk_size=opts.chunk_size,
+            desc=split,
+            progress=opts.progress,
+        )
         if result.written == 0:
-            raise InputError(f"{root / split}: none of the {len(items)} files is a usable image "
-                             f"(first reason: {result.skipped[0]['reason']})")
+            raise InputError(
+                f"{root / split}: none of the {len(items)} files is a usable image "
+                f"(first reason: {result.skipped[0]['reason']})"
+            )
         manifest["splits"][split] = split_entry(open_index(tmp))
         write_json_atomic(out / MANIFEST_NAME, manifest)  # 1. the manifest names the beton to come
         os.replace(tmp, final)  # 2. the beton
@@ -202,8 +224,9 @@ def _classes_or_none(path: Path) -> list[str] | None:
 def remove_stale_temporaries(out: Path) -> None:
     """Leftovers of killed conversions (only ours: .<split>.beton.tmp-<pid>, .<json>.tmp-<pid>). Called with the
     folder's lock held, so no conversion that could still be writing them is alive."""
-    for pattern in [f".{s}.beton.tmp-*" for s in SPLITS] + [f".{n}.tmp-*" for n in (
-            CLASSES_NAME, MANIFEST_NAME, REPORT_NAME, SYNSET_MAPPING)]:
+    for pattern in [f".{s}.beton.tmp-*" for s in SPLITS] + [
+        f".{n}.tmp-*" for n in (CLASSES_NAME, MANIFEST_NAME, REPORT_NAME, SYNSET_MAPPING)
+    ]:
         for stale in out.glob(pattern):
             print(f"removing {stale} left by an interrupted conversion", file=sys.stderr)
             stale.unlink(missing_ok=True)
@@ -217,8 +240,11 @@ def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
         existing = read_manifest(out)
     except DataFolderError:
         existing = None  # unreadable: it vouches for nothing, and is rewritten
-    old_classes = existing["classes"] if existing else (
-        _classes_or_none(out / CLASSES_NAME) if (out / CLASSES_NAME).is_file() else None)
+    old_classes = (
+        existing["classes"]
+        if existing
+        else (_classes_or_none(out / CLASSES_NAME) if (out / CLASSES_NAME).is_file() else None)
+    )
     kept: dict[str, dict] = {}
     for s in SPLITS:
         beton = out / f"{s}.beton"
@@ -236,9 +262,11 @@ def start_manifest(out: Path, classes: list[str], splits: list[str]) -> dict:
         if s in splits:
             continue  # replaced by this conversion
         known = f"{len(old_classes)} other classes" if old_classes and old_classes != classes else "another class list"
-        raise InputError(f"{beton} was converted with {known}; converting only {','.join(splits)} would leave it "
-                         f"unusable: convert it too (--splits {','.join(s2 for s2 in SPLITS if s2 in splits or s2 == s)})"
-                         ", or choose another --out-dir")
+        raise InputError(
+            f"{beton} was converted with {known}; converting only {','.join(splits)} would leave it "
+            f"unusable: convert it too (--splits {','.join(s2 for s2 in SPLITS if s2 in splits or s2 == s)})"
+            ", or choose another --out-dir"
+        )
     return {"version": MANIFEST_VERSION, "classes": classes, "splits": kept}
 
 
@@ -263,12 +291,14 @@ def convert(data_dir: str | Path, out_dir: str | Path, splits: list[str], opts: 
 
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(folder_lock(out, "rn50 convert",
-                                            hint="wait for it to finish, or choose another --out-dir"))
+            stack.enter_context(
+                folder_lock(out, "rn50 convert", hint="wait for it to finish, or choose another --out-dir")
+            )
             check_writable(out / MANIFEST_NAME)  # the lock file may be writable in a folder that is not
         except OSError as e:
-            raise InputError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir"
-                             ) from None
+            raise InputError(
+                f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir"
+            ) from None
         remove_stale_temporaries(out)
         manifest = start_manifest(out, classes, splits)
         if (root / SYNSET_MAPPING).is_file():
@@ -280,11 +310,19 @@ def convert(data_dir: str | Path, out_dir: str | Path, splits: list[str], opts: 
             with contextlib.suppress(OSError, ValueError):
                 old = json.loads(report_path.read_text())
                 report = {s: old[s] for s in manifest["splits"] if s in old}
-        report["settings"] = {"data_dir": str(root.resolve()), "max_res": opts.max_res,
-                              "jpeg_quality": opts.jpeg_quality, "compress_prob": opts.compress_prob,
-                              "workers": opts.workers, "classes": opts.classes, "per_class": opts.per_class,
-                              "val_per_class": opts.val_per_class, "subset_seed": opts.subset_seed, "seed": opts.seed,
-                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        report["settings"] = {
+            "data_dir": str(root.resolve()),
+            "max_res": opts.max_res,
+            "jpeg_quality": opts.jpeg_quality,
+            "compress_prob": opts.compress_prob,
+            "workers": opts.workers,
+            "classes": opts.classes,
+            "per_class": opts.per_class,
+            "val_per_class": opts.val_per_class,
+            "subset_seed": opts.subset_seed,
+            "seed": opts.seed,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         for split in splits:
             items, ignored = plans[split]
             report[split] = convert_split(root, out, split, items, ignored, classes, manifest, opts)
@@ -293,16 +331,24 @@ def convert(data_dir: str | Path, out_dir: str | Path, splits: list[str], opts: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 convert", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 convert",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data-dir", required=True, help="ImageNet root with train/<wnid>/ and val/<wnid>/")
     p.add_argument("--out-dir", required=True, help="where the .beton files go (created)")
     p.add_argument("--splits", default="train,val", help="comma-separated (default train,val)")
     p.add_argument("--max-res", type=int, default=500, help="longer side at most this many px; 0 keeps sizes (500)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="quality of the JPEG-stored half (90)")
     p.add_argument("--compress-prob", type=float, default=0.5, help="share of images stored as JPEG, rest raw (0.5)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="processes (default: all cores, here %(default)s)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="processes (default: all cores, here %(default)s)",
+    )
     p.add_argument("--classes", type=int, default=None, help="keep K classes, chosen by --subset-seed")
     p.add_argument("--per-class", type=int, default=None, help="at most M train images per class (seeded choice)")
     p.add_argument("--val-per-class", type=int, default=None, help="at most M val images per class (default all)")
@@ -319,11 +365,15 @@ def storage_note(split: str, beton: Path) -> str:
     column = image_column(read_index(beton))
     n, raw = len(column.modes), column.num_raw
     if raw:
-        return (f"{split}: {raw:,} of {n:,} images stored raw (decoded faster on the CPU, larger); --compress-prob 1 "
-                "stores all as JPEG, about a third of the size on ImageNet (FFCV's table: 65 vs 202 GB at 512 px), "
-                "which DALI decodes on the GPU (--loader auto picks it there)")
-    return (f"{split}: all {n:,} images stored as JPEG: DALI can decode this beton on the GPU (--loader auto picks it "
-            "with a GPU); the ffcv backend decodes every image on the CPU")
+        return (
+            f"{split}: {raw:,} of {n:,} images stored raw (decoded faster on the CPU, larger); --compress-prob 1 "
+            "stores all as JPEG, about a third of the size on ImageNet (FFCV's table: 65 vs 202 GB at 512 px), "
+            "which DALI decodes on the GPU (--loader auto picks it there)"
+        )
+    return (
+        f"{split}: all {n:,} images stored as JPEG: DALI can decode this beton on the GPU (--loader auto picks it "
+        "with a GPU); the ffcv backend decodes every image on the CPU"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,10 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("rn50 convert: error: " + "; ".join(problems), file=sys.stderr)
         return 2
-    opts = ConvertOptions(max_res=args.max_res or None, jpeg_quality=args.jpeg_quality,
-                          compress_prob=args.compress_prob, workers=args.workers, classes=args.classes,
-                          per_class=args.per_class, val_per_class=args.val_per_class, subset_seed=args.subset_seed,
-                          seed=args.seed, progress=not args.no_progress)
+    opts = ConvertOptions(
+        max_res=args.max_res or None,
+        jpeg_quality=args.jpeg_quality,
+        compress_prob=args.compress_prob,
+        workers=args.workers,
+        classes=args.classes,
+        per_class=args.per_class,
+        val_per_class=args.val_per_class,
+        subset_seed=args.subset_seed,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     try:
         report = convert(args.data_dir, args.out_dir, splits, opts)
     except (InputError, DataFolderError, FolderBusy) as e:
@@ -358,18 +416,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         where = e.filename or args.out_dir
-        fix = ("free space there, or choose another --out-dir" if e.errno in (errno.ENOSPC, errno.EDQUOT) else
-               "check the path and its permissions")
-        print(f"rn50 convert: error: cannot write {where} ({e.strerror or e}); {fix}; finished splits are kept",
-              file=sys.stderr)
+        fix = (
+            "free space there, or choose another --out-dir"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the path and its permissions"
+        )
+        print(
+            f"rn50 convert: error: cannot write {where} ({e.strerror or e}); {fix}; finished splits are kept",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("rn50 convert: interrupted; finished splits are kept, the unfinished one was discarded", file=sys.stderr)
         return 130
     for split in splits:
         r = report[split]
-        print(f"{split}: wrote {r['written']} images of {r['classes']} classes to {r['file']} "
-              f"({r['bytes'] / 1e6:.1f} MB, {r['images_per_s']} img/s); skipped {len(r['skipped'])}")
+        print(
+            f"{split}: wrote {r['written']} images of {r['classes']} classes to {r['file']} "
+            f"({r['bytes'] / 1e6:.1f} MB, {r['images_per_s']} img/s); skipped {len(r['skipped'])}"
+        )
         for s in r["skipped"][:10]:
             print(f"  skipped {s['path']}: {s['reason']}")
         if len(r["skipped"]) > 10:

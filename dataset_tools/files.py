@@ -78,11 +78,16 @@ def skipped_in_report(report: Path) -> set[str]:
         raise FileNotFoundError(f"{report}: no such file (rn50 convert writes convert_report.json in its --out-dir)")
     try:
         data = json.loads(report.read_text())
-        return {str(Path(item["path"]).resolve()) for part in data.values() if isinstance(part, dict)
-                for item in part.get("skipped", [])}
+        return {
+            str(Path(item["path"]).resolve())
+            for part in data.values()
+            if isinstance(part, dict)
+            for item in part.get("skipped", [])
+        }
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise DataFolderError(f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
-                              ) from None
+        raise DataFolderError(
+            f"{report}: not a convert_report.json rn50 convert wrote ({type(e).__name__}: {e})"
+        ) from None
 
 
 def list_classes(split_dir: str | Path) -> list[str]:

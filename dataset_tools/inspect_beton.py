@@ -104,8 +104,12 @@ def summarize(index: BetonIndex) -> dict:
     def stats(a):
         if not len(a):
             return {}
-        return {"min": int(a.min()), "median": float(np.median(a)), "mean": round(float(a.mean()), 1),
-                "max": int(a.max())}
+        return {
+            "min": int(a.min()),
+            "median": float(np.median(a)),
+            "mean": round(float(a.mean()), 1),
+            "max": int(a.max()),
+        }
 
     return {
         "file": str(index.path),
@@ -159,8 +163,10 @@ def draw_grid(index: BetonIndex, out: str | Path, names: list[str] | None, n: in
 
 
 def print_summary(s: dict, names: list[str] | None) -> None:
-    print(f"{s['file']}: {s['samples']} images, {s['classes_present']} classes present, "
-          f"labels {s['label_range']}, {s['file_bytes'] / 1e6:.1f} MB")
+    print(
+        f"{s['file']}: {s['samples']} images, {s['classes_present']} classes present, "
+        f"labels {s['label_range']}, {s['file_bytes'] / 1e6:.1f} MB"
+    )
     if s["per_class"]:
         pc = s["per_class"]
         print(f"  images per class: min {pc['min']}, median {pc['median']:.0f}, max {pc['max']}")
@@ -171,10 +177,15 @@ def print_summary(s: dict, names: list[str] | None) -> None:
     print("  storage   : " + ", ".join(f"{k} {v}" for k, v in s["storage"].items()))
     hist = s["label_histogram"]
     shown = min(len(hist), 20)
+
     def label(i):
-        return (names[i].split()[0] if names and i < len(names) else str(i))
-    print("  histogram : " + ", ".join(f"{label(i)}:{hist[i]}" for i in range(shown))
-          + (f", ... ({len(hist) - shown} more classes)" if len(hist) > shown else ""))
+        return names[i].split()[0] if names and i < len(names) else str(i)
+
+    print(
+        "  histogram : "
+        + ", ".join(f"{label(i)}:{hist[i]}" for i in range(shown))
+        + (f", ... ({len(hist) - shown} more classes)" if len(hist) > shown else "")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 check_writable(target)
             except OSError as e:
-                print(f"rn50 inspect: error: {flag} {target}: cannot write there ({e.strerror or e}); choose another "
-                      "path", file=sys.stderr)
+                print(
+                    f"rn50 inspect: error: {flag} {target}: cannot write there ({e.strerror or e}); choose another "
+                    "path",
+                    file=sys.stderr,
+                )
                 return 2
     try:
         index = open_beton(args.beton)
@@ -219,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grid: {args.grid}")
     except OSError as e:
         fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another path"
-        print(f"rn50 inspect: error: cannot write {e.filename or args.grid or args.json} ({e.strerror or e}); {fix}",
-              file=sys.stderr)
+        print(
+            f"rn50 inspect: error: cannot write {e.filename or args.grid or args.json} ({e.strerror or e}); {fix}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

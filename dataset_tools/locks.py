@@ -75,8 +75,12 @@ def folder_lock(folder: str | Path, purpose: str, *, hint: str = "") -> Iterator
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderBusy(folder, _read_holder(path), hint) from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": purpose,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         try:

@@ -51,8 +51,9 @@ def labels_from_csv(path: str | Path) -> dict[str, str]:
     except OSError as e:
         raise LabelError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, csv.Error) as e:
-        raise LabelError(f"{path}: not a text CSV ({type(e).__name__}); the Kaggle release's LOC_val_solution.csv "
-                         "is expected") from None
+        raise LabelError(
+            f"{path}: not a text CSV ({type(e).__name__}); the Kaggle release's LOC_val_solution.csv is expected"
+        ) from None
     if not labels:
         raise LabelError(f"{path}: no labelled rows")
     return labels
@@ -95,8 +96,14 @@ class Plan:
     annotation_problems: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"moved": len(self.moves), "already_in_place": self.in_place, "unlabelled": self.unlabelled,
-                "missing": self.missing, "conflicts": self.conflicts, "annotation_problems": self.annotation_problems}
+        return {
+            "moved": len(self.moves),
+            "already_in_place": self.in_place,
+            "unlabelled": self.unlabelled,
+            "missing": self.missing,
+            "conflicts": self.conflicts,
+            "annotation_problems": self.annotation_problems,
+        }
 
 
 def make_plan(val_dir: Path, labels: dict[str, str]) -> Plan:
@@ -151,9 +158,10 @@ def apply(plan: Plan) -> None:
             dst.parent.mkdir(exist_ok=True)
             os.rename(src, dst)
         except OSError as e:
-            raise MoveError(f"moved {done} of {len(plan.moves)} images, then {src} -> {dst} failed "
-                            f"({e.strerror or e}); fix that and run the same command again: it moves what is left"
-                            ) from None
+            raise MoveError(
+                f"moved {done} of {len(plan.moves)} images, then {src} -> {dst} failed "
+                f"({e.strerror or e}); fix that and run the same command again: it moves what is left"
+            ) from None
 
 
 def _report_list(title: str, items: list[str], limit: int = 10) -> None:
@@ -167,8 +175,12 @@ def _report_list(title: str, items: list[str], limit: int = 10) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 organize-val", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 organize-val",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("val_dir", help="folder holding the flat ILSVRC2012_val_*.JPEG files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--csv", help="LOC_val_solution.csv (Kaggle ImageNet release)")
@@ -188,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_writable(args.report)
         except OSError as e:
-            print(f"rn50 organize-val: error: --report {args.report}: cannot write there ({e.strerror or e}); choose "
-                  "another path", file=sys.stderr)
+            print(
+                f"rn50 organize-val: error: --report {args.report}: cannot write there ({e.strerror or e}); choose "
+                "another path",
+                file=sys.stderr,
+            )
             return 2
     try:
         if args.csv:
@@ -223,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             Path(args.report).write_text(json.dumps(plan.summary(), indent=2) + "\n")
         except OSError as e:
-            print(f"rn50 organize-val: error: the moves are done, but --report {args.report} could not be written "
-                  f"({e.strerror or e})", file=sys.stderr)
+            print(
+                f"rn50 organize-val: error: the moves are done, but --report {args.report} could not be written "
+                f"({e.strerror or e})",
+                file=sys.stderr,
+            )
             return 1
     return 0
 

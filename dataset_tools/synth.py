@@ -63,7 +63,20 @@ class ClassStyle:
     shape: str
 
     def describe(self) -> str:
-        names = ["red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "magenta", "rose"]
+        names = [
+            "red",
+            "orange",
+            "yellow",
+            "lime",
+            "green",
+            "teal",
+            "cyan",
+            "azure",
+            "blue",
+            "violet",
+            "magenta",
+            "rose",
+        ]
         colour = names[int(round(self.hue * 12)) % 12]
         accent = names[int(round(self.accent_hue * 12)) % 12]
         return f"{colour} scene, {accent} {self.shape}s, {math.degrees(self.texture_angle):.0f} deg stripes"
@@ -123,7 +136,9 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> l
     return pts
 
 
-def render_image(style: ClassStyle, rng: np.random.Generator, min_short: int = 300, max_short: int = 500) -> Image.Image:
+def render_image(
+    style: ClassStyle, rng: np.random.Generator, min_short: int = 300, max_short: int = 500
+) -> Image.Image:
     """One RGB image of a class. All randomness comes from `rng`."""
     w, h = _image_size(rng, min_short, max_short)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -243,8 +258,10 @@ def prepare_target(out: Path, settings: dict, overwrite: bool) -> bool:
         return not info.get("complete")  # an interrupted run is finished; a finished one is left alone
     if not overwrite:
         theirs = ", ".join(f"{k} {v}" for k, v in info["settings"].items() if settings.get(k) != v)
-        raise TargetError(f"{out}: holds an rn50 synth dataset made with other settings ({theirs}); choose a new "
-                          "folder, or pass --overwrite to replace it")
+        raise TargetError(
+            f"{out}: holds an rn50 synth dataset made with other settings ({theirs}); choose a new "
+            "folder, or pass --overwrite to replace it"
+        )
     for name in OWNED:
         path = out / name
         if path.is_dir():
@@ -254,8 +271,16 @@ def prepare_target(out: Path, settings: dict, overwrite: bool) -> bool:
     return True
 
 
-def plan(out: Path, num_classes: int, train_per_class: int, val_per_class: int, seed: int, flat_val: bool,
-         min_short: int, max_short: int) -> tuple[list[tuple], list[str], list[tuple[str, str]]]:
+def plan(
+    out: Path,
+    num_classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    seed: int,
+    flat_val: bool,
+    min_short: int,
+    max_short: int,
+) -> tuple[list[tuple], list[str], list[tuple[str, str]]]:
     """Every file to write as a job tuple; the wnids; and (val file name, wnid) pairs for the val labels."""
     wnids = make_wnids(num_classes, seed)
     styles = class_styles(num_classes, seed)
@@ -276,9 +301,19 @@ def plan(out: Path, num_classes: int, train_per_class: int, val_per_class: int, 
     return jobs, wnids, val_labels
 
 
-def synthesize(out: str | Path, num_classes: int = 10, train_per_class: int = 100, val_per_class: int = 20,
-               seed: int = 0, workers: int | None = None, flat_val: bool = False, min_short: int = 300,
-               max_short: int = 500, progress: bool = True, overwrite: bool = False) -> dict:
+def synthesize(
+    out: str | Path,
+    num_classes: int = 10,
+    train_per_class: int = 100,
+    val_per_class: int = 20,
+    seed: int = 0,
+    workers: int | None = None,
+    flat_val: bool = False,
+    min_short: int = 300,
+    max_short: int = 500,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Write the dataset into a new or empty folder and return a summary dict ("written": False when the folder
     already held this dataset). TargetError for a folder holding anything else (see the module's docstring)."""
     out = Path(out)
@@ -286,15 +321,29 @@ def synthesize(out: str | Path, num_classes: int = 10, train_per_class: int = 10
         raise ValueError("need --classes >= 1 and non-negative per-class counts")
     if not 16 <= min_short <= max_short:
         raise ValueError("need 16 <= --min-short <= --max-short")
-    settings = {"classes": num_classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
-                "seed": seed, "flat_val": flat_val, "min_short": min_short, "max_short": max_short}
-    summary = {"out": str(out), "classes": num_classes, "train": num_classes * train_per_class,
-               "val": num_classes * val_per_class, "seed": seed, "written": True}
+    settings = {
+        "classes": num_classes,
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "seed": seed,
+        "flat_val": flat_val,
+        "min_short": min_short,
+        "max_short": max_short,
+    }
+    summary = {
+        "out": str(out),
+        "classes": num_classes,
+        "train": num_classes * train_per_class,
+        "val": num_classes * val_per_class,
+        "seed": seed,
+        "written": True,
+    }
     if not prepare_target(out, settings, overwrite):
         return {**summary, "written": False}
     _write_marker(out, settings, complete=False)
-    jobs, wnids, val_labels = plan(out, num_classes, train_per_class, val_per_class, seed, flat_val, min_short,
-                                   max_short)
+    jobs, wnids, val_labels = plan(
+        out, num_classes, train_per_class, val_per_class, seed, flat_val, min_short, max_short
+    )
     for d in {os.path.dirname(j[0]) for j in jobs}:
         os.makedirs(d, exist_ok=True)
     (out / "val").mkdir(parents=True, exist_ok=True)
@@ -330,35 +379,55 @@ def synthesize(out: str | Path, num_classes: int = 10, train_per_class: int = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rn50 synth", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rn50 synth", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out", help="output folder: new or empty (created)")
     p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     p.add_argument("--train-per-class", type=int, default=100, help="training images per class (default 100)")
     p.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("--flat-val", action="store_true",
-                   help="write val/ flat with LOC_val_solution.csv, as ILSVRC2012 ships it (try rn50 organize-val)")
+    p.add_argument(
+        "--flat-val",
+        action="store_true",
+        help="write val/ flat with LOC_val_solution.csv, as ILSVRC2012 ships it (try rn50 organize-val)",
+    )
     p.add_argument("--min-short", type=int, default=300, help="smallest short side in px (default 300)")
     p.add_argument("--max-short", type=int, default=500, help="largest short side in px (default 500)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset rn50 synth wrote into OUT with other settings (never another folder)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset rn50 synth wrote into OUT with other settings (never another folder)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = synthesize(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed,
-                             args.workers, args.flat_val, args.min_short, args.max_short, overwrite=args.overwrite)
+        summary = synthesize(
+            args.out,
+            args.classes,
+            args.train_per_class,
+            args.val_per_class,
+            args.seed,
+            args.workers,
+            args.flat_val,
+            args.min_short,
+            args.max_short,
+            overwrite=args.overwrite,
+        )
     except ValueError as e:
         print(f"rn50 synth: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         fix = "free space there" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder's permissions"
-        print(f"rn50 synth: error: cannot write {e.filename or args.out} ({e.strerror or e}); {fix} and run the "
-              "same command again to finish", file=sys.stderr)
+        print(
+            f"rn50 synth: error: cannot write {e.filename or args.out} ({e.strerror or e}); {fix} and run the "
+            "same command again to finish",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"rn50 synth: interrupted; run the same command again to finish {args.out}", file=sys.stderr)
@@ -366,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     if not summary["written"]:
         print(f"{summary['out']} already holds this dataset (synth.json: same settings); nothing written")
         return 0
-    print(f"wrote {summary['train']} train and {summary['val']} val images of {summary['classes']} classes "
-          f"to {summary['out']} (seed {summary['seed']})")
+    print(
+        f"wrote {summary['train']} train and {summary['val']} val images of {summary['classes']} classes "
+        f"to {summary['out']} (seed {summary['seed']})"
+    )
     return 0
 
 

@@ -52,9 +52,14 @@ def choose_backend(data_dir: Path, split: str, device: torch.device) -> tuple[st
             raw, total = beton_storage(data_dir, split)
             if gpu and raw == 0:
                 return "dali", f"found {path}, all {total:,} images JPEG: DALI decodes them on the GPU"
-            not_dali = (f"{path.name} stores {raw:,} of {total:,} images raw (rn50 convert --compress-prob 1 "
-                        "writes an all-JPEG beton for GPU decoding)" if gpu else
-                        f"device is {device.type}" if device.type != "cuda" else "no CUDA device")
+            not_dali = (
+                f"{path.name} stores {raw:,} of {total:,} images raw (rn50 convert --compress-prob 1 "
+                "writes an all-JPEG beton for GPU decoding)"
+                if gpu
+                else f"device is {device.type}"
+                if device.type != "cuda"
+                else "no CUDA device"
+            )
         else:
             not_dali = "DALI not installed"
         if "ffcv" in installed:
@@ -63,15 +68,24 @@ def choose_backend(data_dir: Path, split: str, device: torch.device) -> tuple[st
             return "dali", f"found {path}, ffcv not installed: DALI decodes it on the {'GPU' if gpu else 'CPU'}"
     if not has_folder(data_dir, split):
         if beton:
-            raise RuntimeError(f"{path} needs the ffcv or DALI package, neither is installed (make setup installs "
-                               "them), and there is no image folder to fall back on")
-        raise FileNotFoundError(f"{data_dir}: neither {split}.beton nor a {split}/ image folder "
-                                "(rn50 convert writes betons; image folders hold <wnid>/*.JPEG)")
+            raise RuntimeError(
+                f"{path} needs the ffcv or DALI package, neither is installed (make setup installs "
+                "them), and there is no image folder to fall back on"
+            )
+        raise FileNotFoundError(
+            f"{data_dir}: neither {split}.beton nor a {split}/ image folder "
+            "(rn50 convert writes betons; image folders hold <wnid>/*.JPEG)"
+        )
     why = "no .beton" if not beton else "ffcv not installed"
     if "dali" in installed and gpu:
         return "dali", f"{why}; DALI decodes the {split}/ JPEGs on the GPU"
-    missing = ("DALI not installed" if "dali" not in installed else
-               f"device is {device.type}" if device.type != "cuda" else "no CUDA device")
+    missing = (
+        "DALI not installed"
+        if "dali" not in installed
+        else f"device is {device.type}"
+        if device.type != "cuda"
+        else "no CUDA device"
+    )
     return "torchvision", f"{why}; {missing}, so PIL decodes {split}/ on the CPU"
 
 
@@ -85,14 +99,33 @@ def auto_workers(workers: int) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
-def build_loader(data_dir: str | Path, split: str = "train", backend: str = "auto", batch_size: int = 256,
-                 resolution: int = 160, workers: int = -1, device: str | torch.device = "cuda",
-                 dtype: torch.dtype = torch.float16, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 drop_last: bool = True, *, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), val_crop_ratio: float = VAL_CROP_RATIO,
-                 os_cache: bool = True, order: str = "random", hw_decoder_load: float | None = None,
-                 dali_threads: int = 0, dali_prefetch: int = 0, nvjpeg_padding_mb: int | None = None,
-                 dali_source: str = "auto", skip_listed_in: str | Path | None = None, verbose: bool = True) -> Loader:
+def build_loader(
+    data_dir: str | Path,
+    split: str = "train",
+    backend: str = "auto",
+    batch_size: int = 256,
+    resolution: int = 160,
+    workers: int = -1,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.float16,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    drop_last: bool = True,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    val_crop_ratio: float = VAL_CROP_RATIO,
+    os_cache: bool = True,
+    order: str = "random",
+    hw_decoder_load: float | None = None,
+    dali_threads: int = 0,
+    dali_prefetch: int = 0,
+    nvjpeg_padding_mb: int | None = None,
+    dali_source: str = "auto",
+    skip_listed_in: str | Path | None = None,
+    verbose: bool = True,
+) -> Loader:
     """A loader yielding (images (B, 3, R, R) channels_last `dtype` normalised, labels (B,) int64) on `device`.
 
     scale/ratio: RandomResizedCrop ranges (train). val_crop_ratio: centre crop side / shorter side (val).
@@ -115,27 +148,48 @@ def build_loader(data_dir: str | Path, split: str = "train", backend: str = "aut
         why = "asked for"
     else:
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
-    common = dict(split=split, batch_size=batch_size, resolution=resolution, workers=auto_workers(workers),
-                  device=device, dtype=dtype, rank=rank, world_size=world_size, seed=seed, drop_last=drop_last)
+    common = dict(
+        split=split,
+        batch_size=batch_size,
+        resolution=resolution,
+        workers=auto_workers(workers),
+        device=device,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=drop_last,
+    )
     if backend == "torchvision":
         from pipeline.torchvision_loader import TorchvisionLoader
 
-        loader: Loader = TorchvisionLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio,
-                                           skip_listed_in=skip_listed_in, **common)
+        loader: Loader = TorchvisionLoader(
+            data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, skip_listed_in=skip_listed_in, **common
+        )
     elif backend == "ffcv":
         threads = torch.get_num_threads()
         from pipeline.ffcv_loader import FFCVLoader  # importing ffcv sets torch's thread count to 1: put it back
 
         torch.set_num_threads(threads)
-        loader = FFCVLoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, os_cache=os_cache,
-                            order=order, **common)
+        loader = FFCVLoader(
+            data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, os_cache=os_cache, order=order, **common
+        )
     else:
         from pipeline.dali_loader import DALILoader
 
-        loader = DALILoader(data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio,
-                            hw_decoder_load=hw_decoder_load, dali_threads=dali_threads, dali_prefetch=dali_prefetch,
-                            nvjpeg_padding_mb=nvjpeg_padding_mb, skip_listed_in=skip_listed_in, source=dali_source,
-                            **common)
+        loader = DALILoader(
+            data_dir,
+            scale=scale,
+            ratio=ratio,
+            val_crop_ratio=val_crop_ratio,
+            hw_decoder_load=hw_decoder_load,
+            dali_threads=dali_threads,
+            dali_prefetch=dali_prefetch,
+            nvjpeg_padding_mb=nvjpeg_padding_mb,
+            skip_listed_in=skip_listed_in,
+            source=dali_source,
+            **common,
+        )
     if verbose and rank == 0:
         if backend == "dali" and why == "asked for":
             why += f", from the {loader.source_kind}: {loader.source.describe_storage()}"

@@ -81,14 +81,18 @@ def to_device(host: list[torch.Tensor], device: torch.device) -> list[torch.Tens
     packed = flat.to(device, non_blocking=True)
     out, start = [], 0
     for t in host:
-        part = packed[start:start + t.numel()].view(t.shape)
+        part = packed[start : start + t.numel()].view(t.shape)
         out.append(part if t.dtype == torch.float32 else part.to(t.dtype))
         start += t.numel()
     return out
 
 
-def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, dtype: torch.dtype,
-                   source_reuses_buffers: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def device_batches(
+    source: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    dtype: torch.dtype,
+    source_reuses_buffers: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Move uint8 NHWC CPU batches to `device` and normalise them there.
 
     On CUDA the next batch is copied and normalised on a side stream while the caller works on the current one
@@ -141,9 +145,21 @@ class Loader:
     backend: str = "?"
     order: str = "random"  # how train epochs are shuffled; the ffcv backend also offers "quasi_random"
 
-    def __init__(self, *, split: str, batch_size: int, resolution: int, num_samples: int, classes: list[str],
-                 drop_last: bool, rank: int, world_size: int, seed: int, device: torch.device | str,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        *,
+        split: str,
+        batch_size: int,
+        resolution: int,
+        num_samples: int,
+        classes: list[str],
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if dtype not in FLOAT_DTYPES:
@@ -161,15 +177,19 @@ class Loader:
         self.seed = int(seed)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device is cuda but torch sees no GPU; pass device='cpu' (every backend runs on the CPU)")
+            raise RuntimeError(
+                "device is cuda but torch sees no GPU; pass device='cpu' (every backend runs on the CPU)"
+            )
         self.dtype = dtype
         self.epoch = 0
         self.start_batch = 0
         self._len = batches_per_rank(self.num_samples, self.world_size, self.batch_size, self.drop_last)
         if self._len == 0:
-            raise ValueError(f"{self.num_samples} {split} samples cannot fill one batch of {self.batch_size} on each "
-                             f"of {self.world_size} ranks with drop_last=True; lower the batch size or use "
-                             "drop_last=False")
+            raise ValueError(
+                f"{self.num_samples} {split} samples cannot fill one batch of {self.batch_size} on each "
+                f"of {self.world_size} ranks with drop_last=True; lower the batch size or use "
+                "drop_last=False"
+            )
 
     @property
     def shuffle(self) -> bool:
@@ -207,8 +227,17 @@ class Loader:
 
     def _make_plan(self, epoch: int, **how) -> EpochPlan:
         """`how`: plan_epoch's order/shard options, for a backend with an order of its own."""
-        return plan_epoch(self.num_samples, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last, **how)
+        return plan_epoch(
+            self.num_samples,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            **how,
+        )
 
     def num_valid(self, batch_index: int, epoch: int | None = None) -> int:
         """Leading samples of batch `batch_index` that are real, not padding (drop_last=False under DDP)."""
@@ -219,13 +248,17 @@ class Loader:
         yield from self._batches(plan, start, resolution)
         self.epoch, self.start_batch = self.epoch + 1, 0
 
-    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, plan: EpochPlan, start_batch: int, resolution: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
     def describe(self) -> str:
-        return (f"{self.backend} {self.split}: {self.num_samples} images, {self.num_classes} classes, "
-                f"{len(self)} batches of {self.batch_size} per rank at {self.resolution} px "
-                f"(rank {self.rank}/{self.world_size}, {self.device}, {str(self.dtype).replace('torch.', '')})")
+        return (
+            f"{self.backend} {self.split}: {self.num_samples} images, {self.num_classes} classes, "
+            f"{len(self)} batches of {self.batch_size} per rank at {self.resolution} px "
+            f"(rank {self.rank}/{self.world_size}, {self.device}, {str(self.dtype).replace('torch.', '')})"
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"

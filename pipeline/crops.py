@@ -50,8 +50,9 @@ def uniforms(keys: np.ndarray, n: int) -> np.ndarray:
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def random_resized_crop_boxes(heights, widths, keys, scale: tuple[float, float] = (0.08, 1.0),
-                              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[np.ndarray, np.ndarray]:
+def random_resized_crop_boxes(
+    heights, widths, keys, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's RandomResizedCrop.get_params, vectorised, with draws from each sample's key.
 
     Returns (boxes (N, 4) int64 [top, left, h, w], flips (N,) bool). Up to 10 tries at an area in `scale` of the image
@@ -71,7 +72,7 @@ def random_resized_crop_boxes(heights, widths, keys, scale: tuple[float, float] 
     log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
     todo = np.arange(n)
     for t in range(ATTEMPTS):  # only the samples still without a box (most find one in the first try or two)
-        ut = u[todo, 4 * t:4 * t + 4]
+        ut = u[todo, 4 * t : 4 * t + 4]
         Ht, Wt = H[todo], W[todo]
         target = area[todo] * (scale[0] + (scale[1] - scale[0]) * ut[:, 0])
         aspect = np.exp(log_r0 + (log_r1 - log_r0) * ut[:, 1])

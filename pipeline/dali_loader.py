@@ -53,22 +53,30 @@ _RAW_DTYPES = [types.BOOL, types.INT32]
 
 def _graph(callback, *, raw: bool, gpu: bool, half: bool, decoder: dict):
     """The pipeline's operators. `raw`: the source holds raw samples, decided per sample by a DALI conditional."""
-    outputs = fn.external_source(source=callback, num_outputs=6 + 2 * raw, batch=True, batch_info=True,
-                                 dtype=_DTYPES + _RAW_DTYPES * raw)
+    outputs = fn.external_source(
+        source=callback, num_outputs=6 + 2 * raw, batch=True, batch_info=True, dtype=_DTYPES + _RAW_DTYPES * raw
+    )
     data, anchor, shape, mirror, size, labels = outputs[:6]
     if raw:
         is_raw, hwc = outputs[6:]
         if is_raw:
-            images = fn.slice(fn.reshape(data, shape=hwc, layout="HWC"), anchor, shape, axis_names="HW",
-                              out_of_bounds_policy="error")
+            images = fn.slice(
+                fn.reshape(data, shape=hwc, layout="HWC"), anchor, shape, axis_names="HW", out_of_bounds_policy="error"
+            )
             images = images.gpu() if gpu else images
         else:
             images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", **decoder)
     else:
         images = fn.decoders.image_slice(data, anchor, shape, axis_names="HW", **decoder)
     images = fn.resize(images, size=size, antialias=True)
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
-                                      mirror=mirror, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if half else types.FLOAT,
+        output_layout="HWC",
+        mirror=mirror,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+    )
     return images, labels.gpu() if gpu else labels
 
 
@@ -89,8 +97,16 @@ class _Feeder:
     forked meanwhile -- rn50 convert's writers are forked -- where DALI's destructor waits forever for threads the
     child does not have.)"""
 
-    def __init__(self, source, *, shuffle: bool, seed: int, scale: tuple[float, float], ratio: tuple[float, float],
-                 val_crop_ratio: float) -> None:
+    def __init__(
+        self,
+        source,
+        *,
+        shuffle: bool,
+        seed: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        val_crop_ratio: float,
+    ) -> None:
         self.source, self.shuffle, self.seed = source, shuffle, seed
         self.scale, self.ratio, self.val_crop_ratio = scale, ratio, val_crop_ratio
         self.feed: _Feed | None = None
@@ -107,12 +123,19 @@ class _Feeder:
         heights, widths = src.heights[indices], src.widths[indices]
         n = len(indices)
         if self.shuffle:
-            boxes, flips = random_resized_crop_boxes(heights, widths, sample_keys(self.seed, feed.epoch, indices),
-                                                     self.scale, self.ratio)
+            boxes, flips = random_resized_crop_boxes(
+                heights, widths, sample_keys(self.seed, feed.epoch, indices), self.scale, self.ratio
+            )
         else:
             boxes, flips = center_crop_boxes(heights, widths, self.val_crop_ratio), np.zeros(n, bool)
-        out = [data, boxes[:, :2].astype(np.int32), boxes[:, 2:].astype(np.int32), flips.astype(np.int32),
-               np.full((n, 2), feed.resolution, np.float32), src.labels[indices]]
+        out = [
+            data,
+            boxes[:, :2].astype(np.int32),
+            boxes[:, 2:].astype(np.int32),
+            flips.astype(np.int32),
+            np.full((n, 2), feed.resolution, np.float32),
+            src.labels[indices],
+        ]
         if src.num_raw:
             out += [src.modes[indices] == RAW_MODE, np.stack([heights, widths, np.full(n, 3)], 1).astype(np.int32)]
         self.pending.append((b, indices))
@@ -122,12 +145,30 @@ class _Feeder:
 class DALILoader(Loader):
     backend = "dali"
 
-    def __init__(self, data_dir: str | Path, *, split: str, batch_size: int, resolution: int, workers: int,
-                 device: torch.device | str, dtype: torch.dtype, rank: int, world_size: int, seed: int,
-                 drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 val_crop_ratio: float = VAL_CROP_RATIO, hw_decoder_load: float | None = None, dali_threads: int = 0,
-                 dali_prefetch: int = 0, nvjpeg_padding_mb: int | None = None,
-                 skip_listed_in: str | Path | None = None, source: str = "auto") -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        split: str,
+        batch_size: int,
+        resolution: int,
+        workers: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        rank: int,
+        world_size: int,
+        seed: int,
+        drop_last: bool,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        val_crop_ratio: float = VAL_CROP_RATIO,
+        hw_decoder_load: float | None = None,
+        dali_threads: int = 0,
+        dali_prefetch: int = 0,
+        nvjpeg_padding_mb: int | None = None,
+        skip_listed_in: str | Path | None = None,
+        source: str = "auto",
+    ) -> None:
         from pipeline.folders import beton_classes, has_beton
 
         data_dir = Path(data_dir)
@@ -141,18 +182,40 @@ class DALILoader(Loader):
         else:
             self.source = FolderSource(data_dir, split, skip_listed_in, max(1, int(workers)))
             classes = self.source.classes
-        super().__init__(split=split, batch_size=batch_size, resolution=resolution,
-                         num_samples=self.source.num_samples, classes=classes, drop_last=drop_last, rank=rank,
-                         world_size=world_size, seed=seed, device=device, dtype=dtype)
+        super().__init__(
+            split=split,
+            batch_size=batch_size,
+            resolution=resolution,
+            num_samples=self.source.num_samples,
+            classes=classes,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
         self.data_dir = data_dir
         self.scale, self.ratio, self.val_crop_ratio = tuple(scale), tuple(ratio), float(val_crop_ratio)
-        self.tuning: DaliTuning = resolve_tuning(self.device, workers, self.source.size_hint,
-                                                 hw_decoder_load=hw_decoder_load, threads=dali_threads,
-                                                 prefetch=dali_prefetch, nvjpeg_padding_mb=nvjpeg_padding_mb)
+        self.tuning: DaliTuning = resolve_tuning(
+            self.device,
+            workers,
+            self.source.size_hint,
+            hw_decoder_load=hw_decoder_load,
+            threads=dali_threads,
+            prefetch=dali_prefetch,
+            nvjpeg_padding_mb=nvjpeg_padding_mb,
+        )
         self.builds = 0  # pipelines built by this loader: 1 for its whole life, unless a DALI error forced another
         self._pipe = None
-        self._feeder = _Feeder(self.source, shuffle=self.shuffle, seed=self.seed, scale=self.scale, ratio=self.ratio,
-                               val_crop_ratio=self.val_crop_ratio)
+        self._feeder = _Feeder(
+            self.source,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            scale=self.scale,
+            ratio=self.ratio,
+            val_crop_ratio=self.val_crop_ratio,
+        )
         self._owner: object | None = None  # the loop that owns the pipeline's current DALI epoch
         self._unfinished = False  # a DALI epoch was left with batches queued (an abandoned loop)
 
@@ -166,8 +229,12 @@ class DALILoader(Loader):
 
     def describe(self) -> str:
         t = self.tuning
-        knobs = (f"hw_decoder_load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}, nvJPEG padding "
-                 f"{t.device_padding_mb}/{t.host_padding_mb} MiB" if self._gpu else f"{t.threads} threads")
+        knobs = (
+            f"hw_decoder_load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}, nvJPEG padding "
+            f"{t.device_padding_mb}/{t.host_padding_mb} MiB"
+            if self._gpu
+            else f"{t.threads} threads"
+        )
         return f"{super().describe()}; from the {self.source.kind} ({self.source.describe_storage()}); {knobs}"
 
     def close(self) -> None:
@@ -184,15 +251,31 @@ class DALILoader(Loader):
             t, raw = self.tuning, self.source.num_raw > 0
             decoder = dict(device="mixed" if self._gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
             if self._gpu:
-                decoder.update(hw_decoder_load=t.hw_decoder_load, device_memory_padding=t.device_padding_mb * MIB,
-                               host_memory_padding=t.host_padding_mb * MIB, preallocate_width_hint=t.width_hint,
-                               preallocate_height_hint=t.height_hint)
-            device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-                if self._gpu else None
+                decoder.update(
+                    hw_decoder_load=t.hw_decoder_load,
+                    device_memory_padding=t.device_padding_mb * MIB,
+                    host_memory_padding=t.host_padding_mb * MIB,
+                    preallocate_width_hint=t.width_hint,
+                    preallocate_height_hint=t.height_hint,
+                )
+            device_id = (
+                (self.device.index if self.device.index is not None else torch.cuda.current_device())
+                if self._gpu
+                else None
+            )
             build = pipeline_def(_graph, enable_conditionals=raw)
-            self._pipe = build(self._feeder, raw=raw, gpu=self._gpu, half=self.dtype != torch.float32,
-                               decoder=decoder, batch_size=self.batch_size, num_threads=t.threads,
-                               device_id=device_id, prefetch_queue_depth=t.prefetch, seed=0)
+            self._pipe = build(
+                self._feeder,
+                raw=raw,
+                gpu=self._gpu,
+                half=self.dtype != torch.float32,
+                decoder=decoder,
+                batch_size=self.batch_size,
+                num_threads=t.threads,
+                device_id=device_id,
+                prefetch_queue_depth=t.prefetch,
+                seed=0,
+            )
             self._pipe.build()
             self.builds += 1
         return self._pipe
@@ -233,7 +316,9 @@ class DALILoader(Loader):
 
     # ------------------------------------------------------------------ the loop
 
-    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, plan: EpochPlan, start_batch: int, resolution: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start_batch >= plan.num_batches:
             return
         pipe = self._pipeline()
@@ -244,8 +329,7 @@ class DALILoader(Loader):
         self._owner, self._unfinished = token, True
         feeder = self._feeder
         feeder.pending.clear()
-        feeder.feed = _Feed(((b, plan.batch(b)) for b in range(start_batch, plan.num_batches)), self.epoch,
-                            resolution)
+        feeder.feed = _Feed(((b, plan.batch(b)) for b in range(start_batch, plan.num_batches)), self.epoch, resolution)
         stream = torch.cuda.current_stream(self.device) if self._gpu else None
         try:
             self._schedule(pipe)
@@ -264,8 +348,10 @@ class DALILoader(Loader):
                 self._schedule(pipe)
                 yield batch
                 if self._owner is not token:
-                    raise RuntimeError("another loop over this DALI loader started while this one was paused; "
-                                       "only the newest loop may continue")
+                    raise RuntimeError(
+                        "another loop over this DALI loader started while this one was paused; "
+                        "only the newest loop may continue"
+                    )
             pipe.reset()
             self._unfinished = False
         finally:

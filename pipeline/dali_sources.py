@@ -45,8 +45,9 @@ class BetonSource:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir "
-                                    f"{self.path.parent}")
+            raise FileNotFoundError(
+                f"{self.path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir {self.path.parent}"
+            )
         try:
             column = image_column(read_index(self.path))
         except BetonFormatError as e:
@@ -80,7 +81,7 @@ class BetonSource:
         """Views of the samples' stored bytes (no copy: DALI copies them into its own buffers)."""
         buf = self._buffer()
         self.check(indices)
-        return [buf[p:p + s] for p, s in zip(self.ptrs[indices].tolist(), self.sizes[indices].tolist())]
+        return [buf[p : p + s] for p, s in zip(self.ptrs[indices].tolist(), self.sizes[indices].tolist())]
 
     def check(self, indices: np.ndarray) -> None:
         """SOI at the start and EOI at the end of every JPEG sample of the batch, vectorised (a few µs)."""
@@ -93,9 +94,11 @@ class BetonSource:
         if not ok.all():
             bad = jpeg[~ok]
             more = f" (and {len(bad) - 1} more in its batch)" if len(bad) > 1 else ""
-            raise SampleError(f"{self.sample_name(int(bad[0]))} is not a whole JPEG (no start/end marker where "
-                              f"the index puts it){more}: the file is damaged; re-convert it with rn50 convert, or "
-                              "copy it again if it came from elsewhere")
+            raise SampleError(
+                f"{self.sample_name(int(bad[0]))} is not a whole JPEG (no start/end marker where "
+                f"the index puts it){more}: the file is damaged; re-convert it with rn50 convert, or "
+                "copy it again if it came from elsewhere"
+            )
 
     def diagnose(self, indices: np.ndarray, error: str) -> SampleError:
         """After DALI failed on a batch: decode its JPEGs with PIL to name the sample that breaks."""
@@ -103,12 +106,16 @@ class BetonSource:
         for i in indices.tolist():
             if self.modes[i] != JPEG_MODE:
                 continue
-            why = _pil_error(buf[self.ptrs[i]:self.ptrs[i] + self.sizes[i]])
+            why = _pil_error(buf[self.ptrs[i] : self.ptrs[i] + self.sizes[i]])
             if why:
-                return SampleError(f"{self.sample_name(i)} cannot be decoded ({why}); the file is damaged: "
-                                   "re-convert it with rn50 convert")
-        return SampleError(f"{self.path}: DALI failed on the batch of samples {indices[:4].tolist()}... which PIL "
-                           f"decodes ({error.strip().splitlines()[-1][:200]}); try --loader ffcv")
+                return SampleError(
+                    f"{self.sample_name(i)} cannot be decoded ({why}); the file is damaged: "
+                    "re-convert it with rn50 convert"
+                )
+        return SampleError(
+            f"{self.path}: DALI failed on the batch of samples {indices[:4].tolist()}... which PIL "
+            f"decodes ({error.strip().splitlines()[-1][:200]}); try --loader ffcv"
+        )
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
@@ -193,23 +200,28 @@ class FolderSource:
                 with Image.open(io.BytesIO(data)) as im:
                     size = (im.height, im.width)
             except Exception as e:  # any PIL failure: the file is not an image we can read
-                raise SampleError(f"{self.sample_name(i)} is not a readable image ({type(e).__name__}); leave it "
-                                  "out with --skip-listed-in convert_report.json (rn50 convert lists such files) or "
-                                  "delete it") from None
+                raise SampleError(
+                    f"{self.sample_name(i)} is not a readable image ({type(e).__name__}); leave it "
+                    "out with --skip-listed-in convert_report.json (rn50 convert lists such files) or "
+                    "delete it"
+                ) from None
         self.heights[i], self.widths[i] = size
 
     def diagnose(self, indices: np.ndarray, error: str) -> SampleError:
         for i in indices.tolist():
             why = _pil_error(self._read_one(i))
             if why:
-                return SampleError(f"{self.sample_name(i)} cannot be decoded ({why}); leave it out with "
-                                   "--skip-listed-in convert_report.json (rn50 convert lists such files) or delete it")
-        return SampleError(f"{self.data_dir / self.split}: DALI failed on a batch that PIL decodes "
-                           f"({self.paths[int(indices[0])]} ...; {error.strip().splitlines()[-1][:200]}); "
-                           "try --loader torchvision")
+                return SampleError(
+                    f"{self.sample_name(i)} cannot be decoded ({why}); leave it out with "
+                    "--skip-listed-in convert_report.json (rn50 convert lists such files) or delete it"
+                )
+        return SampleError(
+            f"{self.data_dir / self.split}: DALI failed on a batch that PIL decodes "
+            f"({self.paths[int(indices[0])]} ...; {error.strip().splitlines()[-1][:200]}); "
+            "try --loader torchvision"
+        )
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-

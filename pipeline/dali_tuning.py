@@ -41,8 +41,19 @@ class DaliTuning:
     origin: str  # where the defaults came from, for describe() and the benchmark files
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("hw_decoder_load", "threads", "prefetch", "device_padding_mb",
-                                               "host_padding_mb", "width_hint", "height_hint", "origin")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "hw_decoder_load",
+                "threads",
+                "prefetch",
+                "device_padding_mb",
+                "host_padding_mb",
+                "width_hint",
+                "height_hint",
+                "origin",
+            )
+        }
 
 
 def gpu_kind(device: torch.device) -> str:
@@ -53,13 +64,22 @@ def gpu_kind(device: torch.device) -> str:
     return "hopper" if major == 9 else "gpu"
 
 
-def resolve_tuning(device: torch.device, workers: int, size_hint: tuple[int, int], *,
-                   hw_decoder_load: float | None = None, threads: int = 0, prefetch: int = 0,
-                   nvjpeg_padding_mb: int | None = None) -> DaliTuning:
+def resolve_tuning(
+    device: torch.device,
+    workers: int,
+    size_hint: tuple[int, int],
+    *,
+    hw_decoder_load: float | None = None,
+    threads: int = 0,
+    prefetch: int = 0,
+    nvjpeg_padding_mb: int | None = None,
+) -> DaliTuning:
     """The knobs a pipeline is built with: explicit values win; None/0 (and a negative hw_decoder_load or padding,
     the trainer's "auto") take the GPU kind's default. size_hint: (width, height) of the largest image."""
     if hw_decoder_load is not None and hw_decoder_load >= 0 and not 0 <= hw_decoder_load <= 1:
-        raise ValueError(f"hw_decoder_load must be in [0, 1] (or negative for the GPU's default), got {hw_decoder_load}")
+        raise ValueError(
+            f"hw_decoder_load must be in [0, 1] (or negative for the GPU's default), got {hw_decoder_load}"
+        )
     if threads < 0 or prefetch < 0:
         raise ValueError(f"dali threads and prefetch must be >= 0 (0: the GPU's default), got {threads}, {prefetch}")
     kind = gpu_kind(device)
@@ -80,9 +100,18 @@ def resolve_tuning(device: torch.device, workers: int, size_hint: tuple[int, int
         else:
             dev_pad = host_pad = nvjpeg_padding_mb
         origin = "CPU pipeline" if kind == "cpu" else "DALI's defaults"
-    explicit = [name for name, given in (("hw_decoder_load", not auto_load), ("threads", threads > 0),
-                                         ("prefetch", prefetch > 0), ("padding", not auto_pad)) if given]
+    explicit = [
+        name
+        for name, given in (
+            ("hw_decoder_load", not auto_load),
+            ("threads", threads > 0),
+            ("prefetch", prefetch > 0),
+            ("padding", not auto_pad),
+        )
+        if given
+    ]
     if explicit:
         origin += f"; set: {', '.join(explicit)}"
-    return DaliTuning(float(load), int(n), int(depth), int(dev_pad), int(host_pad), int(size_hint[0]),
-                      int(size_hint[1]), origin)
+    return DaliTuning(
+        float(load), int(n), int(depth), int(dev_pad), int(host_pad), int(size_hint[0]), int(size_hint[1]), origin
+    )

@@ -118,11 +118,15 @@ class KeyedResizedCrop(Operation):
         max_height = np.uint64(self.metadata["height"].max())
         output_shape = (self.output_size[0], self.output_size[1], 3)
         u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
-                (AllocationQuery(output_shape, u8),
-                 AllocationQuery((max_height * max_width * np.uint64(3),), u8),
-                 AllocationQuery((PARAMS,), np.dtype("<i8")),
-                 AllocationQuery((1,), np.dtype("<i8"))))
+        return (
+            replace(previous_state, jit_mode=True, shape=output_shape, dtype=u8),
+            (
+                AllocationQuery(output_shape, u8),
+                AllocationQuery((max_height * max_width * np.uint64(3),), u8),
+                AllocationQuery((PARAMS,), np.dtype("<i8")),
+                AllocationQuery((1,), np.dtype("<i8")),
+            ),
+        )
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
@@ -308,30 +312,59 @@ class _FFCVLoader(_FFCVBaseLoader):
 class FFCVLoader(Loader):
     backend = "ffcv"
 
-    def __init__(self, data_dir: str | Path, *, split: str, batch_size: int, resolution: int, workers: int,
-                 device: torch.device | str, dtype: torch.dtype, rank: int, world_size: int, seed: int,
-                 drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 val_crop_ratio: float = VAL_CROP_RATIO, os_cache: bool = True, order: str = "random",
-                 batches_ahead: int = 3) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        split: str,
+        batch_size: int,
+        resolution: int,
+        workers: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        rank: int,
+        world_size: int,
+        seed: int,
+        drop_last: bool,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        val_crop_ratio: float = VAL_CROP_RATIO,
+        os_cache: bool = True,
+        order: str = "random",
+        batches_ahead: int = 3,
+    ) -> None:
         from dataset_tools.beton_format import read_index
 
         data_dir = Path(data_dir)
         path = data_dir / f"{split}.beton"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir "
-                                    f"{data_dir}")
+            raise FileNotFoundError(
+                f"{path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir {data_dir}"
+            )
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order must be random or quasi_random, got {order!r}")
         index = read_index(path)
         if "image" not in index.field_names or "label" not in index.field_names:
             raise ValueError(f"{path}: fields {index.field_names}, expected 'image' and 'label' (rn50 convert)")
-        super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=index.num_samples,
-                         classes=beton_classes(data_dir), drop_last=drop_last, rank=rank, world_size=world_size,
-                         seed=seed, device=device, dtype=dtype)
+        super().__init__(
+            split=split,
+            batch_size=batch_size,
+            resolution=resolution,
+            num_samples=index.num_samples,
+            classes=beton_classes(data_dir),
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
         self.path, self.workers, self.os_cache, self.order = path, decode_threads(workers), bool(os_cache), order
         if self.workers > numba.config.NUMBA_NUM_THREADS:
-            raise ValueError(f"workers={self.workers}, but numba runs at most {numba.config.NUMBA_NUM_THREADS} threads "
-                             "here (NUMBA_NUM_THREADS, by default the number of cores); lower workers")
+            raise ValueError(
+                f"workers={self.workers}, but numba runs at most {numba.config.NUMBA_NUM_THREADS} threads "
+                "here (NUMBA_NUM_THREADS, by default the number of cores); lower workers"
+            )
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         image_meta = index.metadata[f"f{index.field_names.index('image')}"]
         self._heights = image_meta["height"].astype(np.int64)
@@ -341,7 +374,9 @@ class FFCVLoader(Loader):
             alloc = index.alloc_table
             pages = np.full(index.num_samples, np.iinfo(np.int64).max, np.int64)
             # a sample may span pages (or own several allocations): group it by the first page it touches
-            np.minimum.at(pages, alloc["sample_id"].astype(np.int64), (alloc["ptr"] // index.page_size).astype(np.int64))
+            np.minimum.at(
+                pages, alloc["sample_id"].astype(np.int64), (alloc["ptr"] // index.page_size).astype(np.int64)
+            )
             self._sample_pages = pages
 
         size = (self.resolution, self.resolution)
@@ -350,9 +385,17 @@ class FFCVLoader(Loader):
         pipelines["image"] = PipelineSpec("image", decoder=self._decoder, transforms=[ToTensor()])
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
         with _torch_threads_kept():
-            self._ffcv = _FFCVLoader(str(path), batch_size=self.batch_size, num_workers=self.workers,
-                                     os_cache=os_cache, order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
-                                     drop_last=False, seed=self.seed, pipelines=pipelines, batches_ahead=batches_ahead)
+            self._ffcv = _FFCVLoader(
+                str(path),
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                os_cache=os_cache,
+                order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
+                drop_last=False,
+                seed=self.seed,
+                pipelines=pipelines,
+                batches_ahead=batches_ahead,
+            )
         self._fields = list(self._ffcv.pipeline_specs)  # output order of FFCV's batches
         self._node_id = self._ffcv.graph.operation_to_node[self._decoder][0].id
 
@@ -380,19 +423,22 @@ class FFCVLoader(Loader):
             c = first // chunk
             if c not in cache:
                 cache.clear()
-                sel = order[c * chunk:(c + 1) * chunk].astype(np.int64)
-                cache[c] = random_resized_crop_boxes(heights[sel], widths[sel], sample_keys(seed, epoch, sel),
-                                                     scale, ratio)
+                sel = order[c * chunk : (c + 1) * chunk].astype(np.int64)
+                cache[c] = random_resized_crop_boxes(
+                    heights[sel], widths[sel], sample_keys(seed, epoch, sel), scale, ratio
+                )
             boxes, flips = cache[c]
             off = first - c * chunk
-            params[:, :4] = boxes[off:off + len(indices)]
-            params[:, 4] = flips[off:off + len(indices)]
+            params[:, :4] = boxes[off : off + len(indices)]
+            params[:, 4] = flips[off : off + len(indices)]
 
         return fill
 
-    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, plan: EpochPlan, start_batch: int, resolution: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._decoder.output_size = (resolution, resolution)
-        order = plan.indices[start_batch * self.batch_size:].astype(np.uint64)
+        order = plan.indices[start_batch * self.batch_size :].astype(np.uint64)
         if len(order) == 0:  # resumed at the very end of an epoch
             return
         fill = self._crop_filler(self.epoch, order) if self.shuffle else None

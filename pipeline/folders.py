@@ -12,12 +12,16 @@ def folder_classes(data_dir: Path, split: str) -> list[str]:
     reference = data_dir / "train" if (data_dir / "train").is_dir() else data_dir / split
     classes = list_classes(reference) if reference.is_dir() else []
     if not classes:
-        raise FileNotFoundError(f"{reference}: no class folders; expected {reference}/<wnid>/*.JPEG "
-                                "(a flat val folder? sort it first: rn50 organize-val)")
+        raise FileNotFoundError(
+            f"{reference}: no class folders; expected {reference}/<wnid>/*.JPEG "
+            "(a flat val folder? sort it first: rn50 organize-val)"
+        )
     return classes
 
 
-def folder_listing(data_dir: Path, split: str, exclude: set[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+def folder_listing(
+    data_dir: Path, split: str, exclude: set[str] | None = None
+) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, [(path, label)]) in ImageFolder order, leaving out the resolved paths in `exclude`."""
     split_dir = data_dir / split
     if not split_dir.is_dir():
@@ -32,7 +36,9 @@ def folder_listing(data_dir: Path, split: str, exclude: set[str] | None = None) 
     return classes, files
 
 
-def loader_listing(data_dir: str | Path, split: str, skip_listed_in: str | Path | None) -> tuple[list[str], list[tuple[str, int]]]:
+def loader_listing(
+    data_dir: str | Path, split: str, skip_listed_in: str | Path | None
+) -> tuple[list[str], list[tuple[str, int]]]:
     """folder_listing for the folder backends, leaving out what convert_report.json `skip_listed_in` lists as faulty
     (DALI cannot skip a corrupt file by itself; PIL would raise mid-epoch)."""
     exclude = skipped_in_report(Path(skip_listed_in)) if skip_listed_in else set()

@@ -29,7 +29,7 @@ class EpochPlan:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def batch(self, b: int) -> np.ndarray:
-        return self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+        return self.indices[b * self.batch_size : (b + 1) * self.batch_size]
 
     def num_valid(self, b: int) -> int:
         """How many leading samples of batch `b` are real (not padding)."""
@@ -64,9 +64,19 @@ def page_grouped_order(sample_pages: np.ndarray, seed: int, epoch: int, window_p
     return np.lexsort((rng.random(len(sample_pages)), window)).astype(np.int64)
 
 
-def plan_epoch(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
-               batch_size: int, drop_last: bool, order: np.ndarray | None = None,
-               shard: str = "interleave") -> EpochPlan:
+def plan_epoch(
+    num_samples: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    drop_last: bool,
+    order: np.ndarray | None = None,
+    shard: str = "interleave",
+) -> EpochPlan:
     """This rank's part of the epoch. `order`: a precomputed order of all samples (default `epoch_order`).
     shard="interleave": rank r takes every world_size-th sample (like DistributedSampler); "block": rank r takes the
     r-th contiguous block, which keeps a page-grouped order's locality per rank. Padding (drop_last=False) always
@@ -86,10 +96,12 @@ def plan_epoch(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: 
     if drop_last:
         per_rank = num_samples // (world_size * batch_size) * batch_size
         if per_rank == 0:
-            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} "
-                             "ranks with drop_last=True; lower the batch size or use drop_last=False")
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} "
+                "ranks with drop_last=True; lower the batch size or use drop_last=False"
+            )
         used = order[: per_rank * world_size]
-        mine = used[rank::world_size] if shard == "interleave" else used[rank * per_rank:(rank + 1) * per_rank]
+        mine = used[rank::world_size] if shard == "interleave" else used[rank * per_rank : (rank + 1) * per_rank]
         return EpochPlan(np.ascontiguousarray(mine, dtype=np.int64), per_rank, batch_size)
     per_rank = math.ceil(num_samples / world_size)
     padded = np.resize(order, per_rank * world_size)  # np.resize repeats from the start
@@ -97,6 +109,6 @@ def plan_epoch(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank: 
         mine = padded[rank::world_size]
         num_real = len(range(rank, num_samples, world_size))
     else:
-        mine = padded[rank * per_rank:(rank + 1) * per_rank]
+        mine = padded[rank * per_rank : (rank + 1) * per_rank]
         num_real = min(max(num_samples - rank * per_rank, 0), per_rank)
     return EpochPlan(np.ascontiguousarray(mine, dtype=np.int64), num_real, batch_size)

@@ -46,8 +46,15 @@ MAX_NAMED = 20  # undecodable files named one by one on stderr; more are counted
 class FolderCrops(Dataset):
     """Dataset keyed by (index, epoch, resolution) -> (uint8 (R, R, 3) array, label, undecodable files passed over)."""
 
-    def __init__(self, files: list[tuple[str, int]], train: bool, seed: int, scale: tuple[float, float],
-                 ratio: tuple[float, float], val_crop_ratio: float) -> None:
+    def __init__(
+        self,
+        files: list[tuple[str, int]],
+        train: bool,
+        seed: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        val_crop_ratio: float,
+    ) -> None:
         self.files = files
         self.train = train
         self.seed = seed
@@ -76,10 +83,15 @@ class FolderCrops(Dataset):
     def failure(self, skipped: list[tuple[str, str]]) -> str:
         """The error for a sample that found no decodable file among the ones it tried."""
         (first, reason), n = skipped[0], len(self.files)
-        more = (f"and no file of the {n} in this split can be decoded" if n <= MAX_CONSECUTIVE_BAD else
-                f"and neither can the next {len(skipped) - 1} files (a damaged folder?)")
-        return (f"{first}: cannot be decoded ({reason}), {more}; check the folder "
-                "(rn50 convert lists undecodable files in convert_report.json)")
+        more = (
+            f"and no file of the {n} in this split can be decoded"
+            if n <= MAX_CONSECUTIVE_BAD
+            else f"and neither can the next {len(skipped) - 1} files (a damaged folder?)"
+        )
+        return (
+            f"{first}: cannot be decoded ({reason}), {more}; check the folder "
+            "(rn50 convert lists undecodable files in convert_report.json)"
+        )
 
     def _crop(self, im, index: int, epoch: int, resolution: int) -> np.ndarray:
         from PIL import Image
@@ -87,8 +99,9 @@ class FolderCrops(Dataset):
         width, height = im.size
         flip = False
         if self.train:
-            boxes, flips = random_resized_crop_boxes([height], [width], sample_keys(self.seed, epoch, [index]),
-                                                     self.scale, self.ratio)
+            boxes, flips = random_resized_crop_boxes(
+                [height], [width], sample_keys(self.seed, epoch, [index]), self.scale, self.ratio
+            )
             flip = bool(flips[0])
         else:
             boxes = center_crop_boxes([height], [width], self.val_crop_ratio)
@@ -135,8 +148,9 @@ def _start_worker(parent_pid: int | None, worker_id: int) -> None:
     _worker_init(worker_id)
 
 
-def collate_uint8(samples: list[tuple[np.ndarray | None, int, list]]
-                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list | None]:
+def collate_uint8(
+    samples: list[tuple[np.ndarray | None, int, list]],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list | None]:
     """(images, labels, undecodable files passed over, None) -- or (None, None, ..., the failed sample's tries)."""
     skipped = [item for s in samples for item in s[2]]
     failed = next((s[2] for s in samples if s[0] is None), None)
@@ -174,26 +188,56 @@ class _PlannedBatches:
 class TorchvisionLoader(Loader):
     backend = "torchvision"
 
-    def __init__(self, data_dir: str | Path, *, split: str, batch_size: int, resolution: int, workers: int,
-                 device: torch.device | str, dtype: torch.dtype, rank: int, world_size: int, seed: int,
-                 drop_last: bool, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 val_crop_ratio: float = VAL_CROP_RATIO, prefetch_factor: int = 2,
-                 skip_listed_in: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        split: str,
+        batch_size: int,
+        resolution: int,
+        workers: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        rank: int,
+        world_size: int,
+        seed: int,
+        drop_last: bool,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        val_crop_ratio: float = VAL_CROP_RATIO,
+        prefetch_factor: int = 2,
+        skip_listed_in: str | Path | None = None,
+    ) -> None:
         from pipeline.folders import loader_listing
 
         classes, files = loader_listing(data_dir, split, skip_listed_in)
-        super().__init__(split=split, batch_size=batch_size, resolution=resolution, num_samples=len(files),
-                         classes=classes, drop_last=drop_last, rank=rank, world_size=world_size, seed=seed,
-                         device=device, dtype=dtype)
+        super().__init__(
+            split=split,
+            batch_size=batch_size,
+            resolution=resolution,
+            num_samples=len(files),
+            classes=classes,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
         self.data_dir = Path(data_dir)
         self.workers = int(workers)
         self.dataset = FolderCrops(files, split == "train", self.seed, tuple(scale), tuple(ratio), val_crop_ratio)
         self._sampler = _PlannedBatches()
         self._dataloader = DataLoader(
-            self.dataset, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=collate_uint8,
-            pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+            self.dataset,
+            batch_sampler=self._sampler,
+            num_workers=self.workers,
+            collate_fn=collate_uint8,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0,
             worker_init_fn=functools.partial(_start_worker, None),
-            prefetch_factor=prefetch_factor if self.workers > 0 else None)
+            prefetch_factor=prefetch_factor if self.workers > 0 else None,
+        )
         self.skipped: dict[str, str] = {}  # undecodable files met so far: path -> reason
         if self.workers > 0:
             _OPEN.add(self)
@@ -223,18 +267,28 @@ class TorchvisionLoader(Loader):
                 self.skipped[path] = reason
                 where = f" (rank {self.rank})" if self.world_size > 1 else ""
                 if len(self.skipped) <= MAX_NAMED:
-                    print(f"rn50 data{where}: skipped {path}: cannot be decoded ({reason}); the next file takes its "
-                          "place; remove or replace it", file=sys.stderr, flush=True)
+                    print(
+                        f"rn50 data{where}: skipped {path}: cannot be decoded ({reason}); the next file takes its "
+                        "place; remove or replace it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 elif len(self.skipped) == MAX_NAMED + 1:
-                    print(f"rn50 data{where}: more than {MAX_NAMED} undecodable files in {self.data_dir / self.split}; "
-                          "further ones are skipped without a word (rn50 convert lists them all)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"rn50 data{where}: more than {MAX_NAMED} undecodable files in {self.data_dir / self.split}; "
+                        "further ones are skipped without a word (rn50 convert lists them all)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             yield images, labels
 
-    def _batches(self, plan: EpochPlan, start_batch: int, resolution: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(
+        self, plan: EpochPlan, start_batch: int, resolution: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
-        self._sampler.batches = [[(int(i), epoch, resolution) for i in plan.batch(b)]
-                                 for b in range(start_batch, plan.num_batches)]
+        self._sampler.batches = [
+            [(int(i), epoch, resolution) for i in plan.batch(b)] for b in range(start_batch, plan.num_batches)
+        ]
         # workers (started by this loop if none are alive) watch the process that iterates, not the one that built us
         self._dataloader.worker_init_fn = functools.partial(_start_worker, os.getpid())
         try:

@@ -23,10 +23,28 @@ RUNNER = REPO / "tests" / "_resume_runner.py"
 # ResNet-18 at 32 px on the synth fixtures (photo-like, 64 train / 16 val images: flat-colour images would hide a
 # crop that differs): batch 8 with 2-step accumulation makes 4 optimizer steps per epoch; every batch augmentation
 # and the EMA are on, so the per-batch seeds and the EMA state are part of what must survive a kill.
-TINY = {"loader": "torchvision", "arch": "resnet18", "res": 32, "val_res": 32, "batch_size": 8, "grad_accum": 2,
-        "workers": 0, "epochs": 2, "max_lr": 0.05, "precision": "fp32", "progress": False, "log_every": 2,
-        "deterministic": True, "checkpoint_every": 1, "ema": True, "ema_decay": 0.9, "mixup": 0.2, "cutmix": 1.0,
-        "random_erase": 0.25, "auto_augment": "trivialaugment"}
+TINY = {
+    "loader": "torchvision",
+    "arch": "resnet18",
+    "res": 32,
+    "val_res": 32,
+    "batch_size": 8,
+    "grad_accum": 2,
+    "workers": 0,
+    "epochs": 2,
+    "max_lr": 0.05,
+    "precision": "fp32",
+    "progress": False,
+    "log_every": 2,
+    "deterministic": True,
+    "checkpoint_every": 1,
+    "ema": True,
+    "ema_decay": 0.9,
+    "mixup": 0.2,
+    "cutmix": 1.0,
+    "random_erase": 0.25,
+    "auto_augment": "trivialaugment",
+}
 
 _CACHE: dict[str, Path] = {}
 
@@ -66,12 +84,19 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def run_killed(argv: list[str], event: str = "none", n: int = 0, sig: str = "KILL",
-               timeout: float = 300) -> subprocess.CompletedProcess:
+def run_killed(
+    argv: list[str], event: str = "none", n: int = 0, sig: str = "KILL", timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the trainer in a subprocess that sends itself `sig` at the n-th `event` (see _resume_runner)."""
     spec = json.dumps({"event": event, "n": n, "signal": sig})
-    return subprocess.run([sys.executable, str(RUNNER), spec, "--", *argv], capture_output=True, text=True,
-                          env=env(), cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(RUNNER), spec, "--", *argv],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def killed_by(r: subprocess.CompletedProcess, sig: int = signal.SIGKILL) -> bool:
@@ -88,8 +113,19 @@ def records(out: Path, run: str = "r") -> list[dict]:
     return json.loads((out / "logs" / run / "training_log.json").read_text())
 
 
-LOGGED = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "ema_top1", "lr", "res", "step",
-          "val_samples")
+LOGGED = (
+    "epoch",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "ema_top1",
+    "lr",
+    "res",
+    "step",
+    "val_samples",
+)
 
 
 def assert_same_final_state(expected: Path, actual: Path, run: str = "r") -> None:

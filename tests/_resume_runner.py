@@ -36,10 +36,18 @@ def main() -> int:
     spec = json.loads(sys.argv[1])
     if isinstance(spec, list):
         rank, attempt = int(os.environ.get("RANK", 0)), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        spec = next((s for s in spec if s.get("rank", rank) == rank and s.get("attempt", attempt) == attempt
-                     and attempt >= s.get("from_attempt", 0) and not Path(s.get("once", "/nonexistent")).exists()),
-                    {})
-    argv = sys.argv[sys.argv.index("--") + 1:]
+        spec = next(
+            (
+                s
+                for s in spec
+                if s.get("rank", rank) == rank
+                and s.get("attempt", attempt) == attempt
+                and attempt >= s.get("from_attempt", 0)
+                and not Path(s.get("once", "/nonexistent")).exists()
+            ),
+            {},
+        )
+    argv = sys.argv[sys.argv.index("--") + 1 :]
     event, n = spec.get("event", "none"), int(spec.get("n", 0))
     signum = getattr(signal, "SIG" + spec.get("signal", "KILL"))
 

@@ -8,8 +8,17 @@ from pathlib import Path
 _CACHE: dict[str, object] = {}
 
 # A run small enough for two CPU cores: ResNet-18 at 48 px; on learnable_data 10 steps of 16 images per epoch.
-TINY = {"loader": "torchvision", "arch": "resnet18", "res": 48, "val_res": 48, "batch_size": 16, "workers": 0,
-        "progress": False, "log_every": 3, "precision": "fp32"}
+TINY = {
+    "loader": "torchvision",
+    "arch": "resnet18",
+    "res": 48,
+    "val_res": 48,
+    "batch_size": 16,
+    "workers": 0,
+    "progress": False,
+    "log_every": 3,
+    "precision": "fp32",
+}
 
 
 def argv(data: Path, out: Path, run: str, **overrides) -> list[str]:
@@ -30,8 +39,17 @@ def learnable_data(tmp_path_factory) -> Path:
         from dataset_tools.synth import synthesize
 
         root = tmp_path_factory.mktemp("train_synth")
-        synthesize(root, num_classes=4, train_per_class=40, val_per_class=10, seed=0, workers=1, min_short=56,
-                   max_short=80, progress=False)
+        synthesize(
+            root,
+            num_classes=4,
+            train_per_class=40,
+            val_per_class=10,
+            seed=0,
+            workers=1,
+            min_short=56,
+            max_short=80,
+            progress=False,
+        )
         _CACHE["learnable"] = root
     return _CACHE["learnable"]  # type: ignore[return-value]
 

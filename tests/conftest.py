@@ -33,8 +33,13 @@ def coded_value(label: int, index: int) -> tuple[int, int, int]:
     return 40 * label + 20, 8 * (index % 30) + 8, 128
 
 
-def make_coded_dataset(root: Path, classes: int = CODED_CLASSES, train_per_class: int = CODED_TRAIN_PER_CLASS,
-                       val_per_class: int = CODED_VAL_PER_CLASS, size: tuple[int, int] = (96, 80)) -> Path:
+def make_coded_dataset(
+    root: Path,
+    classes: int = CODED_CLASSES,
+    train_per_class: int = CODED_TRAIN_PER_CLASS,
+    val_per_class: int = CODED_VAL_PER_CLASS,
+    size: tuple[int, int] = (96, 80),
+) -> Path:
     """ImageNet layout; wnids n0000000<label> so sorted order == label. Returns root."""
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for label in range(classes):
@@ -56,8 +61,11 @@ def pytest_collection_finish(session):
         folder = folder.parent
     free_gb = shutil.disk_usage(folder).free / 1e9
     if free_gb < SUITE_DISK_GB:
-        pytest.exit(f"the test suite needs ~{SUITE_DISK_GB:.0f} GB free under {folder}, which has {free_gb:.1f} GB: "
-                    "free space there, or point TMPDIR (or pytest --basetemp) at a disk with room", returncode=1)
+        pytest.exit(
+            f"the test suite needs ~{SUITE_DISK_GB:.0f} GB free under {folder}, which has {free_gb:.1f} GB: "
+            "free space there, or point TMPDIR (or pytest --basetemp) at a disk with room",
+            returncode=1,
+        )
 
 
 def has_module(name: str) -> bool:
@@ -76,8 +84,17 @@ def synth_root(tmp_path_factory) -> Path:
     from dataset_tools.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
-    synthesize(root, num_classes=4, train_per_class=16, val_per_class=4, seed=0, workers=2, min_short=96,
-               max_short=160, progress=False)
+    synthesize(
+        root,
+        num_classes=4,
+        train_per_class=16,
+        val_per_class=4,
+        seed=0,
+        workers=2,
+        min_short=96,
+        max_short=160,
+        progress=False,
+    )
     return root
 
 

@@ -90,8 +90,9 @@ def test_same_generator_seed_same_result_and_lambda_follows_beta():
     a, b = (recipe(images, labels, epoch=1, batch=2) for _ in range(2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # the weight on the sample's own label is lam ~ Beta(0.2, 0.2): mostly near 0 or 1, mean 0.5
-    lams = np.array([float(mixup(images, labels, alpha=0.2, num_classes=C, generator=gen(s))[1][0, labels[0]])
-                     for s in range(400)])
+    lams = np.array(
+        [float(mixup(images, labels, alpha=0.2, num_classes=C, generator=gen(s))[1][0, labels[0]]) for s in range(400)]
+    )
     own_is_prev = labels[0] == labels[-1]
     if not own_is_prev:
         assert abs(lams.mean() - 0.5) < 0.08 and np.mean((lams < 0.1) | (lams > 0.9)) > 0.5
@@ -121,7 +122,7 @@ def test_random_erasing_changes_exactly_the_box():
     boxes = erasing_boxes(32, 32, 32, p=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), generator=gen(3))
     for img, new, (t, l_, bh, bw) in zip(images, out, boxes.tolist(), strict=True):
         inside = torch.zeros(32, 32, dtype=torch.bool)
-        inside[t:t + bh, l_:l_ + bw] = True
+        inside[t : t + bh, l_ : l_ + bw] = True
         assert torch.equal(new[:, ~inside], img[:, ~inside])
         assert (new[:, inside] == 0).all()
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -130,10 +131,22 @@ def test_random_erasing_changes_exactly_the_box():
     assert not torch.equal(noisy, out)
 
 
-MAGNITUDES = {"ShearX": [0.3, -0.6], "ShearY": [0.5], "TranslateX": [7.9, -12.0], "TranslateY": [5.0],
-              "Rotate": [30.0, -100.0], "Brightness": [0.4, -0.5], "Color": [0.6, -0.9], "Contrast": [0.5, -0.4],
-              "Sharpness": [0.9, -0.7], "Posterize": [2.0, 5.0, 8.0], "Solarize": [0.5, 0.1],
-              "AutoContrast": [0.0], "Equalize": [0.0], "Identity": [0.0]}
+MAGNITUDES = {
+    "ShearX": [0.3, -0.6],
+    "ShearY": [0.5],
+    "TranslateX": [7.9, -12.0],
+    "TranslateY": [5.0],
+    "Rotate": [30.0, -100.0],
+    "Brightness": [0.4, -0.5],
+    "Color": [0.6, -0.9],
+    "Contrast": [0.5, -0.4],
+    "Sharpness": [0.9, -0.7],
+    "Posterize": [2.0, 5.0, 8.0],
+    "Solarize": [0.5, 0.1],
+    "AutoContrast": [0.0],
+    "Equalize": [0.0],
+    "Identity": [0.0],
+}
 
 
 @pytest.mark.parametrize("name", TRIVIAL_AUGMENT_OPS)
@@ -243,11 +256,11 @@ def test_auto_augment_batch_equals_the_steps_applied_one_sample_at_a_time():
     steps = auto_augment_params(48, 24, 24, generator=gen(5))
     x = to_pixels(images)
     for i in range(48):
-        xi = x[i:i + 1]
+        xi = x[i : i + 1]
         for names, mags in steps:
             if names[i] != "Identity":
-                xi = apply_op(xi, names[i], mags[i:i + 1], AUTO_AUGMENT_OPS)
-        torch.testing.assert_close(to_pixels(out[i:i + 1]), xi, atol=1e-3, rtol=0)
+                xi = apply_op(xi, names[i], mags[i : i + 1], AUTO_AUGMENT_OPS)
+        torch.testing.assert_close(to_pixels(out[i : i + 1]), xi, atol=1e-3, rtol=0)
     assert any(names[i] != "Identity" for names, _ in steps for i in range(48))
     half, _ = batch(32, dtype=torch.bfloat16)
     a = auto_augment(half, generator=gen(1))

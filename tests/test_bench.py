@@ -26,7 +26,12 @@ def check_outputs(out: Path, name: str) -> dict:
 def test_bench_step_cpu(tmp_path):
     from training.cli import main as rn50
 
-    assert rn50(["bench", "step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY) == 0
+    assert (
+        rn50(
+            ["bench", "step", "--res", "32,48", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY
+        )
+        == 0
+    )
     data = check_outputs(tmp_path, "step")
     assert [r["res"] for r in data["results"]] == [32, 48]
     for r in data["results"]:
@@ -48,8 +53,20 @@ def test_bench_step_levers_one_row_each(tmp_path):
     from benchmarks.step_bench import lever
     from training.cli import main as rn50
 
-    args = ["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--levers",
-            "eager,fused,normalize-inside,pad4", "--out", str(tmp_path)] + TINY
+    args = [
+        "bench",
+        "step",
+        "--res",
+        "32",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--levers",
+        "eager,fused,normalize-inside,pad4",
+        "--out",
+        str(tmp_path),
+    ] + TINY
     assert rn50(args) == 0
     rows = {r["lever"]: r for r in check_outputs(tmp_path, "step")["results"]}
     assert list(rows) == ["eager", "fused", "normalize-inside", "pad4"]
@@ -82,8 +99,24 @@ def test_pad4_stem_computes_the_same_function():
 def test_bench_keepup_cpu(tmp_path, coded_betons):
     from training.cli import main as rn50
 
-    args = ["bench", "keepup", "--data-dir", str(coded_betons), "--backend", "ffcv", "--res", "32", "--workers", "1",
-            "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path)] + TINY
+    args = [
+        "bench",
+        "keepup",
+        "--data-dir",
+        str(coded_betons),
+        "--backend",
+        "ffcv",
+        "--res",
+        "32",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path),
+    ] + TINY
     assert rn50(args) == 0
     data = check_outputs(tmp_path, "keepup")
     (r,) = data["results"]
@@ -106,8 +139,23 @@ def test_keepup_advice_names_the_first_fix():
 def test_bench_convert_tiny(tmp_path, coded_root):
     from training.cli import main as rn50
 
-    assert rn50(["bench", "convert", "--data-dir", str(coded_root), "--workers", "1", "--rounds", "1", "--out",
-                 str(tmp_path)]) == 0
+    assert (
+        rn50(
+            [
+                "bench",
+                "convert",
+                "--data-dir",
+                str(coded_root),
+                "--workers",
+                "1",
+                "--rounds",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     data = check_outputs(tmp_path, "convert")
     assert data["images"] == 48
     for writer in ("rn50 convert", "ffcv DatasetWriter"):
@@ -171,7 +219,13 @@ def test_summary_collects_every_result(tmp_path):
     from benchmarks.summary import main
     from training.cli import main as rn50
 
-    assert rn50(["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")] + TINY) == 0
+    assert (
+        rn50(
+            ["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")]
+            + TINY
+        )
+        == 0
+    )
     assert main([str(tmp_path)]) == 0
     text = (tmp_path / "summary.md").read_text()
     assert "train step alone, eager" in text and "| 32 |" in text

@@ -9,25 +9,52 @@ from conftest import requires_dali, requires_ffcv
 
 from benchmarks.loader_bench import main
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")
 
 
 @requires_ffcv
 @requires_dali
 def test_all_backends_write_results(coded_root, coded_betons, tmp_path):
-    rc = main(["--data-dir", str(coded_betons), "--image-folder", str(coded_root), "--backend", "all", "--res", "32",
-               "--batch-size", "8", "--workers", "2", "--epochs", "2", "--device", "cpu", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "--data-dir",
+            str(coded_betons),
+            "--image-folder",
+            str(coded_root),
+            "--backend",
+            "all",
+            "--res",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "2",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "loader.json").read_text())
     assert {(r["backend"], r["source"]) for r in data["rows"]} == {
-        ("ffcv", "beton"), ("ffcv-plain", "beton"), ("dali-beton", "beton"), ("torchvision", "folder"),
-        ("dali-folder", "folder")}
+        ("ffcv", "beton"),
+        ("ffcv-plain", "beton"),
+        ("dali-beton", "beton"),
+        ("torchvision", "folder"),
+        ("dali-folder", "folder"),
+    }
     for r in data["rows"]:
         assert r["images_per_epoch"] == 48 and len(r["epoch_seconds"]) == 2 and r["img_s"] > 0
         assert r["process_cores"] > 0 or r["backend"] == "torchvision"  # its decoding runs in worker processes
-    assert set(data["ratios"]) == {"ffcv / ffcv-plain @32", "ffcv / torchvision @32", "dali-folder / torchvision @32",
-                                   "dali-beton / ffcv @32"}
+    assert set(data["ratios"]) == {
+        "ffcv / ffcv-plain @32",
+        "ffcv / torchvision @32",
+        "dali-folder / torchvision @32",
+        "dali-beton / ffcv @32",
+    }
     assert data["machine"]["cores"] >= 1 and data["settings"]["workers"] == 2
     md = (tmp_path / "loader.md").read_text()
     assert "ffcv-plain" in md and data["machine"]["cpu"] in md

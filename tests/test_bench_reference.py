@@ -13,24 +13,51 @@ from conftest import REPO, requires_dali, requires_ffcv
 
 from benchmarks import reference
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")
 
 FIXTURE = {
-    "format": 1, "date": "2030-01-02",
+    "format": 1,
+    "date": "2030-01-02",
     "gpu": {"name": "NVIDIA H200", "memory_gib": 139.8, "count": 1, "capability": "9.0", "cuda": "13.0"},
     "cpu": {"model": "Some Xeon", "cores": 16, "ram_gib": 126.0},
     "versions": {"torch": "2.11.0", "dali": "2.4.0", "ffcv": "1.0.2"},
     "dataset": {"description": "2,000 distinct rn50 synth images each repeated 28x: 56,000 train samples"},
-    "settings": {"arch": "resnet50", "batch_size": 256, "precision": "bf16", "window_batches": 200,
-                 "warmup_batches": 10},
-    "keepup": [{"backend": "dali", "source": "beton", "res": 160, "compiled": True,
-                "loader_alone_images_per_s": 25000.0, "end_to_end_images_per_s": 11800.0,
-                "step_alone_images_per_s": 12000.0, "ratio": 0.9833, "data_wait_share": 0.01, "process_cores": 3.2},
-               {"backend": "ffcv", "source": "beton", "res": 160, "compiled": True,
-                "end_to_end_images_per_s": 7000.0, "step_alone_images_per_s": 12000.0, "ratio": 0.5833}],
-    "sweeps": {"hw_decoder_load": [{"value": 0.0, "images_per_s": 15000.0, "process_cores": 6.0},
-                                   {"value": 0.99, "images_per_s": 26000.0, "process_cores": 2.5}]},
+    "settings": {
+        "arch": "resnet50",
+        "batch_size": 256,
+        "precision": "bf16",
+        "window_batches": 200,
+        "warmup_batches": 10,
+    },
+    "keepup": [
+        {
+            "backend": "dali",
+            "source": "beton",
+            "res": 160,
+            "compiled": True,
+            "loader_alone_images_per_s": 25000.0,
+            "end_to_end_images_per_s": 11800.0,
+            "step_alone_images_per_s": 12000.0,
+            "ratio": 0.9833,
+            "data_wait_share": 0.01,
+            "process_cores": 3.2,
+        },
+        {
+            "backend": "ffcv",
+            "source": "beton",
+            "res": 160,
+            "compiled": True,
+            "end_to_end_images_per_s": 7000.0,
+            "step_alone_images_per_s": 12000.0,
+            "ratio": 0.5833,
+        },
+    ],
+    "sweeps": {
+        "hw_decoder_load": [
+            {"value": 0.0, "images_per_s": 15000.0, "process_cores": 6.0},
+            {"value": 0.99, "images_per_s": 26000.0, "process_cores": 2.5},
+        ]
+    },
 }
 
 
@@ -45,16 +72,21 @@ def test_tables_come_from_the_files(tmp_path):
     assert reference.render(tmp_path / "none") == reference.NOTHING_YET
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: d.pop("dataset"), "keepup rows without dataset"),
-    (lambda d: (d.pop("keepup"), d.pop("step", None)), "neither keepup nor step rows"),
-    (lambda d: d.update(step=[{"res": 224, "batch_size": 256, "precision": "bf16", "mode": "graphs"}]),
-     "step row 0 lacks images_per_s, compile_s"),
-    (lambda d: d.update(gpu=None), "needs gpu.name"),
-    (lambda d: d["keepup"][0].pop("source"), "row 0 lacks source"),
-    (lambda d: d["keepup"][1].update(source="disk"), "source must be one of"),
-    (lambda d: d["keepup"][0].update(ratio=0.5), "is not end to end / step alone"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: d.pop("dataset"), "keepup rows without dataset"),
+        (lambda d: (d.pop("keepup"), d.pop("step", None)), "neither keepup nor step rows"),
+        (
+            lambda d: d.update(step=[{"res": 224, "batch_size": 256, "precision": "bf16", "mode": "graphs"}]),
+            "step row 0 lacks images_per_s, compile_s",
+        ),
+        (lambda d: d.update(gpu=None), "needs gpu.name"),
+        (lambda d: d["keepup"][0].pop("source"), "row 0 lacks source"),
+        (lambda d: d["keepup"][1].update(source="disk"), "source must be one of"),
+        (lambda d: d["keepup"][0].update(ratio=0.5), "is not end to end / step alone"),
+    ],
+)
 def test_a_file_without_what_the_tables_need_is_refused(tmp_path, damage, message):
     data = copy.deepcopy(FIXTURE)
     damage(data)
@@ -101,7 +133,7 @@ def test_repeat_beton_copies_every_sample(coded_betons, tmp_path):
     assert b.num_samples == 3 * n and b.page_size == a.page_size
     page = a.page_size
     for k in range(3):  # every copy keeps its samples' offsets within their pages (FFCV reads whole pages)
-        rows = b.alloc_table[k * len(a.alloc_table):(k + 1) * len(a.alloc_table)]
+        rows = b.alloc_table[k * len(a.alloc_table) : (k + 1) * len(a.alloc_table)]
         assert np.array_equal(rows["ptr"] % page, a.alloc_table["ptr"] % page)
         assert np.array_equal(rows["sample_id"], a.alloc_table["sample_id"] + k * n)
     for i in (0, n - 1):
@@ -115,8 +147,7 @@ def test_repeat_beton_copies_every_sample(coded_betons, tmp_path):
 
 @requires_dali
 @requires_ffcv
-def test_gpu_proof_runs_on_the_cpu_and_writes_a_reference_shaped_file(coded_root, coded_betons_jpeg, tmp_path,
-                                                                      capsys):
+def test_gpu_proof_runs_on_the_cpu_and_writes_a_reference_shaped_file(coded_root, coded_betons_jpeg, tmp_path, capsys):
     """The proof's whole path, tiny and on the CPU: timing numbers mean nothing here, the file's shape does."""
     from benchmarks import gpu_proof
     from benchmarks.bench_data import repeat_beton, repeat_folders
@@ -127,33 +158,86 @@ def test_gpu_proof_runs_on_the_cpu_and_writes_a_reference_shaped_file(coded_root
     shutil.copy(coded_betons_jpeg / "classes.json", data / "betons" / "classes.json")
     repeat_folders(coded_root / "train", data / "folders" / "train", 2)
     (data / "dataset.json").write_text(json.dumps({"description": "coded images repeated twice"}))
-    args = ["--data", str(data), "--res", "32", "--batch-size", "4", "--window", "3", "--warmup", "1",
-            "--step-warmup", "1", "--arch", "resnet18", "--precision", "fp32", "--no-compile", "--device", "cpu",
-            "--workers", "1", "--paths", "dali-beton,dali-folder", "--sweeps", "hw_decoder_load"]
+    args = [
+        "--data",
+        str(data),
+        "--res",
+        "32",
+        "--batch-size",
+        "4",
+        "--window",
+        "3",
+        "--warmup",
+        "1",
+        "--step-warmup",
+        "1",
+        "--arch",
+        "resnet18",
+        "--precision",
+        "fp32",
+        "--no-compile",
+        "--device",
+        "cpu",
+        "--workers",
+        "1",
+        "--paths",
+        "dali-beton,dali-folder",
+        "--sweeps",
+        "hw_decoder_load",
+    ]
     assert gpu_proof.main(args[:-4]) == 2 and "no CUDA device" in capsys.readouterr().err  # no --out-dir
     assert gpu_proof.main(args + ["--out-dir", str(tmp_path / "out")]) == 0
     (written,) = (tmp_path / "out").glob("cpu_*.json")
     result = reference.validate(json.loads(written.read_text()), str(written), need_gpu=False)
     assert [(r["backend"], r["source"], r["res"], r["compiled"]) for r in result["keepup"]] == [
-        ("dali", "beton", 32, False), ("dali", "folder", 32, False)]
+        ("dali", "beton", 32, False),
+        ("dali", "folder", 32, False),
+    ]
     for r in result["keepup"]:
-        assert r["loader_alone_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0 and "hw_decoder_load" in \
-            r["knobs"]
+        assert (
+            r["loader_alone_images_per_s"] > 0 and r["end_to_end_images_per_s"] > 0 and "hw_decoder_load" in r["knobs"]
+        )
     assert [s["value"] for s in result["sweeps"]["hw_decoder_load"]] == [0.0, 0.65, 0.9, 0.99]
     assert result["settings"]["window_batches"] == 3 and result["skipped"] == []
 
 
-STEP_ROWS = [{"lever": "compile", "res": 224, "batch_size": 256, "precision": "bf16", "mode": "compile",
-              "sgd": "foreach", "images_per_s": 6800.0, "vs_compile": 1.0, "compile_s": 71.2},
-             {"lever": "graphs", "res": 224, "batch_size": 256, "precision": "bf16", "mode": "graphs",
-              "sgd": "foreach", "images_per_s": 7400.0, "vs_compile": 1.088, "compile_s": 80.0}]
+STEP_ROWS = [
+    {
+        "lever": "compile",
+        "res": 224,
+        "batch_size": 256,
+        "precision": "bf16",
+        "mode": "compile",
+        "sgd": "foreach",
+        "images_per_s": 6800.0,
+        "vs_compile": 1.0,
+        "compile_s": 71.2,
+    },
+    {
+        "lever": "graphs",
+        "res": 224,
+        "batch_size": 256,
+        "precision": "bf16",
+        "mode": "graphs",
+        "sgd": "foreach",
+        "images_per_s": 7400.0,
+        "vs_compile": 1.088,
+        "compile_s": 80.0,
+    },
+]
 
 
 def test_step_rows_and_keepup_rows_share_the_days_file(tmp_path, monkeypatch):
     """rn50 bench step --reference and the GPU proof write one file per GPU and day, each replacing only its part;
     the tables show both."""
-    info = {"gpu": FIXTURE["gpu"], "cpu": "Some Xeon", "cores": 16, "ram_gib": 126.0, "versions": FIXTURE["versions"],
-            "python": "3.12"}
+    info = {
+        "gpu": FIXTURE["gpu"],
+        "cpu": "Some Xeon",
+        "cores": 16,
+        "ram_gib": 126.0,
+        "versions": FIXTURE["versions"],
+        "python": "3.12",
+    }
     step_path = reference.save(info, tmp_path, driver="580.1", step=STEP_ROWS)
     keepup = {k: FIXTURE[k] for k in ("dataset", "settings", "keepup", "sweeps")}
     assert reference.save(info, tmp_path, driver="580.1", **keepup) == step_path

@@ -23,10 +23,17 @@ from training.preflight import DataError, dataset_classes
 
 def train_preflight(data: Path, *flags: str) -> subprocess.CompletedProcess:
     """rn50 train's argument and data checks only (torch is never imported when they fail)."""
-    probe = ("import sys\nfrom training.train import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-             "    rc = e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', rc)\n")
-    return subprocess.run([sys.executable, "-c", probe, "--data-dir", str(data), "--loader", "ffcv", *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    probe = (
+        "import sys\nfrom training.train import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    rc = e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', rc)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", probe, "--data-dir", str(data), "--loader", "ffcv", *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 @pytest.fixture()
@@ -96,8 +103,17 @@ def test_damaged_beton_at_loader_build_is_a_value_error(betons):
 
     (betons / "val.beton").write_bytes((betons / "val.beton").read_bytes()[:1000])
     with pytest.raises(ValueError, match="val.beton") as caught:
-        build_loader(betons, split="val", backend="ffcv", batch_size=4, resolution=32, workers=1, device="cpu",
-                     dtype=torch.float32, verbose=False)
+        build_loader(
+            betons,
+            split="val",
+            backend="ffcv",
+            batch_size=4,
+            resolution=32,
+            workers=1,
+            device="cpu",
+            dtype=torch.float32,
+            verbose=False,
+        )
     assert "\n" not in str(caught.value)
 
 
@@ -134,8 +150,17 @@ def test_betons_of_ffcvs_own_writer_load_with_their_label_count(tmp_path, capsys
     assert "no classes.json" in folder.note and "JSON list" in folder.note
     assert dataset_classes(data, "ffcv") == folder.classes
     assert capsys.readouterr().err.count("note:") == 1
-    loader = build_loader(data, split="val", backend="ffcv", batch_size=2, resolution=16, workers=1, device="cpu",
-                          dtype=torch.float32, verbose=False)
+    loader = build_loader(
+        data,
+        split="val",
+        backend="ffcv",
+        batch_size=2,
+        resolution=16,
+        workers=1,
+        device="cpu",
+        dtype=torch.float32,
+        verbose=False,
+    )
     assert loader.num_classes == 3 and loader.classes == folder.classes
     # the user names them: a JSON list beside the betons
     (data / "classes.json").write_text(json.dumps(["cat", "dog", "eel"]))

@@ -22,8 +22,12 @@ from training.checkpoint import (
 
 
 def state(value: float) -> dict:
-    return {"format": FORMAT_VERSION, "model": {"w": torch.full((3,), value)}, "epoch": int(value),
-            "config": {"arch": "resnet18", "step_epochs": [1, 2]}}
+    return {
+        "format": FORMAT_VERSION,
+        "model": {"w": torch.full((3,), value)},
+        "epoch": int(value),
+        "config": {"arch": "resnet18", "step_epochs": [1, 2]},
+    }
 
 
 def test_per_epoch_files_best_and_keep_last(tmp_path):

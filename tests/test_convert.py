@@ -26,7 +26,10 @@ def scene(label: int, w: int, h: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]][label], dtype=np.float32)
-    ramp = 30 * np.sin(xx / w * np.pi * rng.uniform(1, 3))[..., None] + 30 * np.cos(yy / h * np.pi * rng.uniform(1, 3))[..., None]
+    ramp = (
+        30 * np.sin(xx / w * np.pi * rng.uniform(1, 3))[..., None]
+        + 30 * np.cos(yy / h * np.pi * rng.uniform(1, 3))[..., None]
+    )
     return np.clip(base + ramp, 0, 255).astype(np.uint8)
 
 
@@ -89,7 +92,11 @@ def build_odd_tree(root: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     put(f"{c0}/empty.JPEG", b"", reason="empty")
     full = jpeg_bytes(Image.fromarray(scene(1, 200, 150, 8)))
     put(f"{c1}/truncated.JPEG", full[: len(full) // 2], reason="truncated")
-    put(f"{c1}/garbage.JPEG", bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)), reason="not an image")
+    put(
+        f"{c1}/garbage.JPEG",
+        bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)),
+        reason="not an image",
+    )
     put(f"{c2}/text.JPEG", b"<html>404 Not Found</html>", reason="not an image")
     put(f"{c2}/bad_body.JPEG", full[:200] + b"\x00" * 50 + b"\xff\xd9", reason="")  # header ok, data broken
     # ignored: hidden files, resource forks, non-image extensions
@@ -118,9 +125,26 @@ def odd(tmp_path_factory):
     root = tmp_path_factory.mktemp("odd")
     valid, bad = build_odd_tree(root)
     out = root / "out"
-    proc = subprocess.run([sys.executable, "-m", "dataset_tools.convert", "--data-dir", str(root), "--out-dir",
-                           str(out), "--workers", "2", "--max-res", "500", "--no-progress"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataset_tools.convert",
+            "--data-dir",
+            str(root),
+            "--out-dir",
+            str(out),
+            "--workers",
+            "2",
+            "--max-res",
+            "500",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     return root, out, valid, bad, proc
 
 
@@ -177,9 +201,14 @@ def test_ffcv_loader_reads_what_was_written(odd):
 
     root, out, valid, bad, proc = odd
     ref_images, ref_labels = decode_beton(out / "train.beton")
-    loader = Loader(str(out / "train.beton"), batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    drop_last=False, pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0)],
-                                                "label": [IntDecoder(), ToTensor()]})
+    loader = Loader(
+        str(out / "train.beton"),
+        batch_size=4,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [CenterCropRGBImageDecoder((32, 32), ratio=1.0)], "label": [IntDecoder(), ToTensor()]},
+    )
     got_labels, got_means = [], []
     for images, labels in loader:
         got_labels += labels.view(-1).tolist()
@@ -188,7 +217,7 @@ def test_ffcv_loader_reads_what_was_written(odd):
     for mean, ref in zip(got_means, ref_images):
         h, w = ref.shape[:2]
         s = min(h, w)
-        centre = ref[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s].reshape(-1, 3).mean(0)
+        centre = ref[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s].reshape(-1, 3).mean(0)
         assert np.abs(mean - centre).max() < 12
 
 
@@ -207,8 +236,19 @@ def test_same_seed_same_storage_modes(tmp_path, coded_root):
 def test_subsets_are_deterministic(tmp_path, synth_root):
     from dataset_tools.convert import main
 
-    args = ["--data-dir", str(synth_root), "--classes", "2", "--per-class", "5", "--val-per-class", "2",
-            "--workers", "2", "--no-progress"]
+    args = [
+        "--data-dir",
+        str(synth_root),
+        "--classes",
+        "2",
+        "--per-class",
+        "5",
+        "--val-per-class",
+        "2",
+        "--workers",
+        "2",
+        "--no-progress",
+    ]
     assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
     assert main(args + ["--out-dir", str(tmp_path / "b")]) == 0
     for name in ("a", "b"):
@@ -221,13 +261,16 @@ def test_subsets_are_deterministic(tmp_path, synth_root):
     assert la.tolist() == lb.tolist() == [0] * 5 + [1] * 5
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "no such folder"),
-    ("no_classes", "no class folders"),
-    ("flat_val", "rn50 organize-val"),
-    ("empty_split", "no images"),
-    ("all_bad", "none of the"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "no such folder"),
+        ("no_classes", "no class folders"),
+        ("flat_val", "rn50 organize-val"),
+        ("empty_split", "no images"),
+        ("all_bad", "none of the"),
+    ],
+)
 def test_unusable_input_fails_clearly(tmp_path, capsys, layout, message):
     from dataset_tools.convert import main
 
@@ -244,8 +287,19 @@ def test_unusable_input_fails_clearly(tmp_path, capsys, layout, message):
         (root / "train" / "n00000001").mkdir()
     if layout == "all_bad":
         (root / "train" / "n00000001" / "a.JPEG").write_bytes(b"")
-    code = main(["--data-dir", str(root), "--out-dir", str(tmp_path / "out"), "--splits", splits, "--no-progress",
-                 "--workers", "1"])
+    code = main(
+        [
+            "--data-dir",
+            str(root),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--splits",
+            splits,
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1
@@ -263,11 +317,22 @@ def test_killed_conversion_leaves_no_final_file(tmp_path):
     """SIGKILL mid-write: no train.beton appears; the next run cleans up and completes."""
     from dataset_tools.synth import synthesize
 
-    synthesize(tmp_path / "data", num_classes=2, train_per_class=80, val_per_class=1, seed=9, workers=2,
-               progress=False)
+    synthesize(tmp_path / "data", num_classes=2, train_per_class=80, val_per_class=1, seed=9, workers=2, progress=False)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dataset_tools.convert", "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
-           "--workers", "1", "--splits", "train", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dataset_tools.convert",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(out),
+        "--workers",
+        "1",
+        "--splits",
+        "train",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     tmp_file = None
@@ -312,8 +377,9 @@ def test_real_photo_encodings_round_trip(tmp_path):
     photo.save(d / "h.bmp")
     from dataset_tools.convert import ConvertOptions, convert
 
-    report = convert(tmp_path / "data", tmp_path / "out", ["train"], ConvertOptions(workers=2, progress=False,
-                                                                                     compress_prob=0.0))
+    report = convert(
+        tmp_path / "data", tmp_path / "out", ["train"], ConvertOptions(workers=2, progress=False, compress_prob=0.0)
+    )
     assert report["train"]["written"] == 8 and not report["train"]["skipped"]
     images, labels = decode_beton(tmp_path / "out" / "train.beton")
     for path, image in zip(sorted(d.iterdir()), images):
@@ -336,7 +402,7 @@ a = np.zeros((1500, 1500, 3), np.uint8)
 for _ in range(3):
     cv2.resize(a, (600, 600), interpolation=cv2.INTER_AREA)
 from dataset_tools.convert import ConvertOptions, convert
-report = convert({str(coded_root)!r}, {str(tmp_path / 'out')!r}, ["train"], ConvertOptions(workers=2, progress=False))
+report = convert({str(coded_root)!r}, {str(tmp_path / "out")!r}, ["train"], ConvertOptions(workers=2, progress=False))
 print(report["train"]["written"])
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=180)
@@ -344,8 +410,7 @@ print(report["train"]["written"])
     assert proc.stdout.strip().endswith("48")
 
 
-def test_second_conversion_into_a_busy_folder_stops_at_once_and_keeps_the_first_ones_work(tmp_path, coded_root,
-                                                                                          capsys):
+def test_second_conversion_into_a_busy_folder_stops_at_once_and_keeps_the_first_ones_work(tmp_path, coded_root, capsys):
     """issue 13: a second convert removed the running one's temporary beton as 'left by an interrupted conversion'."""
     from dataset_tools.convert import main
     from dataset_tools.locks import folder_lock
@@ -416,9 +481,10 @@ def test_a_reconversion_killed_at_any_commit_step_never_relabels(tmp_path, capsy
     for k in range(1, 30):
         out = tmp_path / f"k{k}"
         shutil.copytree(first, out)
-        child = mp.get_context("fork").Process(target=_killed_at, args=(k, ["--data-dir", str(b), "--out-dir",
-                                                                            str(out), "--workers", "1",
-                                                                            "--no-progress"]))
+        child = mp.get_context("fork").Process(
+            target=_killed_at,
+            args=(k, ["--data-dir", str(b), "--out-dir", str(out), "--workers", "1", "--no-progress"]),
+        )
         child.start()
         child.join(120)
         assert child.exitcode in (0, -signal.SIGKILL), child.exitcode
@@ -479,8 +545,9 @@ def test_converting_one_split_with_another_class_list_is_refused(tmp_path, capsy
     assert code == 2 and "train.beton" in err and "--splits train,val" in err and len(err.strip().splitlines()) == 1
     assert (out / "classes.json").read_text() == before
     # the same class list: val is re-converted and train.beton stays usable
-    assert main(["--data-dir", str(a), "--out-dir", str(out), "--splits", "val", "--workers", "1",
-                 "--no-progress"]) == 0
+    assert (
+        main(["--data-dir", str(a), "--out-dir", str(out), "--splits", "val", "--workers", "1", "--no-progress"]) == 0
+    )
     from pipeline.folders import beton_classes
 
     assert beton_classes(out) == sorted(p.name for p in (a / "train").iterdir())
@@ -535,8 +602,7 @@ def test_unreadable_input_folders_are_one_line(tmp_path, coded_root, capsys, mon
         return real(path)
 
     monkeypatch.setattr(files.os, "scandir", scandir)
-    code = main(["--data-dir", str(coded_root), "--out-dir", str(tmp_path / "out"), "--workers", "1",
-                 "--no-progress"])
+    code = main(["--data-dir", str(coded_root), "--out-dir", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
     assert not (tmp_path / "out" / "train.beton").exists()

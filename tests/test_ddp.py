@@ -17,18 +17,53 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # two processes each importing torch on 2 cores
 def test_two_process_ddp_keeps_ranks_identical(coded_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-           "--data-dir", str(coded_root), "--loader", "torchvision", "--arch", "resnet18", "--res", "16",
-           "--val-res", "16", "--batch-size", "4", "--workers", "0", "--epochs", "2", "--max-lr", "0.05",
-           "--precision", "fp32", "--no-progress", "--log-every", "2", "--output-dir", str(tmp_path),
-           "--run-name", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training",
+        "--data-dir",
+        str(coded_root),
+        "--loader",
+        "torchvision",
+        "--arch",
+        "resnet18",
+        "--res",
+        "16",
+        "--val-res",
+        "16",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--epochs",
+        "2",
+        "--max-lr",
+        "0.05",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--log-every",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "ddp",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ranks hold different weights" not in r.stdout + r.stderr
     state = load_checkpoint(tmp_path / "checkpoints" / "ddp" / "checkpoint.pt")
     fingerprints = state["rank_weight_fingerprints"]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
-    assert len(state["rng"]) == 2 and state["rng"][0]["numpy"]["keys"].tolist() != state["rng"][1]["numpy"]["keys"].tolist()
+    assert (
+        len(state["rng"]) == 2
+        and state["rng"][0]["numpy"]["keys"].tolist() != state["rng"][1]["numpy"]["keys"].tolist()
+    )
     # 48 images, 2 ranks x 4 per step -> 6 steps per epoch, every rank on its own shard
     assert state["step"] == 12
     # only rank 0 wrote: one copy of every log file

@@ -31,8 +31,16 @@ def test_doctor_reports_storage_and_the_all_jpeg_estimate(coded_betons, coded_be
 def test_gpu_and_dali_with_all_jpeg_betons_recommend_dali():
     from benchmarks.doctor import GIB, recommend
 
-    storage = {"train": {"samples": 10, "raw": 0, "jpeg_bytes_mean": 1e5, "raw_bytes_mean": None,
-                         "stored_bytes": 10**6, "all_jpeg_bytes_estimate": 10**6}}
+    storage = {
+        "train": {
+            "samples": 10,
+            "raw": 0,
+            "jpeg_bytes_mean": 1e5,
+            "raw_bytes_mean": None,
+            "stored_bytes": 10**6,
+            "all_jpeg_bytes_estimate": 10**6,
+        }
+    }
     facts = {"betons": {"train": GIB}, "folders": {}, "disk_free_gib": 100, "storage": storage}
     info = {"cores": 16, "gpu": {"count": 1}, "memory": {"total_gib": 64.0}, "dali": True}
     assert recommend(info, facts, {})[0].startswith("loader: dali (all-JPEG betons, DALI and a GPU)")

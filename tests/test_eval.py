@@ -16,8 +16,24 @@ def test_eval_matches_the_training_runs_validation(tmp_path_factory, tmp_path):
     data, out, run = trained_run(tmp_path_factory)
     best = max(records(out, run), key=lambda r: r["val_top1"])
     target = tmp_path / "eval.json"
-    rc = main(["--checkpoint", str(out / "checkpoints" / run / "best.pt"), "--data-dir", str(data), "--loader",
-               "torchvision", "--workers", "0", "--batch-size", "7", "--precision", "fp32", "--out", str(target)])
+    rc = main(
+        [
+            "--checkpoint",
+            str(out / "checkpoints" / run / "best.pt"),
+            "--data-dir",
+            str(data),
+            "--loader",
+            "torchvision",
+            "--workers",
+            "0",
+            "--batch-size",
+            "7",
+            "--precision",
+            "fp32",
+            "--out",
+            str(target),
+        ]
+    )
     assert rc == 0
     result = json.loads(target.read_text())
     assert result["samples"] == 40 and result["val_res"] == 48 and result["tta"] is False
@@ -25,8 +41,23 @@ def test_eval_matches_the_training_runs_validation(tmp_path_factory, tmp_path):
     assert result["top5"] == pytest.approx(best["val_top5"])
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-4)
 
-    rc = main(["--checkpoint", str(out / "checkpoints" / run / "checkpoint.pt"), "--data-dir", str(data),
-               "--loader", "torchvision", "--workers", "0", "--precision", "fp32", "--tta", "--val-res", "56"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(out / "checkpoints" / run / "checkpoint.pt"),
+            "--data-dir",
+            str(data),
+            "--loader",
+            "torchvision",
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+            "--tta",
+            "--val-res",
+            "56",
+        ]
+    )
     assert rc == 0
     written = out / "checkpoints" / run / "eval_checkpoint_56px_tta.json"
     assert json.loads(written.read_text())["tta"] is True
@@ -35,11 +66,15 @@ def test_eval_matches_the_training_runs_validation(tmp_path_factory, tmp_path):
 def test_eval_refuses_other_classes_and_missing_ema(tmp_path_factory, coded_root, capsys):
     data, out, run = trained_run(tmp_path_factory)
     ckpt = out / "checkpoints" / run / "best.pt"
-    assert main(["--checkpoint", str(ckpt), "--data-dir", str(coded_root), "--loader", "torchvision",
-                 "--workers", "0"]) == 2
+    assert (
+        main(["--checkpoint", str(ckpt), "--data-dir", str(coded_root), "--loader", "torchvision", "--workers", "0"])
+        == 2
+    )
     assert "evaluate on the dataset the run used" in capsys.readouterr().err
-    assert main(["--checkpoint", str(ckpt), "--data-dir", str(data), "--loader", "torchvision", "--workers", "0",
-                 "--ema"]) == 2
+    assert (
+        main(["--checkpoint", str(ckpt), "--data-dir", str(data), "--loader", "torchvision", "--workers", "0", "--ema"])
+        == 2
+    )
     assert "no EMA weights" in capsys.readouterr().err
     assert main(["--checkpoint", str(out / "nope.pt"), "--data-dir", str(data)]) == 2
 
@@ -65,7 +100,24 @@ def test_eval_out_unwritable_is_refused_before_evaluating(tmp_path_factory, tmp_
         raise OSError(28, "No space left on device", str(self))
 
     monkeypatch.setattr(pathlib.Path, "write_text", full)
-    assert main(["--checkpoint", ckpt, "--data-dir", str(data), "--loader", "torchvision", "--workers", "0",
-                 "--precision", "fp32", "--out", str(tmp_path / "r.json")]) == 1
+    assert (
+        main(
+            [
+                "--checkpoint",
+                ckpt,
+                "--data-dir",
+                str(data),
+                "--loader",
+                "torchvision",
+                "--workers",
+                "0",
+                "--precision",
+                "fp32",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert "top-1" in captured.out and "No space left" in captured.err and "the result is above" in captured.err

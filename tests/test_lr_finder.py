@@ -56,9 +56,37 @@ def test_suggestion_on_a_known_curve():
 
 
 def test_command_writes_plot_and_suggestion(coded_root, tmp_path):
-    rc = main(["--data-dir", str(coded_root), "--loader", "torchvision", "--arch", "resnet18", "--res", "16",
-               "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--num-iter", "9", "--start-lr", "1e-4",
-               "--end-lr", "1.0", "--smooth", "0.5", "--output-dir", str(tmp_path), "--run-name", "t", "--no-progress"])
+    rc = main(
+        [
+            "--data-dir",
+            str(coded_root),
+            "--loader",
+            "torchvision",
+            "--arch",
+            "resnet18",
+            "--res",
+            "16",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+            "--num-iter",
+            "9",
+            "--start-lr",
+            "1e-4",
+            "--end-lr",
+            "1.0",
+            "--smooth",
+            "0.5",
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "t",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "lr_suggestion_t.json").read_text())
     assert result["iterations_run"] == len(result["lrs"]) == len(result["losses"]) <= 9
@@ -78,8 +106,19 @@ def test_bad_sweep_flags_fail_fast(capsys, tmp_path):
 
 def test_unwritable_output_is_refused_before_the_sweep(coded_root, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    rc = main(["--data-dir", str(coded_root), "--loader", "torchvision", "--output-dir",
-               str(tmp_path / "file.txt" / "out"), "--run-name", "t", "--no-progress"])
+    rc = main(
+        [
+            "--data-dir",
+            str(coded_root),
+            "--loader",
+            "torchvision",
+            "--output-dir",
+            str(tmp_path / "file.txt" / "out"),
+            "--run-name",
+            "t",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rn50 lr-find: error: --output-dir") and "\n" not in err

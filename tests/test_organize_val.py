@@ -15,8 +15,18 @@ from dataset_tools.synth import synthesize
 
 @pytest.fixture()
 def flat_val(tmp_path) -> tuple[Path, dict[str, str]]:
-    synthesize(tmp_path, num_classes=3, train_per_class=0, val_per_class=3, seed=5, workers=1, flat_val=True,
-               min_short=32, max_short=40, progress=False)
+    synthesize(
+        tmp_path,
+        num_classes=3,
+        train_per_class=0,
+        val_per_class=3,
+        seed=5,
+        workers=1,
+        flat_val=True,
+        min_short=32,
+        max_short=40,
+        progress=False,
+    )
     with open(tmp_path / "LOC_val_solution.csv") as f:
         labels = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
     return tmp_path, labels
@@ -46,7 +56,8 @@ def test_xml_annotations(flat_val, tmp_path):
         (xml_dir / f"{stem}.xml").write_text(
             f"<annotation><folder>val</folder><filename>{stem}</filename>"
             f"<object><name>{wnid}</name><bndbox><xmin>1</xmin></bndbox></object>"
-            f"<object><name>{wnid}</name></object></annotation>")
+            f"<object><name>{wnid}</name></object></annotation>"
+        )
     (xml_dir / "broken.xml").write_text("<annotation><object>")
     report = tmp_path / "report.json"
     assert main([str(root / "val"), "--xml-dir", str(xml_dir), "--report", str(report)]) == 0
@@ -103,8 +114,18 @@ def test_unwritable_report_is_refused_before_moving(flat_val, tmp_path, capsys):
     root, _ = flat_val
     (tmp_path / "file.txt").write_text("x")
     before = sorted(p.name for p in (root / "val").iterdir())
-    assert main([str(root / "val"), "--csv", str(root / "LOC_val_solution.csv"), "--report",
-                 str(tmp_path / "file.txt" / "r.json")]) == 2
+    assert (
+        main(
+            [
+                str(root / "val"),
+                "--csv",
+                str(root / "LOC_val_solution.csv"),
+                "--report",
+                str(tmp_path / "file.txt" / "r.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--report" in err, err
     assert sorted(p.name for p in (root / "val").iterdir()) == before

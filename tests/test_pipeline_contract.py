@@ -13,14 +13,21 @@ from pipeline import build_loader
 
 N_TRAIN = CODED_CLASSES * CODED_TRAIN_PER_CLASS  # 48
 N_VAL = CODED_CLASSES * CODED_VAL_PER_CLASS  # 16
-BACKENDS = [pytest.param("torchvision"), pytest.param("ffcv", marks=requires_ffcv),
-            pytest.param("dali", marks=requires_dali),  # from the image folders
-            pytest.param("dali-beton", marks=[requires_dali, requires_ffcv]),  # half the samples raw (the default)
-            pytest.param("dali-beton-jpeg", marks=[requires_dali, requires_ffcv])]  # all JPEG (--compress-prob 1)
+BACKENDS = [
+    pytest.param("torchvision"),
+    pytest.param("ffcv", marks=requires_ffcv),
+    pytest.param("dali", marks=requires_dali),  # from the image folders
+    pytest.param("dali-beton", marks=[requires_dali, requires_ffcv]),  # half the samples raw (the default)
+    pytest.param("dali-beton-jpeg", marks=[requires_dali, requires_ffcv]),
+]  # all JPEG (--compress-prob 1)
 # which data each parameter reads, and how it is asked for
-DATA = {"torchvision": ("coded_root", {}), "ffcv": ("coded_betons", {}), "dali": ("coded_root", {}),
-        "dali-beton": ("coded_betons", {"backend": "dali", "dali_source": "beton"}),
-        "dali-beton-jpeg": ("coded_betons_jpeg", {"backend": "dali", "dali_source": "beton"})}
+DATA = {
+    "torchvision": ("coded_root", {}),
+    "ffcv": ("coded_betons", {}),
+    "dali": ("coded_root", {}),
+    "dali-beton": ("coded_betons", {"backend": "dali", "dali_source": "beton"}),
+    "dali-beton-jpeg": ("coded_betons_jpeg", {"backend": "dali", "dali_source": "beton"}),
+}
 
 
 # Building an ffcv loader JIT-compiles its pipeline (seconds on 2 cores), so loaders with the same arguments are built
@@ -38,8 +45,17 @@ def make(request):
     data_dir = request.getfixturevalue(fixture)
 
     def make_loader(copy: int = 0, **kw):
-        args = dict(split="train", backend=backend, batch_size=8, resolution=32, workers=0 if backend == "torchvision"
-                    else 2, device="cpu", dtype=torch.float32, seed=0, verbose=False)
+        args = dict(
+            split="train",
+            backend=backend,
+            batch_size=8,
+            resolution=32,
+            workers=0 if backend == "torchvision" else 2,
+            device="cpu",
+            dtype=torch.float32,
+            seed=0,
+            verbose=False,
+        )
         args.update(how)
         args.update(kw)
         key = (str(data_dir), copy, tuple(sorted((k, str(v)) for k, v in args.items())))

@@ -48,12 +48,18 @@ def test_same_regions_as_the_torchvision_backend(tmp_path):
     d.mkdir(parents=True)
     for i in range(16):
         Image.fromarray(np.stack([2 * xx, 2 * yy, np.zeros_like(xx)], axis=2).astype(np.uint8)).save(
-            d / f"ramp_{i:02d}.{'png' if i % 2 else 'jpg'}", quality=95)
+            d / f"ramp_{i:02d}.{'png' if i % 2 else 'jpg'}", quality=95
+        )
     kw = dict(KW, resolution=32, seed=7)
-    a = np.concatenate([denormalize(x).permute(0, 2, 3, 1).numpy()
-                        for x, _ in build_loader(tmp_path, backend="dali", workers=2, **kw)])
-    b = np.concatenate([denormalize(x).permute(0, 2, 3, 1).numpy()
-                        for x, _ in build_loader(tmp_path, backend="torchvision", workers=0, **kw)])
+    a = np.concatenate(
+        [denormalize(x).permute(0, 2, 3, 1).numpy() for x, _ in build_loader(tmp_path, backend="dali", workers=2, **kw)]
+    )
+    b = np.concatenate(
+        [
+            denormalize(x).permute(0, 2, 3, 1).numpy()
+            for x, _ in build_loader(tmp_path, backend="torchvision", workers=0, **kw)
+        ]
+    )
     err = np.abs(a[..., :2] - b[..., :2]).mean(axis=(1, 2)).max(axis=1)
     assert err.max() < 2
     flipped = np.abs(a[..., 0] - b[:, :, ::-1, 0]).mean(axis=(1, 2))
@@ -108,10 +114,12 @@ def test_a_corrupt_file_stops_dali_with_a_line_naming_it(root_with_corrupt_file)
     # Run apart: on a bad JPEG DALI 2.4's CPU decoder sometimes crashes the process instead of raising; here the
     # header check stops the batch before DALI sees it.
     root, _ = root_with_corrupt_file
-    script = ("import torch; from pipeline import build_loader\n"
-              f"loader = build_loader({str(root)!r}, backend='dali', batch_size=49, resolution=24, workers=1, "
-              "device='cpu', dtype=torch.float32, verbose=False)\n"
-              "for _ in loader: pass\n")
+    script = (
+        "import torch; from pipeline import build_loader\n"
+        f"loader = build_loader({str(root)!r}, backend='dali', batch_size=49, resolution=24, workers=1, "
+        "device='cpu', dtype=torch.float32, verbose=False)\n"
+        "for _ in loader: pass\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]

@@ -18,8 +18,11 @@ from PIL import Image
 from pipeline import build_loader, denormalize
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 
-pytestmark = [requires_dali, requires_ffcv,
-              pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")]
+pytestmark = [
+    requires_dali,
+    requires_ffcv,
+    pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning"),
+]
 
 RAMP_H, RAMP_W, RAMP_N = 200, 250, 24
 KW = dict(batch_size=8, device="cpu", dtype=torch.float32, verbose=False)
@@ -155,9 +158,35 @@ def test_train_cli_reads_the_beton_with_dali(ramp_betons, tmp_path, capsys):
     from training.train import main
 
     out = tmp_path / "run"
-    rc = main(["--data-dir", str(ramp_betons["mixed"]), "--loader", "dali", "--device", "cpu", "--arch", "resnet18",
-               "--res", "32", "--val-res", "32", "--batch-size", "8", "--epochs", "1", "--workers", "1",
-               "--output-dir", str(out), "--run-name", "r", "--no-progress", "--precision", "fp32"])
+    rc = main(
+        [
+            "--data-dir",
+            str(ramp_betons["mixed"]),
+            "--loader",
+            "dali",
+            "--device",
+            "cpu",
+            "--arch",
+            "resnet18",
+            "--res",
+            "32",
+            "--val-res",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--output-dir",
+            str(out),
+            "--run-name",
+            "r",
+            "--no-progress",
+            "--precision",
+            "fp32",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "train backend dali" in text and "from the beton" in text
@@ -188,10 +217,12 @@ def _damage(src: Path, dst: Path, how: str, sample: int) -> tuple[int, int]:
 def test_damaged_jpeg_bytes_stop_with_a_line_naming_the_sample(ramp_betons, tmp_path, how):
     # Run apart: on some bad JPEGs DALI 2.4's CPU decoder crashes the process instead of raising.
     sample, label = _damage(ramp_betons["jpeg"], tmp_path / "betons", how, sample=13)
-    script = ("import torch; from pipeline import build_loader\n"
-              f"loader = build_loader({str(tmp_path / 'betons')!r}, backend='dali', batch_size=8, resolution=24, "
-              "workers=1, device='cpu', dtype=torch.float32, verbose=False)\n"
-              "for _ in loader: pass\n")
+    script = (
+        "import torch; from pipeline import build_loader\n"
+        f"loader = build_loader({str(tmp_path / 'betons')!r}, backend='dali', batch_size=8, resolution=24, "
+        "workers=1, device='cpu', dtype=torch.float32, verbose=False)\n"
+        "for _ in loader: pass\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -235,8 +266,9 @@ def test_knobs_default_per_gpu_kind(monkeypatch):
     h = tuning.resolve_tuning(torch.device("cuda"), 16, (500, 400))
     assert (h.hw_decoder_load, h.threads, h.prefetch, h.device_padding_mb, h.host_padding_mb) == (0.99, 6, 5, 256, 256)
     assert "MLPerf" in h.origin and "not measured" in h.origin
-    mine = tuning.resolve_tuning(torch.device("cuda"), 16, (500, 400), hw_decoder_load=0.5, threads=4, prefetch=3,
-                                 nvjpeg_padding_mb=0)
+    mine = tuning.resolve_tuning(
+        torch.device("cuda"), 16, (500, 400), hw_decoder_load=0.5, threads=4, prefetch=3, nvjpeg_padding_mb=0
+    )
     assert (mine.hw_decoder_load, mine.threads, mine.prefetch, mine.device_padding_mb) == (0.5, 4, 3, 0)
     monkeypatch.setattr(tuning, "gpu_kind", lambda device: "gpu")
     other = tuning.resolve_tuning(torch.device("cuda"), 16, (500, 400), hw_decoder_load=-1)

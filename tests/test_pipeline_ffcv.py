@@ -19,8 +19,10 @@ from PIL import Image
 from pipeline import build_loader, denormalize
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 
-pytestmark = [requires_ffcv,
-              pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning")]
+pytestmark = [
+    requires_ffcv,
+    pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:pytest.PytestUnraisableExceptionWarning"),
+]
 
 RAMP_H, RAMP_W = 200, 250
 
@@ -46,8 +48,16 @@ def ramp_betons(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("batch_size", [8, 1])  # 1: the boxes are computed 16 batches at a time, so two chunks
 def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons, batch_size):
     res = 50
-    loader = build_loader(ramp_betons, batch_size=batch_size, resolution=res, workers=2, device="cpu",
-                          dtype=torch.float32, seed=11, verbose=False)
+    loader = build_loader(
+        ramp_betons,
+        batch_size=batch_size,
+        resolution=res,
+        workers=2,
+        device="cpu",
+        dtype=torch.float32,
+        seed=11,
+        verbose=False,
+    )
     loader.set_epoch(4)
     plan = loader.plan(4)
     batches = [denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader]
@@ -67,12 +77,21 @@ def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons, batch_s
     assert np.array_equal(out, again)  # pixel for pixel, whatever thread decoded which sample
     loader.set_epoch(4, start_batch=17 // batch_size)  # a resumed epoch cuts the remaining samples the same way
     tail = np.concatenate([denormalize(images).round().permute(0, 2, 3, 1).numpy() for images, _ in loader])
-    assert np.array_equal(tail, out[17 // batch_size * batch_size:])
+    assert np.array_equal(tail, out[17 // batch_size * batch_size :])
 
 
 def test_val_is_the_centre_crop(ramp_betons):
-    loader = build_loader(ramp_betons, split="val", batch_size=8, resolution=35, workers=1, device="cpu",
-                          dtype=torch.float32, drop_last=False, verbose=False)
+    loader = build_loader(
+        ramp_betons,
+        split="val",
+        batch_size=8,
+        resolution=35,
+        workers=1,
+        device="cpu",
+        dtype=torch.float32,
+        drop_last=False,
+        verbose=False,
+    )
     images, _ = next(iter(loader))
     img = denormalize(images).permute(0, 2, 3, 1).numpy()
     side = int(224 / 256 * RAMP_H)  # 175
@@ -82,8 +101,9 @@ def test_val_is_the_centre_crop(ramp_betons):
 
 
 def test_same_order_as_the_torchvision_backend(coded_root, coded_betons):
-    kw = dict(batch_size=8, resolution=24, device="cpu", dtype=torch.float32, seed=2, rank=1, world_size=2,
-              verbose=False)
+    kw = dict(
+        batch_size=8, resolution=24, device="cpu", dtype=torch.float32, seed=2, rank=1, world_size=2, verbose=False
+    )
     ffcv = build_loader(coded_betons, backend="ffcv", workers=2, **kw)
     tv = build_loader(coded_root, backend="torchvision", workers=0, **kw)
     ffcv.set_epoch(3)
@@ -92,8 +112,9 @@ def test_same_order_as_the_torchvision_backend(coded_root, coded_betons):
 
 
 def test_resolution_change_reuses_the_compiled_pipeline(coded_betons):
-    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
-                          verbose=False)
+    loader = build_loader(
+        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+    )
     assert next(iter(loader))[0].shape[-1] == 24
     code = loader._ffcv.code
     loader.set_resolution(40)
@@ -104,9 +125,19 @@ def test_resolution_change_reuses_the_compiled_pipeline(coded_betons):
 def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
     ids = []
     for rank in range(2):
-        loader = build_loader(coded_betons, batch_size=6, resolution=24, workers=2, device="cpu",
-                              dtype=torch.float32, rank=rank, world_size=2, os_cache=False, order="quasi_random",
-                              verbose=False)
+        loader = build_loader(
+            coded_betons,
+            batch_size=6,
+            resolution=24,
+            workers=2,
+            device="cpu",
+            dtype=torch.float32,
+            rank=rank,
+            world_size=2,
+            os_cache=False,
+            order="quasi_random",
+            verbose=False,
+        )
         assert len(loader) == 4
         loader.set_epoch(1)
         first = epoch_ids(loader)
@@ -118,8 +149,9 @@ def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
 
 
 def test_batch_buffers_are_allocated_once_per_resolution(coded_betons):
-    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
-                          seed=5, verbose=False)
+    loader = build_loader(
+        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, seed=5, verbose=False
+    )
     buffers = loader._ffcv.buffers
     first = epoch_ids(loader)
     allocated = buffers.allocated
@@ -138,8 +170,9 @@ def test_batch_buffers_are_allocated_once_per_resolution(coded_betons):
 
 
 def test_abandoned_and_overlapping_loops_keep_their_batches(coded_betons):
-    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
-                          seed=6, verbose=False)
+    loader = build_loader(
+        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, seed=6, verbose=False
+    )
     loader.set_epoch(2)
     full = {2: epoch_ids(loader), 3: epoch_ids(loader)}
     allocated = loader._ffcv.buffers.allocated
@@ -160,8 +193,9 @@ def test_building_and_running_a_loader_keeps_torch_thread_count(coded_betons):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu",
-                              dtype=torch.float32, verbose=False)
+        loader = build_loader(
+            coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+        )
         assert torch.get_num_threads() == 1
         epoch_ids(loader)
         assert torch.get_num_threads() == 1
@@ -175,8 +209,9 @@ def test_building_and_running_a_loader_keeps_torch_thread_count(coded_betons):
 
 
 def test_loader_names_its_threads_and_threading_layer(coded_betons):
-    loader = build_loader(coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32,
-                          verbose=False)
+    loader = build_loader(
+        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+    )
     assert re.search(r"; 2 decoding threads, numba (tbb|omp|workqueue) layer$", loader.describe())
 
 
@@ -237,9 +272,11 @@ def test_the_first_ffcv_loader_keeps_torch_thread_count(coded_betons):
 
     from conftest import REPO
 
-    code = ("import torch\ntorch.set_num_threads(2)\nfrom pipeline import build_loader\n"
-            f"build_loader({str(coded_betons)!r}, backend='ffcv', batch_size=8, resolution=16, workers=1, "
-            "device='cpu', dtype=torch.float32, verbose=False)\nprint(torch.get_num_threads())\n")
+    code = (
+        "import torch\ntorch.set_num_threads(2)\nfrom pipeline import build_loader\n"
+        f"build_loader({str(coded_betons)!r}, backend='ffcv', batch_size=8, resolution=16, workers=1, "
+        "device='cpu', dtype=torch.float32, verbose=False)\nprint(torch.get_num_threads())\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-1:] == ["2"], done.stdout + done.stderr
 

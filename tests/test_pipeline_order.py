@@ -24,8 +24,10 @@ def test_epoch_order_is_a_permutation_that_depends_on_seed_and_epoch_only():
 
 @pytest.mark.parametrize("n,world,bs", [(1000, 1, 32), (1000, 2, 32), (1003, 3, 10), (64, 4, 16)])
 def test_drop_last_shards_are_disjoint_full_and_equal(n, world, bs):
-    plans = [plan_epoch(n, seed=0, epoch=3, shuffle=True, rank=r, world_size=world, batch_size=bs, drop_last=True)
-             for r in range(world)]
+    plans = [
+        plan_epoch(n, seed=0, epoch=3, shuffle=True, rank=r, world_size=world, batch_size=bs, drop_last=True)
+        for r in range(world)
+    ]
     expected = n // (world * bs)
     assert {p.num_batches for p in plans} == {expected} == {batches_per_rank(n, world, bs, True)}
     assert all(len(p.indices) == expected * bs == p.num_real for p in plans)
@@ -35,8 +37,10 @@ def test_drop_last_shards_are_disjoint_full_and_equal(n, world, bs):
 
 @pytest.mark.parametrize("n,world,bs", [(10, 3, 4), (16, 3, 4), (7, 4, 2), (5, 8, 2), (100, 1, 32)])
 def test_padded_shards_cover_every_sample_once_after_masking(n, world, bs):
-    plans = [plan_epoch(n, seed=0, epoch=0, shuffle=True, rank=r, world_size=world, batch_size=bs, drop_last=False)
-             for r in range(world)]
+    plans = [
+        plan_epoch(n, seed=0, epoch=0, shuffle=True, rank=r, world_size=world, batch_size=bs, drop_last=False)
+        for r in range(world)
+    ]
     assert {p.num_batches for p in plans} == {batches_per_rank(n, world, bs, False)}
     real = []
     for p in plans:
@@ -76,16 +80,17 @@ def test_random_resized_crop_boxes_follow_torchvision_distribution():
     assert aspect.min() >= 0.74 and aspect.max() <= 1.35
     assert abs(flips.mean() - 0.5) < 0.02
     torch.manual_seed(0)
-    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
-                    for _ in range(n)])
+    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
     ref_area = ref[:, 2] * ref[:, 3] / (h * w)
     for q in (0.1, 0.5, 0.9):
         assert abs(np.quantile(area, q) - np.quantile(ref_area, q)) < 0.03
     assert abs((top + bh / 2).mean() - (ref[:, 0] + ref[:, 2] / 2).mean()) < 2
 
 
-@pytest.mark.parametrize("h,w,scale,ratio", [(10, 1000, (0.9, 1.0), (1.0, 1.0)), (1000, 10, (0.9, 1.0), (0.5, 2.0)),
-                                             (64, 64, (0.99, 1.0), (3.0, 4.0))])
+@pytest.mark.parametrize(
+    "h,w,scale,ratio",
+    [(10, 1000, (0.9, 1.0), (1.0, 1.0)), (1000, 10, (0.9, 1.0), (0.5, 2.0)), (64, 64, (0.99, 1.0), (3.0, 4.0))],
+)
 def test_fallback_box_equals_torchvision(h, w, scale, ratio):
     boxes, _ = random_resized_crop_boxes([h], [w], sample_keys(0, 0, [0]), scale, ratio)
     assert tuple(boxes[0]) == RandomResizedCrop.get_params(torch.empty(3, h, w), list(scale), list(ratio))
@@ -108,14 +113,27 @@ def test_page_grouped_order_keeps_windows_of_pages_together():
     assert np.array_equal(order, page_grouped_order(pages, seed=0, epoch=2, window_pages=4))
     assert not np.array_equal(order, page_grouped_order(pages, seed=0, epoch=3, window_pages=4))
     for start in range(0, 1000, 100):  # each run of 4 pages' worth of samples touches exactly 4 pages
-        assert len(np.unique(pages[order[start:start + 100]])) == 4
+        assert len(np.unique(pages[order[start : start + 100]])) == 4
     assert len(np.unique(pages[order[:25]])) > 1  # ... and mixes them
 
 
 def test_block_shards_are_contiguous_runs_of_the_order():
     order = np.arange(100)[::-1].copy()
-    plans = [plan_epoch(100, seed=0, epoch=0, shuffle=True, rank=r, world_size=3, batch_size=8, drop_last=False,
-                        order=order, shard="block") for r in range(3)]
+    plans = [
+        plan_epoch(
+            100,
+            seed=0,
+            epoch=0,
+            shuffle=True,
+            rank=r,
+            world_size=3,
+            batch_size=8,
+            drop_last=False,
+            order=order,
+            shard="block",
+        )
+        for r in range(3)
+    ]
     assert [p.indices.tolist() for p in plans[:2]] == [order[:34].tolist(), order[34:68].tolist()]
     assert plans[2].num_real == 32 and len(plans[2].indices) == 34
     assert {p.num_batches for p in plans} == {5}

@@ -20,8 +20,16 @@ from pipeline.torchvision_loader import FolderCrops
 
 
 def test_worker_processes_give_the_same_batches_as_the_main_process(synth_root):
-    kw = dict(split="train", backend="torchvision", batch_size=8, resolution=32, device="cpu",
-              dtype=torch.float32, seed=1, verbose=False)
+    kw = dict(
+        split="train",
+        backend="torchvision",
+        batch_size=8,
+        resolution=32,
+        device="cpu",
+        dtype=torch.float32,
+        seed=1,
+        verbose=False,
+    )
     in_process, workers = build_loader(synth_root, workers=0, **kw), build_loader(synth_root, workers=2, **kw)
     for epoch in (0, 1):  # the second epoch runs on the same persistent workers
         in_process.set_epoch(epoch)
@@ -40,13 +48,19 @@ def test_each_sample_is_cut_at_the_box_keyed_by_seed_epoch_index(tmp_path):
     h, w, res = 200, 250, 50
     yy, xx = np.mgrid[0:h, 0:w]
     Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=2).astype(np.uint8)).save(tmp_path / "ramp.png")
-    ds = FolderCrops([(str(tmp_path / "ramp.png"), 0)] * 40, train=True, seed=5, scale=(0.08, 1.0),
-                     ratio=(3 / 4, 4 / 3), val_crop_ratio=0.875)
+    ds = FolderCrops(
+        [(str(tmp_path / "ramp.png"), 0)] * 40,
+        train=True,
+        seed=5,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        val_crop_ratio=0.875,
+    )
     flipped = 0
     for index in range(40):
         out, _, _ = ds[(index, 9, res)]
         assert out.shape == (res, res, 3)
-        (top, left, bh, bw), = random_resized_crop_boxes([h], [w], sample_keys(5, 9, [index]))[0]
+        ((top, left, bh, bw),) = random_resized_crop_boxes([h], [w], sample_keys(5, 9, [index]))[0]
         flip = bool(random_resized_crop_boxes([h], [w], sample_keys(5, 9, [index]))[1][0])
         flipped += flip
         x0, x1 = (int(out[0, -1, 0]), int(out[0, 0, 0])) if flip else (int(out[0, 0, 0]), int(out[0, -1, 0]))
@@ -62,8 +76,16 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
     bad = tmp_path / "train" / "n00000000" / "broken.JPEG"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    loader = build_loader(tmp_path, backend="torchvision", batch_size=1, resolution=16, workers=0, device="cpu",
-                          dtype=torch.float32, verbose=False)
+    loader = build_loader(
+        tmp_path,
+        backend="torchvision",
+        batch_size=1,
+        resolution=16,
+        workers=0,
+        device="cpu",
+        dtype=torch.float32,
+        verbose=False,
+    )
     with pytest.raises(DataFolderError, match="broken.JPEG: cannot be decoded"):
         epoch_ids(loader)
 
@@ -91,8 +113,16 @@ def test_undecodable_image_is_replaced_by_the_next_file_and_named_once(tmp_path,
     root = _coded_copy(tmp_path, classes=2, train_per_class=6, val_per_class=2)
     (root / "train" / "n00000000" / "img_0002.JPEG").write_bytes(b"")  # index 2: replaced by index 3 (class 0)
     (root / "train" / "n00000000" / "img_0005.JPEG").write_bytes(b"<html>404</html>")  # index 5: by class 1's first
-    kw = dict(split="train", backend="torchvision", batch_size=4, resolution=16, device="cpu", dtype=torch.float32,
-              seed=3, verbose=False)
+    kw = dict(
+        split="train",
+        backend="torchvision",
+        batch_size=4,
+        resolution=16,
+        device="cpu",
+        dtype=torch.float32,
+        seed=3,
+        verbose=False,
+    )
     in_process, workers = build_loader(root, workers=0, **kw), build_loader(root, workers=2, **kw)
     expected_id = {2: (0, 3), 5: (1, 0)}
     for epoch in (0, 1):
@@ -117,8 +147,16 @@ def test_a_split_of_undecodable_files_stops_with_one_line(tmp_path):
     root = _coded_copy(tmp_path, classes=1, train_per_class=3, val_per_class=1)
     for p in (root / "train" / "n00000000").iterdir():
         p.write_bytes(b"")
-    loader = build_loader(root, backend="torchvision", batch_size=2, resolution=16, workers=1, device="cpu",
-                          dtype=torch.float32, verbose=False)
+    loader = build_loader(
+        root,
+        backend="torchvision",
+        batch_size=2,
+        resolution=16,
+        workers=1,
+        device="cpu",
+        dtype=torch.float32,
+        verbose=False,
+    )
     with pytest.raises(DataFolderError, match=r"img_000\d.JPEG: cannot be decoded .* no file of .* can be decoded"):
         next(iter(loader))
 
@@ -139,8 +177,9 @@ print("done")
 def test_process_with_live_workers_exits(tmp_path, coded_root, how):
     """Persistent workers ignore SIGTERM (the trainer stops them itself), which is what multiprocessing's exit
     handler sends them: a process that ends while a loader is alive (an exception, or a loader in a global) hung."""
-    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(coded_root), how], cwd=REPO, capture_output=True,
-                          text=True, timeout=90)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_PROBE, str(coded_root), how], cwd=REPO, capture_output=True, text=True, timeout=90
+    )
     assert proc.returncode == (1 if how == "raise" else 0), proc.stderr
 
 
@@ -158,8 +197,9 @@ time.sleep(300)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_exit_promptly_when_the_main_process_is_killed(coded_root):
-    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_PROBE, str(coded_root)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PROBE, str(coded_root)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]
         assert len(workers) == 2
@@ -190,22 +230,59 @@ def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, t
     bad = next(p for p in sorted((data / "val").iterdir()) if p.is_dir()) / "zero.JPEG"
     bad.write_bytes(b"")
     run = [sys.executable, "-m", "training.cli"]
-    train = subprocess.run(run + ["train", "--data-dir", str(data), "--arch", "resnet18", "--res", "64", "--val-res",
-                                  "64", "--batch-size", "16", "--workers", "1", "--epochs", "1", "--no-progress",
-                                  "--device", "cpu", "--output-dir", str(tmp_path / "o"), "--run-name", "zv"],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    train = subprocess.run(
+        run
+        + [
+            "train",
+            "--data-dir",
+            str(data),
+            "--arch",
+            "resnet18",
+            "--res",
+            "64",
+            "--val-res",
+            "64",
+            "--batch-size",
+            "16",
+            "--workers",
+            "1",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--run-name",
+            "zv",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert train.returncode == 0, train.stderr
     assert sum(str(bad) in line for line in train.stderr.splitlines()) == 1, train.stderr
     best = tmp_path / "o" / "checkpoints" / "zv" / "best.pt"
     assert best.is_file()
-    ev = subprocess.run(run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1",
-                               "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1", "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ev.returncode == 0 and "top-1" in ev.stdout, ev.stderr
     assert sum(str(bad) in line for line in ev.stderr.splitlines()) == 1, ev.stderr
     for p in (data / "val").rglob("*.JPEG"):  # nothing decodes: one line, exit 2, no hang
         p.write_bytes(b"")
-    ev = subprocess.run(run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1",
-                               "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    ev = subprocess.run(
+        run + ["eval", "--checkpoint", str(best), "--data-dir", str(data), "--workers", "1", "--device", "cpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in ev.stderr.splitlines() if "error" in line]
     assert ev.returncode == 2 and len(errors) == 1 and "cannot be decoded" in errors[0], ev.stderr
     assert "Traceback" not in ev.stderr
@@ -226,12 +303,15 @@ def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    kw = dict(backend="torchvision", batch_size=4, resolution=16, workers=0, device="cpu", dtype=torch.float32,
-              verbose=False)
+    kw = dict(
+        backend="torchvision", batch_size=4, resolution=16, workers=0, device="cpu", dtype=torch.float32, verbose=False
+    )
     monkeypatch.setattr(files.os, "scandir", scandir)
     with pytest.raises(DataFolderError, match="n00000001: cannot be listed .Permission denied.; check its perm"):
         build_loader(coded_root, **kw)
     monkeypatch.undo()
-    monkeypatch.setattr(build.os, "access", lambda p, mode: False if str(p) == str(coded_root) else real_access(p, mode))
+    monkeypatch.setattr(
+        build.os, "access", lambda p, mode: False if str(p) == str(coded_root) else real_access(p, mode)
+    )
     with pytest.raises(DataFolderError, match="cannot be read"):
         build_loader(coded_root, **kw)

@@ -75,8 +75,13 @@ def test_sigkill_at_random_moment_then_resume_is_bit_identical_ffcv(synth_betons
     argv = flags(synth_betons, out, resume="auto", loader="ffcv", workers=1)
     rng = random.Random(11)
     after_step, delay = rng.randint(2, 6), rng.uniform(0.0, 0.4)
-    proc = subprocess.Popen([sys.executable, str(RUNNER), "{}", "--", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env())
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), "{}", "--", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -193,11 +198,20 @@ def test_checks_compare_every_part_without_touching_the_model():
     model = build_model("resnet18", 4, channels_last=False)
     optimizer, _ = build_optimizer(model, 5e-5, 0.9, False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    good = {"format": FORMAT_VERSION, "model": {k: v.clone() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": {}, "scaler": {}, "step": 0, "next_epoch": 1,
-            "config": {"arch": "resnet18"}, "classes": ["a", "b", "c", "d"]}
-    kw = dict(arch="resnet18", classes=["a", "b", "c", "d"], data_dir="d", model=model, optimizer=optimizer,
-              ema_module=None)
+    good = {
+        "format": FORMAT_VERSION,
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {},
+        "scaler": {},
+        "step": 0,
+        "next_epoch": 1,
+        "config": {"arch": "resnet18"},
+        "classes": ["a", "b", "c", "d"],
+    }
+    kw = dict(
+        arch="resnet18", classes=["a", "b", "c", "d"], data_dir="d", model=model, optimizer=optimizer, ema_module=None
+    )
     check_compatible(Checkpoint(Path("c.pt"), good), **kw)
     other = build_model("resnet18", 4, blurpool=True, channels_last=False)
     bad_model = {**good, "model": other.state_dict()}
@@ -215,9 +229,19 @@ def test_checks_compare_every_part_without_touching_the_model():
 
 
 def test_mid_epoch_position_needs_the_same_shards(tmp_path):
-    mid = {"phase": "mid_epoch", "next_epoch": 3, "loader": {"epoch": 3, "batch": 40, "seed": 0, "world_size": 8,
-                                                              "batch_size": 256, "grad_accum": 1,
-                                                              "num_samples": 1281167}}
+    mid = {
+        "phase": "mid_epoch",
+        "next_epoch": 3,
+        "loader": {
+            "epoch": 3,
+            "batch": 40,
+            "seed": 0,
+            "world_size": 8,
+            "batch_size": 256,
+            "grad_accum": 1,
+            "num_samples": 1281167,
+        },
+    }
     same = dict(world_size=8, batch_size=256, grad_accum=1, seed=0, num_samples=1281167)
     assert check_position(Checkpoint(tmp_path / "checkpoint.pt", mid), **same) == []
     with pytest.raises(ResumeError, match=r"middle of epoch 3 with world_size 8 \(now 4\).*same number of processes"):
@@ -251,8 +275,18 @@ def test_checkpoints_load_weights_only_so_a_pickled_payload_never_runs(tmp_path)
 
 
 def test_resume_auto_starts_a_missing_run_and_continues_an_existing_one(synth_root, tmp_path, capsys):
-    argv = flags(synth_root, tmp_path, epochs=1, resume="auto", checkpoint_every=0, ema=False, mixup=0.0,
-                 cutmix=0.0, random_erase=0.0, auto_augment="none")
+    argv = flags(
+        synth_root,
+        tmp_path,
+        epochs=1,
+        resume="auto",
+        checkpoint_every=0,
+        ema=False,
+        mixup=0.0,
+        cutmix=0.0,
+        random_erase=0.0,
+        auto_augment="none",
+    )
     assert run_in_process(argv) == 0
     assert latest(tmp_path)["step"] == 4 and "training epochs 0..0" in capsys.readouterr().out
     assert run_in_process(argv) == 0  # the same line again: nothing left to do, said so

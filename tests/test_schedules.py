@@ -10,13 +10,20 @@ from training.config import TrainConfig
 from training.schedules import Schedule, apply_schedule, build_schedule, resolution_at, train_resolution
 
 
-def torch_onecycle_trace(total_steps: int, max_lr: float, pct_start: float, div_factor: float,
-                         final_div_factor: float, cycle_momentum: bool) -> tuple[list[float], list[float]]:
+def torch_onecycle_trace(
+    total_steps: int, max_lr: float, pct_start: float, div_factor: float, final_div_factor: float, cycle_momentum: bool
+) -> tuple[list[float], list[float]]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
-                                                div_factor=div_factor, final_div_factor=final_div_factor,
-                                                cycle_momentum=cycle_momentum)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+        cycle_momentum=cycle_momentum,
+    )
     lrs, moms = [], []
     for _ in range(total_steps):
         lrs.append(opt.param_groups[0]["lr"])
@@ -26,11 +33,23 @@ def torch_onecycle_trace(total_steps: int, max_lr: float, pct_start: float, div_
     return lrs, moms
 
 
-@pytest.mark.parametrize("epochs,steps,pct,div,final", [(3, 7, 0.3, 25.0, 1e4), (10, 13, 0.25, 10.0, 100.0),
-                                                         (1, 5, 0.5, 25.0, 1e4), (120, 40, 0.3, 25.0, 1e4)])
+@pytest.mark.parametrize(
+    "epochs,steps,pct,div,final",
+    [(3, 7, 0.3, 25.0, 1e4), (10, 13, 0.25, 10.0, 100.0), (1, 5, 0.5, 25.0, 1e4), (120, 40, 0.3, 25.0, 1e4)],
+)
 def test_onecycle_equals_torch(epochs, steps, pct, div, final):
-    sched = Schedule("onecycle", max_lr=0.8, steps_per_epoch=steps, epochs=epochs, pct_start=pct, div_factor=div,
-                     final_div_factor=final, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
+    sched = Schedule(
+        "onecycle",
+        max_lr=0.8,
+        steps_per_epoch=steps,
+        epochs=epochs,
+        pct_start=pct,
+        div_factor=div,
+        final_div_factor=final,
+        cycle_momentum=True,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )
     ref_lr, ref_mom = torch_onecycle_trace(epochs * steps, 0.8, pct, div, final, True)
     ours_lr = [sched.lr_at(s) for s in range(sched.total_steps)]
     ours_mom = [sched.momentum_at(s) for s in range(sched.total_steps)]
@@ -40,8 +59,9 @@ def test_onecycle_equals_torch(epochs, steps, pct, div, final):
 
 def test_apply_schedule_sets_every_group():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([{"params": [a], "weight_decay": 1e-4}, {"params": [b], "weight_decay": 0.0}], lr=0.0,
-                          momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": [a], "weight_decay": 1e-4}, {"params": [b], "weight_decay": 0.0}], lr=0.0, momentum=0.9
+    )
     sched = Schedule("onecycle", max_lr=1.0, steps_per_epoch=10, epochs=2, cycle_momentum=True)
     lr = apply_schedule(opt, sched, 5)
     assert lr == sched.lr_at(5)

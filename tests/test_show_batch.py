@@ -13,9 +13,32 @@ from training.show_batch import class_names, main
 
 def test_writes_a_png_of_an_augmented_batch(coded_root, tmp_path, capsys):
     out = tmp_path / "batch.png"
-    rc = main(["--data-dir", str(coded_root), "--loader", "torchvision", "--workers", "0", "--images", "8",
-               "--res", "32", "--auto-augment", "autoaugment", "--random-erase", "0.5", "--mixup", "0.2",
-               "--cutmix", "1.0", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "--data-dir",
+            str(coded_root),
+            "--loader",
+            "torchvision",
+            "--workers",
+            "0",
+            "--images",
+            "8",
+            "--res",
+            "32",
+            "--auto-augment",
+            "autoaugment",
+            "--random-erase",
+            "0.5",
+            "--mixup",
+            "0.2",
+            "--cutmix",
+            "1.0",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     with Image.open(out) as im:
         assert im.size[0] > 200 and im.size[1] > 100
@@ -34,13 +57,51 @@ def test_shows_what_the_trainer_gets(coded_root, monkeypatch, tmp_path):
 
     shown = {}
     monkeypatch.setattr(show_batch, "draw", lambda images, targets, *a: shown.update(images=images, targets=targets))
-    argv = ["--data-dir", str(coded_root), "--loader", "torchvision", "--workers", "0", "--images", "8",
-            "--min-res", "24", "--max-res", "40", "--start-ramp", "0", "--end-ramp", "2", "--res-step", "8",
-            "--auto-augment", "trivialaugment", "--cutmix", "1.0", "--seed", "5", "--device", "cpu", "--epoch", "1"]
+    argv = [
+        "--data-dir",
+        str(coded_root),
+        "--loader",
+        "torchvision",
+        "--workers",
+        "0",
+        "--images",
+        "8",
+        "--min-res",
+        "24",
+        "--max-res",
+        "40",
+        "--start-ramp",
+        "0",
+        "--end-ramp",
+        "2",
+        "--res-step",
+        "8",
+        "--auto-augment",
+        "trivialaugment",
+        "--cutmix",
+        "1.0",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--epoch",
+        "1",
+    ]
     assert main(argv + ["--out", str(tmp_path / "b.png")]) == 0
-    cfg = TrainConfig(data_dir=str(coded_root), loader="torchvision", workers=0, min_res=24, max_res=40,
-                      start_ramp=0, end_ramp=2, res_step=8, auto_augment="trivialaugment", cutmix=1.0, seed=5,
-                      device="cpu")
+    cfg = TrainConfig(
+        data_dir=str(coded_root),
+        loader="torchvision",
+        workers=0,
+        min_res=24,
+        max_res=40,
+        start_ramp=0,
+        end_ramp=2,
+        res_step=8,
+        auto_augment="trivialaugment",
+        cutmix=1.0,
+        seed=5,
+        device="cpu",
+    )
     ctx = DistContext(0, 0, 1, torch.device("cpu"))
     loader = make_loader(cfg, "train", ctx, torch.float32, resolution=32, batch_size=8)
     loader.set_epoch(1)
@@ -76,8 +137,21 @@ def test_unwritable_out_is_refused_before_the_loader_is_built(coded_root, tmp_pa
     (tmp_path / "file.txt").write_text("x")
     built = []
     monkeypatch.setattr(components, "build_loader", lambda *a, **k: built.append(a))
-    assert main(["--data-dir", str(coded_root), "--loader", "torchvision", "--device", "cpu", "--out",
-                 str(tmp_path / "file.txt" / "sub" / "b.png")]) == 2
+    assert (
+        main(
+            [
+                "--data-dir",
+                str(coded_root),
+                "--loader",
+                "torchvision",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "file.txt" / "sub" / "b.png"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("rn50 show-batch: error:") and "\n" not in err and "--out" in err
     assert not built

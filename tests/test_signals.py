@@ -22,8 +22,9 @@ from training.signals import StopSignals, exit_code
 
 def run_group(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own, killed whole on timeout (torchrun's workers would outlive it)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env(), start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -100,9 +101,14 @@ def test_sigterm_and_ctrl_c_save_exit_cleanly_and_the_run_ends_bit_identical(syn
     assert state["epoch_progress"]["samples"] == 32  # 2 steps x 2 x 8 images: the epoch's log line stays whole
 
     # Ctrl-C reaches the whole process group, DataLoader workers included: they must leave it to the trainer
-    proc = subprocess.Popen([sys.executable, str(RUNNER), "{}", "--", *argv, "--resume", "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), "{}", "--", *argv, "--resume", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+        start_new_session=True,
+    )
     lines = []
     try:
         for line in proc.stdout:
@@ -128,13 +134,41 @@ def test_torchrun_restarts_resume_by_themselves(coded_root, tmp_path):
     and --resume auto continues; then rank 0 is SIGKILLed mid-epoch once, and the next restart finishes the run."""
     out = tmp_path / "out"
     marker = tmp_path / "killed_once"
-    kills = [{"rank": 1, "attempt": 0, "event": "step", "n": 3, "signal": "TERM"},
-             {"rank": 0, "from_attempt": 1, "once": str(marker), "event": "step", "n": 2,
-              "signal": "KILL"}]
-    argv = flags(coded_root, out, "ddp", batch_size=4, grad_accum=1, epochs=2, resume="auto", checkpoint_every=2,
-                 ema=False, mixup=0.0, cutmix=0.0, random_erase=0.0, auto_augment="none")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts",
-           "4", "--monitor-interval", "0.2", str(RUNNER), json.dumps(kills), "--", *argv]
+    kills = [
+        {"rank": 1, "attempt": 0, "event": "step", "n": 3, "signal": "TERM"},
+        {"rank": 0, "from_attempt": 1, "once": str(marker), "event": "step", "n": 2, "signal": "KILL"},
+    ]
+    argv = flags(
+        coded_root,
+        out,
+        "ddp",
+        batch_size=4,
+        grad_accum=1,
+        epochs=2,
+        resume="auto",
+        checkpoint_every=2,
+        ema=False,
+        mixup=0.0,
+        cutmix=0.0,
+        random_erase=0.0,
+        auto_augment="none",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        "4",
+        "--monitor-interval",
+        "0.2",
+        str(RUNNER),
+        json.dumps(kills),
+        "--",
+        *argv,
+    ]
     r = run_group(cmd, cwd=tmp_path, timeout=400)
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]

@@ -22,9 +22,16 @@ CPU = torch.device("cpu")
 def parts_for(model, schedule, ema=True, nesterov=False, graphed=False) -> TrainParts:
     precision = resolve_precision("fp32", CPU)
     optimizer, _ = build_optimizer(model, 5e-4, 0.9, nesterov)
-    parts = TrainParts(model=model, raw_model=model, optimizer=optimizer, scaler=make_scaler(precision, CPU),
-                       schedule=schedule, precision=precision, label_smoothing=0.1,
-                       ema=ModelEMA(model, 0.9) if ema else None)
+    parts = TrainParts(
+        model=model,
+        raw_model=model,
+        optimizer=optimizer,
+        scaler=make_scaler(precision, CPU),
+        schedule=schedule,
+        precision=precision,
+        label_smoothing=0.1,
+        ema=ModelEMA(model, 0.9) if ema else None,
+    )
     if graphed:
         parts.graphed = GraphedStep(model, model, optimizer, precision, 0.1, parts.ema, capture=False)
     return parts
@@ -46,8 +53,13 @@ def test_sgd_update_with_tensor_lr_and_momentum_equals_torch_sgd(nesterov):
     params = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2)]
     ours = [p.clone() for p in params]
     ref = [p.clone().requires_grad_() for p in params]
-    opt = torch.optim.SGD([{"params": ref[:2], "weight_decay": 1e-2}, {"params": ref[2:], "weight_decay": 0.0}],
-                          lr=0.0, momentum=0.9, nesterov=nesterov, foreach=True)
+    opt = torch.optim.SGD(
+        [{"params": ref[:2], "weight_decay": 1e-2}, {"params": ref[2:], "weight_decay": 0.0}],
+        lr=0.0,
+        momentum=0.9,
+        nesterov=nesterov,
+        foreach=True,
+    )
     bufs = [torch.zeros_like(p) for p in ours]
     for step in range(5):
         grads = [torch.randn_like(p) for p in params]
@@ -57,8 +69,12 @@ def test_sgd_update_with_tensor_lr_and_momentum_equals_torch_sgd(nesterov):
         for p, g in zip(ref, grads, strict=True):
             p.grad = g.clone()
         opt.step()
-        sgd_update([(ours[:2], grads[:2], bufs[:2], 1e-2), (ours[2:], grads[2:], bufs[2:], 0.0)],
-                   torch.tensor(lr), torch.tensor(momentum), nesterov)
+        sgd_update(
+            [(ours[:2], grads[:2], bufs[:2], 1e-2), (ours[2:], grads[2:], bufs[2:], 0.0)],
+            torch.tensor(lr),
+            torch.tensor(momentum),
+            nesterov,
+        )
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
     for buf, p in zip(bufs, ref, strict=True):
@@ -74,11 +90,22 @@ def with_tensor_sgd(parts: TrainParts) -> TrainParts:
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
     def step():
-        groups = [(g["params"], [p.grad for p in g["params"]], [opt.state[p]["momentum_buffer"] for p in g["params"]],
-                   g["weight_decay"]) for g in opt.param_groups]
+        groups = [
+            (
+                g["params"],
+                [p.grad for p in g["params"]],
+                [opt.state[p]["momentum_buffer"] for p in g["params"]],
+                g["weight_decay"],
+            )
+            for g in opt.param_groups
+        ]
         group = opt.param_groups[0]
-        sgd_update(groups, torch.tensor(group["lr"], dtype=torch.float32),
-                   torch.tensor(group["momentum"], dtype=torch.float32), group["nesterov"])
+        sgd_update(
+            groups,
+            torch.tensor(group["lr"], dtype=torch.float32),
+            torch.tensor(group["momentum"], dtype=torch.float32),
+            group["nesterov"],
+        )
 
     opt.step = step
     return parts
@@ -94,8 +121,9 @@ def test_the_graph_ready_step_equals_the_plain_step():
     schedule = Schedule(kind="onecycle", max_lr=0.05, steps_per_epoch=4, epochs=2, cycle_momentum=True)
     plain = with_tensor_sgd(parts_for(plain_model, schedule))
     graphed = parts_for(model, schedule, graphed=True)
-    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
-                                                    max_lr=0.05, total_steps=8)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), max_lr=0.05, total_steps=8
+    )
     data = batches(32, 4, seed=2) + batches(40, 4, seed=3, soft=True)
     for step, batch in enumerate(data):
         a = train_step(plain, [batch], step, CPU)
@@ -138,8 +166,11 @@ def test_step_modes_resolve_with_a_reason():
     assert resolve_step("auto", gpu) == ("compile", "auto: torch.compile on a GPU")
     assert resolve_step("auto", gpu, deterministic=True)[0] == "eager"
     assert resolve_step("graphs", gpu, precision="bf16") == ("graphs", "asked for")
-    for kw, why in ((dict(world_size=8), "8 processes"), (dict(grad_accum=2), "--grad-accum 2"),
-                    (dict(precision="fp16"), "fp16")):
+    for kw, why in (
+        (dict(world_size=8), "8 processes"),
+        (dict(grad_accum=2), "--grad-accum 2"),
+        (dict(precision="fp16"), "fp16"),
+    ):
         mode, text = resolve_step("graphs", gpu, **kw)
         assert mode == "compile" and why in text
     assert resolve_step("graphs", CPU)[0] == "compile"
@@ -158,10 +189,16 @@ def test_a_step_reads_nothing_from_the_device_and_copies_nothing_to_it(graphed):
     model = build_model("resnet18", 4, channels_last=True).to(meta)
     precision = resolve_precision("fp32", CPU)
     optimizer, _ = build_optimizer(model, 5e-5, 0.9, False)
-    parts = TrainParts(model=model, raw_model=model, optimizer=optimizer, scaler=make_scaler(precision, CPU),
-                       schedule=Schedule(kind="onecycle", max_lr=0.1, steps_per_epoch=4, epochs=1,
-                                         cycle_momentum=True),
-                       precision=precision, label_smoothing=0.1, ema=ModelEMA(model, 0.9))
+    parts = TrainParts(
+        model=model,
+        raw_model=model,
+        optimizer=optimizer,
+        scaler=make_scaler(precision, CPU),
+        schedule=Schedule(kind="onecycle", max_lr=0.1, steps_per_epoch=4, epochs=1, cycle_momentum=True),
+        precision=precision,
+        label_smoothing=0.1,
+        ema=ModelEMA(model, 0.9),
+    )
     if graphed:
         parts.graphed = GraphedStep(model, model, optimizer, precision, 0.1, parts.ema, capture=False)
     x = torch.empty(8, 3, 32, 32, device=meta).contiguous(memory_format=torch.channels_last)
@@ -195,8 +232,10 @@ def test_the_compiled_step_matches_the_eager_step():
         torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-4)
     # per tensor: how far the compiled run's weights are from the eager run's, as a share of how far training moved
     # them from the start
-    shares = [float((x - y).norm() / (y - x0).norm())
-              for x, y, x0 in zip(model.parameters(), eager_model.parameters(), start, strict=True)]
+    shares = [
+        float((x - y).norm() / (y - x0).norm())
+        for x, y, x0 in zip(model.parameters(), eager_model.parameters(), start, strict=True)
+    ]
     assert max(shares) < 0.05, max(shares)
 
 
@@ -212,11 +251,45 @@ def test_progressive_resizing_compiles_once_per_resolution(coded_root, tmp_path,
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real(module, backend=counter, **kw))
     torch._dynamo.reset()
-    argv = ["--data-dir", str(coded_root), "--output-dir", str(tmp_path), "--run-name", "c", "--loader",
-            "torchvision", "--workers", "0", "--arch", "resnet18", "--batch-size", "8", "--val-batch-size", "6",
-            "--epochs", "3", "--min-res", "32", "--max-res", "48", "--start-ramp", "0", "--end-ramp", "2",
-            "--res-step", "16", "--val-res", "40", "--step", "compile", "--device", "cpu", "--no-progress",
-            "--precision", "fp32"]
+    argv = [
+        "--data-dir",
+        str(coded_root),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "c",
+        "--loader",
+        "torchvision",
+        "--workers",
+        "0",
+        "--arch",
+        "resnet18",
+        "--batch-size",
+        "8",
+        "--val-batch-size",
+        "6",
+        "--epochs",
+        "3",
+        "--min-res",
+        "32",
+        "--max-res",
+        "48",
+        "--start-ramp",
+        "0",
+        "--end-ramp",
+        "2",
+        "--res-step",
+        "16",
+        "--val-res",
+        "40",
+        "--step",
+        "compile",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--precision",
+        "fp32",
+    ]
     assert main(argv) == 0
     assert counter.frame_count == 3  # train at 32 px, train at 48 px, eval at 40 px
     torch._dynamo.reset()

@@ -18,7 +18,9 @@ def digest(root: Path) -> dict[str, str]:
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     kw = dict(num_classes=3, train_per_class=2, val_per_class=1, workers=1, progress=False)
     a = digest(Path(synthesize(tmp_path / "a", seed=7, **kw)["out"]))
-    b = digest(Path(synthesize(tmp_path / "b", seed=7, workers=2, **{k: v for k, v in kw.items() if k != "workers"})["out"]))
+    b = digest(
+        Path(synthesize(tmp_path / "b", seed=7, workers=2, **{k: v for k, v in kw.items() if k != "workers"})["out"])
+    )
     c = digest(Path(synthesize(tmp_path / "c", seed=8, **kw)["out"]))
     assert len(a) == 3 * 2 + 3 * 1
     assert a == b  # process count does not matter
@@ -54,8 +56,17 @@ def test_looks_like_a_photo_not_flat_or_noise(tmp_path):
 
 def test_classes_are_separable_by_simple_features(tmp_path):
     """Learnable: a nearest-centroid classifier on colour statistics beats chance by far."""
-    synthesize(tmp_path, num_classes=5, train_per_class=8, val_per_class=4, seed=3, workers=2, min_short=64,
-               max_short=96, progress=False)
+    synthesize(
+        tmp_path,
+        num_classes=5,
+        train_per_class=8,
+        val_per_class=4,
+        seed=3,
+        workers=2,
+        min_short=64,
+        max_short=96,
+        progress=False,
+    )
 
     def features(path):
         a = np.asarray(Image.open(path).convert("HSV"), dtype=np.float32) / 255
@@ -63,8 +74,9 @@ def test_classes_are_separable_by_simple_features(tmp_path):
         return np.array([np.cos(hue).mean(), np.sin(hue).mean(), a[..., 1].mean(), a[..., 2].mean()])
 
     wnids = sorted(p.name for p in (tmp_path / "train").iterdir())
-    centroids = np.stack([np.mean([features(p) for p in (tmp_path / "train" / w).glob("*.JPEG")], axis=0)
-                          for w in wnids])
+    centroids = np.stack(
+        [np.mean([features(p) for p in (tmp_path / "train" / w).glob("*.JPEG")], axis=0) for w in wnids]
+    )
     correct = total = 0
     for label, w in enumerate(wnids):
         for p in (tmp_path / "val" / w).glob("*.JPEG"):
@@ -74,8 +86,9 @@ def test_classes_are_separable_by_simple_features(tmp_path):
 
 
 def test_flat_val_writes_solution_csv(tmp_path):
-    synthesize(tmp_path, num_classes=2, train_per_class=1, val_per_class=2, seed=4, workers=1, flat_val=True,
-               progress=False)
+    synthesize(
+        tmp_path, num_classes=2, train_per_class=1, val_per_class=2, seed=4, workers=1, flat_val=True, progress=False
+    )
     flat = sorted(p.name for p in (tmp_path / "val").glob("*.JPEG"))
     assert len(flat) == 4
     rows = (tmp_path / "LOC_val_solution.csv").read_text().splitlines()
@@ -87,8 +100,20 @@ def test_cli_rejects_bad_counts(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-SMALL = ["--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--min-short", "32", "--max-short", "40",
-         "--workers", "1"]
+SMALL = [
+    "--classes",
+    "2",
+    "--train-per-class",
+    "2",
+    "--val-per-class",
+    "1",
+    "--min-short",
+    "32",
+    "--max-short",
+    "40",
+    "--workers",
+    "1",
+]
 
 
 def test_an_existing_dataset_is_not_overwritten(tmp_path, capsys):

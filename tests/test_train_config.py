@@ -30,8 +30,14 @@ def parse(*flags: str):
 
 def test_presets_load_and_validate():
     names = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
-    assert {"demo", "t4_budget", "imagenet100_quick", "reference_onecycle_120ep", "rn50_8xa100_16ep",
-            "rn50_8xa100_88ep"} <= set(names)
+    assert {
+        "demo",
+        "t4_budget",
+        "imagenet100_quick",
+        "reference_onecycle_120ep",
+        "rn50_8xa100_16ep",
+        "rn50_8xa100_88ep",
+    } <= set(names)
     for name in names:
         cfg = apply_overrides(TrainConfig(), load_yaml(preset_path(name)), name)
         assert cfg.validate() == [], name
@@ -75,8 +81,9 @@ def test_unknown_and_mistyped_keys_name_the_file(tmp_path):
 
 
 def test_value_checks():
-    problems = TrainConfig(epochs=0, min_res=160, max_lr=-1, stop_after_epoch=99, lr_schedule="triangular",
-                           lr_peak_epoch=5).validate()
+    problems = TrainConfig(
+        epochs=0, min_res=160, max_lr=-1, stop_after_epoch=99, lr_schedule="triangular", lr_peak_epoch=5
+    ).validate()
     text = " ".join(problems)
     for flag in ("--epochs", "--min-res", "--max-lr", "--stop-after-epoch", "--lr-peak-epoch"):
         assert flag in text
@@ -111,24 +118,29 @@ def test_data_checks(tmp_path):
         parse("--data-dir", str(data), "--run-name", "nope", "--resume", "--output-dir", str(tmp_path))
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--precision", "fp8"], "invalid choice: 'fp8'"),
-    (["--data-dir", "/nonexistent/rn50"], "no such folder"),
-    (["--data-dir", "{data}", "--num-classes", "1000"], "has 2 classes"),
-    (["--data-dir", "{data}", "--min-res", "160"], "needs both --min-res and --max-res"),
-    (["--run-name", "x", "--resume", "--output-dir", "{data}"], "config.yaml not found"),
-    (["--data-dir", "{data}", "--run-name", "../../escaped"], "--run-name must be a plain folder name"),
-    (["--data-dir", "{data}", "--run-name", "/tmp/abs"], "--run-name must be a plain folder name"),
-    (["--run-name", "../x", "--resume", "--output-dir", "{data}"], "--run-name must be a plain folder name"),
-    (["--data-dir", "{data}", "--step", "graphs", "--grad-accum", "2"], "--step graphs captures one batch"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--data-dir", "/nonexistent/rn50"], "no such folder"),
+        (["--data-dir", "{data}", "--num-classes", "1000"], "has 2 classes"),
+        (["--data-dir", "{data}", "--min-res", "160"], "needs both --min-res and --max-res"),
+        (["--run-name", "x", "--resume", "--output-dir", "{data}"], "config.yaml not found"),
+        (["--data-dir", "{data}", "--run-name", "../../escaped"], "--run-name must be a plain folder name"),
+        (["--data-dir", "{data}", "--run-name", "/tmp/abs"], "--run-name must be a plain folder name"),
+        (["--run-name", "../x", "--resume", "--output-dir", "{data}"], "--run-name must be a plain folder name"),
+        (["--data-dir", "{data}", "--step", "graphs", "--grad-accum", "2"], "--step graphs captures one batch"),
+    ],
+)
 def test_bad_input_fails_before_torch_is_imported(tmp_path, flags, message):
     """One clear line on stderr, exit code 2, and torch never imported (that is what keeps it under a second)."""
     data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
     flags = [f.replace("{data}", str(data)) for f in flags]
-    probe = ("import sys\nfrom training.train import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-             "    rc = e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', rc)\n")
+    probe = (
+        "import sys\nfrom training.train import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    rc = e.code\nprint('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH', rc)\n"
+    )
     r = subprocess.run([sys.executable, "-c", probe, *flags], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.split() == ["NO_TORCH", "2"], (r.stdout, r.stderr)
     errors = [line for line in r.stderr.splitlines() if "error" in line]
@@ -138,11 +150,41 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path, flags, message):
 def test_help_lists_the_reference_flags():
     r = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0
-    for flag in ("--data-dir", "--batch-size", "--workers", "--epochs", "--max-lr", "--pct-start", "--div-factor",
-                 "--final-div-factor", "--label-smoothing", "--run-name", "--resume", "--config", "--output-dir",
-                 "--device", "--loader", "--arch", "--res", "--val-res", "--precision", "--compile", "--grad-accum",
-                 "--ema", "--mixup", "--cutmix", "--random-erase", "--auto-augment", "--blurpool", "--tta",
-                 "--lr-schedule", "--weight-decay", "--seed", "--min-res", "--max-res"):
+    for flag in (
+        "--data-dir",
+        "--batch-size",
+        "--workers",
+        "--epochs",
+        "--max-lr",
+        "--pct-start",
+        "--div-factor",
+        "--final-div-factor",
+        "--label-smoothing",
+        "--run-name",
+        "--resume",
+        "--config",
+        "--output-dir",
+        "--device",
+        "--loader",
+        "--arch",
+        "--res",
+        "--val-res",
+        "--precision",
+        "--compile",
+        "--grad-accum",
+        "--ema",
+        "--mixup",
+        "--cutmix",
+        "--random-erase",
+        "--auto-augment",
+        "--blurpool",
+        "--tta",
+        "--lr-schedule",
+        "--weight-decay",
+        "--seed",
+        "--min-res",
+        "--max-res",
+    ):
         assert flag in r.stdout, flag
 
 
@@ -150,19 +192,47 @@ def test_loader_options_are_flags_and_are_checked(tmp_path):
     data = folders(tmp_path / "d", ["n1", "n2"], ["n1", "n2"])
     report = tmp_path / "convert_report.json"
     report.write_text("{}")
-    cfg = parse("--data-dir", str(data), "--no-os-cache", "--loader-order", "quasi_random", "--hw-decoder-load", "0.3",
-                "--dali-threads", "4", "--dali-prefetch", "3", "--nvjpeg-padding-mb", "64", "--skip-listed-in",
-                str(report))
-    assert cfg.loader_options() == {"os_cache": False, "order": "quasi_random", "hw_decoder_load": 0.3,
-                                    "dali_threads": 4, "dali_prefetch": 3, "nvjpeg_padding_mb": 64,
-                                    "skip_listed_in": str(report)}
+    cfg = parse(
+        "--data-dir",
+        str(data),
+        "--no-os-cache",
+        "--loader-order",
+        "quasi_random",
+        "--hw-decoder-load",
+        "0.3",
+        "--dali-threads",
+        "4",
+        "--dali-prefetch",
+        "3",
+        "--nvjpeg-padding-mb",
+        "64",
+        "--skip-listed-in",
+        str(report),
+    )
+    assert cfg.loader_options() == {
+        "os_cache": False,
+        "order": "quasi_random",
+        "hw_decoder_load": 0.3,
+        "dali_threads": 4,
+        "dali_prefetch": 3,
+        "nvjpeg_padding_mb": 64,
+        "skip_listed_in": str(report),
+    }
     assert parse("--data-dir", str(data)).loader_options() == {
-        "os_cache": True, "order": "random", "hw_decoder_load": -1.0, "dali_threads": 0, "dali_prefetch": 0,
-        "nvjpeg_padding_mb": -1, "skip_listed_in": None}  # -1 and 0: the GPU kind's defaults (pipeline.dali_tuning)
+        "os_cache": True,
+        "order": "random",
+        "hw_decoder_load": -1.0,
+        "dali_threads": 0,
+        "dali_prefetch": 0,
+        "nvjpeg_padding_mb": -1,
+        "skip_listed_in": None,
+    }  # -1 and 0: the GPU kind's defaults (pipeline.dali_tuning)
     with pytest.raises(ValueError, match="--skip-listed-in .*missing.json: no such file"):
         parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "missing.json"))
-    assert "--hw-decoder-load must be in [0, 1], or -1 for the GPU's default" in TrainConfig(
-        hw_decoder_load=1.5).validate()
+    assert (
+        "--hw-decoder-load must be in [0, 1], or -1 for the GPU's default"
+        in TrainConfig(hw_decoder_load=1.5).validate()
+    )
     assert len(TrainConfig(dali_threads=-1, dali_prefetch=-2, nvjpeg_padding_mb=-2).validate()) == 3
     with pytest.raises(SystemExit):
         parse("--data-dir", str(data), "--loader-order", "sequential")

@@ -29,8 +29,17 @@ def test_logs_plots_and_tensorboard(tmp_path_factory):
     _, out, run = trained_run(tmp_path_factory)
     logs = out / "logs" / run
     recs = records(out, run)
-    for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s", "images_per_s",
-                "data_wait_pct", "res"):
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "lr",
+        "epoch_time_s",
+        "images_per_s",
+        "data_wait_pct",
+        "res",
+    ):
         assert all(key in r for r in recs), key
     md = (logs / "training_log.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| Epoch"))
@@ -54,8 +63,14 @@ def test_logs_plots_and_tensorboard(tmp_path_factory):
     acc = EventAccumulator(str(out / "runs" / run))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait_pct", "epoch/val_top1",
-            "epoch/train_loss"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/data_wait_pct",
+        "epoch/val_top1",
+        "epoch/train_loss",
+    } <= tags
     assert [e.step for e in acc.Scalars("epoch/val_top1")] == [0, 1, 2, 3, 4]
     assert acc.Scalars("epoch/val_top1")[-1].value == pytest.approx(recs[-1]["val_top1"], rel=1e-5)
     steps = [e.step for e in acc.Scalars("train/loss")]
@@ -72,9 +87,18 @@ def test_checkpoints_hold_the_whole_state(tmp_path_factory):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     assert state["config"]["arch"] == "resnet18" and len(state["classes"]) == 4
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"][0])
-    assert state["loader"] == {"epoch": 5, "batch": 0, "seed": 0, "resolution": 48, "world_size": 1,
-                               "batch_size": 16, "grad_accum": 1, "num_samples": 160, "backend": "torchvision",
-                               "order": "random"}
+    assert state["loader"] == {
+        "epoch": 5,
+        "batch": 0,
+        "seed": 0,
+        "resolution": 48,
+        "world_size": 1,
+        "batch_size": 16,
+        "grad_accum": 1,
+        "num_samples": 160,
+        "backend": "torchvision",
+        "order": "random",
+    }
     assert state["phase"] == "end_of_epoch" and state["metrics"]["epoch"] == 4
     best = load_checkpoint(d / "best.pt")
     assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in records(out, run))
@@ -126,9 +150,26 @@ def test_augmentations_and_accumulation_run(tmp_path_factory):
     """Every batch-level augmentation and gradient accumulation in one short run; soft targets reach the loss."""
     data = learnable_data(tmp_path_factory)
     out = tmp_path_factory.mktemp("aug")
-    rc = main(argv(data, out, "aug", epochs=1, mixup=0.2, cutmix=1.0, random_erase=0.25,
-                   auto_augment="trivialaugment", grad_accum=2, tta=True, blurpool=True, zero_init_residual=True,
-                   res=32, val_res=32, batch_size=8, log_every=2))
+    rc = main(
+        argv(
+            data,
+            out,
+            "aug",
+            epochs=1,
+            mixup=0.2,
+            cutmix=1.0,
+            random_erase=0.25,
+            auto_augment="trivialaugment",
+            grad_accum=2,
+            tta=True,
+            blurpool=True,
+            zero_init_residual=True,
+            res=32,
+            val_res=32,
+            batch_size=8,
+            log_every=2,
+        )
+    )
     assert rc == 0
     state = _final(out, "aug")
     assert state["step"] == 10  # 20 batches of 8 per epoch, 2 per step
@@ -156,13 +197,33 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
 
     def spy(*args, **kwargs):
         loader = real(*args, **kwargs)
-        seen.append((kwargs["split"], kwargs["os_cache"], kwargs["order"], loader.backend,
-                     getattr(loader, "_sample_pages", None) is not None))
+        seen.append(
+            (
+                kwargs["split"],
+                kwargs["os_cache"],
+                kwargs["order"],
+                loader.backend,
+                getattr(loader, "_sample_pages", None) is not None,
+            )
+        )
         return loader
 
     monkeypatch.setattr(components, "build_loader", spy)  # every loader of a run is built there
-    rc = main(argv(coded_betons, tmp_path, "pc", loader="ffcv", workers=1, epochs=1, res=32, val_res=32, batch_size=8,
-                   os_cache=False, loader_order="quasi_random"))
+    rc = main(
+        argv(
+            coded_betons,
+            tmp_path,
+            "pc",
+            loader="ffcv",
+            workers=1,
+            epochs=1,
+            res=32,
+            val_res=32,
+            batch_size=8,
+            os_cache=False,
+            loader_order="quasi_random",
+        )
+    )
     assert rc == 0
     # train reads pages in windows (page-grouped order); val stays in file order
     assert seen == [("train", False, "quasi_random", "ffcv", True), ("val", False, "quasi_random", "ffcv", False)]
@@ -200,17 +261,35 @@ def test_a_second_run_with_the_same_name_stops_and_the_first_is_untouched(coded_
     from dataset_tools.locks import LOCK_NAME
 
     folder = tmp_path / "checkpoints" / "twin"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom dataset_tools.locks import folder_lock\n"
-        f"with folder_lock({str(folder)!r}, 'rn50 train'):\n    print('held', flush=True)\n    time.sleep(60)\n")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom dataset_tools.locks import folder_lock\n"
+                f"with folder_lock({str(folder)!r}, 'rn50 train'):\n    print('held', flush=True)\n    time.sleep(60)\n"
+            ),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = sorted(p.name for p in tmp_path.rglob("*"))
         t0 = time.monotonic()
-        rc = subprocess.run([sys.executable, "-m", "training", *argv(coded_root, tmp_path, "twin", epochs=1, res=32,
-                                                                      val_res=32, batch_size=8)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+        rc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "training",
+                *argv(coded_root, tmp_path, "twin", epochs=1, res=32, val_res=32, batch_size=8),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert rc.returncode == 2, rc.stderr + rc.stdout
         errors = [line for line in (rc.stdout + rc.stderr).splitlines() if "error" in line]
         assert len(errors) == 1 and f"in use by rn50 train (pid {holder.pid}" in errors[0], errors
@@ -222,8 +301,9 @@ def test_a_second_run_with_the_same_name_stops_and_the_first_is_untouched(coded_
         holder.wait()
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(coded_root, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
+    coded_root, tmp_path, monkeypatch, capsys
+):
     """A full disk at an epoch's checkpoint: one line, exit 1, the previous epoch's files intact and resumable."""
     import errno
 

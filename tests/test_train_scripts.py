@@ -23,8 +23,13 @@ def test_bash_syntax(name):
 
 
 def dry_run(script: str, *args: str, **env: str) -> list[str]:
-    r = subprocess.run(["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True,
-                       env={**os.environ, "DRY_RUN": "1", **env}, cwd="/")
+    r = subprocess.run(
+        ["bash", str(REPO / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", **env},
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr
     return shlex.split(r.stdout)
 
@@ -32,8 +37,8 @@ def dry_run(script: str, *args: str, **env: str) -> list[str]:
 def trainer_flags(cmd: list[str]) -> list[str]:
     """The part of a launch command that the trainer's parser sees."""
     if "-m" in cmd:
-        return cmd[cmd.index("-m") + 2:]
-    return cmd[cmd.index("train") + 1:]
+        return cmd[cmd.index("-m") + 2 :]
+    return cmd[cmd.index("train") + 1 :]
 
 
 def test_train_8gpu_command(tmp_path):
@@ -46,8 +51,12 @@ def test_train_8gpu_command(tmp_path):
     assert args.compile and args.data_dir == "/data/b" and args.resume == "auto"
     no_restarts = dry_run("train_8gpu.sh", "/data/b", NGPU="4", MAX_RESTARTS="0")
     assert no_restarts[no_restarts.index("--max-restarts") + 1] == "0"
-    bad = subprocess.run(["bash", str(REPO / "scripts" / "train_8gpu.sh"), "/data/b", "17"], capture_output=True,
-                         text=True, env={**os.environ, "DRY_RUN": "1", "NGPU": "8"})
+    bad = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train_8gpu.sh"), "/data/b", "17"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", "NGPU": "8"},
+    )
     assert bad.returncode == 2 and "16, 24, 32, 40, 56 or 88" in bad.stderr
 
 

@@ -161,20 +161,49 @@ class Position:
 START = Position(epoch=0, batch=0, step=0)
 
 
-def pack(at: Position, *, run_name: str, model: dict, optimizer: dict, scheduler: dict, scaler: dict,
-         ema: dict | None, loader: dict, loader_states: list | None, rng: list[dict], config: dict,
-         classes: list[str], best_top1: float, threads: int | None, metrics: dict | None, **extra) -> dict:
+def pack(
+    at: Position,
+    *,
+    run_name: str,
+    model: dict,
+    optimizer: dict,
+    scheduler: dict,
+    scaler: dict,
+    ema: dict | None,
+    loader: dict,
+    loader_states: list | None,
+    rng: list[dict],
+    config: dict,
+    classes: list[str],
+    best_top1: float,
+    threads: int | None,
+    metrics: dict | None,
+    **extra,
+) -> dict:
     """The checkpoint of a run at `at`. loader: the loader's setting (seed, resolution, ranks, batch size, ...; the
     position is added from `at`); loader_states: each rank's backend state (DALI) or None; rng: each rank's RNG
     states; threads: the CPU thread count of a --deterministic run, else None; metrics: the last logged epoch record
     (so a kill between the checkpoint and the log write loses no log line); extra: entries such as
     rank_weight_fingerprints."""
     state = {
-        "format": FORMAT_VERSION, "run_name": run_name, "phase": at.phase, "model": model, "optimizer": optimizer,
-        "scheduler": scheduler, "scaler": scaler, "ema": ema, "epoch": at.epoch - 1, "next_epoch": at.epoch,
-        "step": at.step, "loader": {"epoch": at.epoch, "batch": at.batch, **loader},
-        "loader_states": loader_states if at.phase == "mid_epoch" else None, "rng": rng, "config": config,
-        "classes": classes, "best_top1": best_top1, "deterministic": {"threads": threads} if threads else None,
+        "format": FORMAT_VERSION,
+        "run_name": run_name,
+        "phase": at.phase,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "ema": ema,
+        "epoch": at.epoch - 1,
+        "next_epoch": at.epoch,
+        "step": at.step,
+        "loader": {"epoch": at.epoch, "batch": at.batch, **loader},
+        "loader_states": loader_states if at.phase == "mid_epoch" else None,
+        "rng": rng,
+        "config": config,
+        "classes": classes,
+        "best_top1": best_top1,
+        "deterministic": {"threads": threads} if threads else None,
         "metrics": metrics,
     }
     if at.phase == "mid_epoch":
@@ -195,15 +224,18 @@ class Checkpoint:
     def read(cls, path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no checkpoint there (a run's checkpoints live in "
-                                    f"<output-dir>/checkpoints/<run-name>/)")
+            raise FileNotFoundError(
+                f"{path}: no checkpoint there (a run's checkpoints live in <output-dir>/checkpoints/<run-name>/)"
+            )
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
             # weights_only=True refuses pickled classes and code: a file that needs them is not ours, or was tampered
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise ValueError(f"{path}: not a readable rn50 checkpoint, damaged or truncated or not ours "
-                             f"({type(e).__name__}: {first})") from None
+            raise ValueError(
+                f"{path}: not a readable rn50 checkpoint, damaged or truncated or not ours "
+                f"({type(e).__name__}: {first})"
+            ) from None
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION or "model" not in state:
             raise ValueError(f"{path}: not an rn50 checkpoint of format {FORMAT_VERSION} (written by another tool?)")
         return cls(path, state)
@@ -211,8 +243,9 @@ class Checkpoint:
     def incomplete(self) -> str | None:
         """What a run needs from it but it lacks (damaged, or written by another rn50), or None."""
         s = self.state
-        missing = [k for k in ("model", "optimizer", "scheduler", "scaler", "step", "next_epoch", "config")
-                   if k not in s]
+        missing = [
+            k for k in ("model", "optimizer", "scheduler", "scaler", "step", "next_epoch", "config") if k not in s
+        ]
         if missing:
             return f"incomplete checkpoint (no {', '.join(missing)})"
         if self.phase not in PHASES:
@@ -230,10 +263,14 @@ class Checkpoint:
     @property
     def position(self) -> Position:
         s, phase = self.state, self.phase
-        return Position(epoch=int(s["next_epoch"]), batch=int(self.loader.get("batch", 0)), step=int(s["step"]),
-                        phase=phase,
-                        progress=EpochProgress.from_state(s["epoch_progress"]) if phase == "mid_epoch" else None,
-                        pending=EpochStats.from_state(s["epoch_stats"]) if phase == "before_validation" else None)
+        return Position(
+            epoch=int(s["next_epoch"]),
+            batch=int(self.loader.get("batch", 0)),
+            step=int(s["step"]),
+            phase=phase,
+            progress=EpochProgress.from_state(s["epoch_progress"]) if phase == "mid_epoch" else None,
+            pending=EpochStats.from_state(s["epoch_stats"]) if phase == "before_validation" else None,
+        )
 
     @property
     def finished_epoch(self) -> int:
@@ -308,8 +345,13 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -321,8 +363,9 @@ def set_rng_state(state: dict) -> None:
     # weights_only loading returns the inner tuple as a list; random.setstate wants the exact tuple shape.
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

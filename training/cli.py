@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     group = f"{argv[0]} "
     if any(name.startswith(group) for name in COMMANDS):  # `rn50 bench` with no kind, a bad one, or --help
         asked = len(argv) == 1 or argv[1] in ("-h", "--help")
-        print(usage(group) if asked else f"rn50: unknown {argv[0]} kind {argv[1]!r}\n\n{usage(group)}",
-              file=sys.stdout if asked else sys.stderr)
+        print(
+            usage(group) if asked else f"rn50: unknown {argv[0]} kind {argv[1]!r}\n\n{usage(group)}",
+            file=sys.stdout if asked else sys.stderr,
+        )
         return 0 if asked else 2
     print(f"rn50: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
     return 2

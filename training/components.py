@@ -28,22 +28,44 @@ def seed_everything(seed: int, rank: int) -> None:
     np.random.seed((seed + rank) % 2**32)
 
 
-def make_loader(cfg: TrainConfig, split: str, ctx: DistContext, dtype: torch.dtype, resolution: int,
-                batch_size: int | None = None) -> Loader:
+def make_loader(
+    cfg: TrainConfig, split: str, ctx: DistContext, dtype: torch.dtype, resolution: int, batch_size: int | None = None
+) -> Loader:
     """The config's loader for `split`: train batches of --batch-size with drop_last (every step a full batch), val
     batches of --val-batch-size (default --batch-size) without it (every image counted once)."""
     train = split == "train"
     batch = batch_size or (cfg.batch_size if train else cfg.val_batch_size or cfg.batch_size)
-    return build_loader(cfg.data_dir, split=split, backend=cfg.loader, batch_size=batch, resolution=resolution,
-                        workers=cfg.workers, device=ctx.device, dtype=dtype, rank=ctx.rank, world_size=ctx.world_size,
-                        seed=cfg.seed, drop_last=train, verbose=ctx.is_main, **cfg.loader_options())
+    return build_loader(
+        cfg.data_dir,
+        split=split,
+        backend=cfg.loader,
+        batch_size=batch,
+        resolution=resolution,
+        workers=cfg.workers,
+        device=ctx.device,
+        dtype=dtype,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.seed,
+        drop_last=train,
+        verbose=ctx.is_main,
+        **cfg.loader_options(),
+    )
 
 
 def make_recipe(cfg: TrainConfig, num_classes: int) -> Recipe:
     """The batch augmentation of the config (pipeline.augment.recipe): --auto-augment, --random-erase, --mixup,
     --cutmix, --mix-prob, --mix-switch-prob, seeded by --seed."""
-    return Recipe(num_classes, seed=cfg.seed, policy=cfg.auto_augment, random_erase=cfg.random_erase,
-                  mixup=cfg.mixup, cutmix=cfg.cutmix, mix_prob=cfg.mix_prob, mix_switch_prob=cfg.mix_switch_prob)
+    return Recipe(
+        num_classes,
+        seed=cfg.seed,
+        policy=cfg.auto_augment,
+        random_erase=cfg.random_erase,
+        mixup=cfg.mixup,
+        cutmix=cfg.cutmix,
+        mix_prob=cfg.mix_prob,
+        mix_switch_prob=cfg.mix_switch_prob,
+    )
 
 
 def batch_transform(cfg: TrainConfig, num_classes: int, rank: int) -> BatchTransform | None:
@@ -68,15 +90,17 @@ def compile_model(module: nn.Module, mode: str | None = None) -> nn.Module:
     return torch.compile(module, dynamic=False, mode=mode)
 
 
-def wrap_model(raw_model: nn.Module, compiled: bool, ctx: DistContext,
-               compile_mode: str | None = None) -> tuple[nn.Module, nn.Module]:
+def wrap_model(
+    raw_model: nn.Module, compiled: bool, ctx: DistContext, compile_mode: str | None = None
+) -> tuple[nn.Module, nn.Module]:
     """(model to train, model to evaluate): torch.compile if asked, then DDP when distributed. Evaluation uses the
     compiled module without the DDP wrapper (no gradient hooks, no buffer broadcasts)."""
     model = compile_model(raw_model, compile_mode) if compiled else raw_model
     eval_model = model
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     return model, eval_model
 
 
@@ -88,8 +112,16 @@ def sgd_impl(requested: str, device: torch.device) -> str:
     return requested
 
 
-def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: Precision, schedule, *,
-               model_hook=None, compile_mode: str | None = None) -> tuple[TrainParts, nn.Module, dict[str, int]]:
+def make_parts(
+    cfg: TrainConfig,
+    num_classes: int,
+    ctx: DistContext,
+    precision: Precision,
+    schedule,
+    *,
+    model_hook=None,
+    compile_mode: str | None = None,
+) -> tuple[TrainParts, nn.Module, dict[str, int]]:
     """(parts of the train step, the model to evaluate, weight-decay counts): the model (torchvision --arch with
     BlurPool/zero-init/channels_last as configured) on the device, SGD with weight decay by module type, the
     GradScaler, the EMA if --ema, the step as --step says (eager, compiled, or a CUDA graph), wrapped for DDP.
@@ -97,17 +129,34 @@ def make_parts(cfg: TrainConfig, num_classes: int, ctx: DistContext, precision: 
     `rn50 bench step` (a changed stem, another torch.compile mode)."""
     from training.graphs import GraphedStep
 
-    mode, why = resolve_step(cfg.step, ctx.device, deterministic=cfg.deterministic, world_size=ctx.world_size,
-                             grad_accum=cfg.grad_accum, precision=precision.name)
+    mode, why = resolve_step(
+        cfg.step,
+        ctx.device,
+        deterministic=cfg.deterministic,
+        world_size=ctx.world_size,
+        grad_accum=cfg.grad_accum,
+        precision=precision.name,
+    )
     raw = build_model(cfg.arch, num_classes, cfg.zero_init_residual, cfg.blurpool, cfg.channels_last)
     raw = (model_hook(raw) if model_hook else raw).to(ctx.device)
-    optimizer, counts = build_optimizer(raw, cfg.weight_decay, cfg.momentum, cfg.nesterov,
-                                        sgd_impl(cfg.sgd, ctx.device))
+    optimizer, counts = build_optimizer(
+        raw, cfg.weight_decay, cfg.momentum, cfg.nesterov, sgd_impl(cfg.sgd, ctx.device)
+    )
     model, eval_model = wrap_model(raw, mode in ("compile", "graphs"), ctx, compile_mode)
     ema = ModelEMA(raw, cfg.ema_decay) if cfg.ema else None
-    parts = TrainParts(model=model, raw_model=raw, optimizer=optimizer, scaler=make_scaler(precision, ctx.device),
-                       schedule=schedule, precision=precision, label_smoothing=cfg.label_smoothing,
-                       grad_accum=cfg.grad_accum, ema=ema, step_mode=mode, step_why=why)
+    parts = TrainParts(
+        model=model,
+        raw_model=raw,
+        optimizer=optimizer,
+        scaler=make_scaler(precision, ctx.device),
+        schedule=schedule,
+        precision=precision,
+        label_smoothing=cfg.label_smoothing,
+        grad_accum=cfg.grad_accum,
+        ema=ema,
+        step_mode=mode,
+        step_why=why,
+    )
     if mode == "graphs":
         parts.graphed = GraphedStep(model, raw, optimizer, precision, cfg.label_smoothing, ema)
     return parts, eval_model, counts

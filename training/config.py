@@ -46,8 +46,14 @@ class ConfigError(ValueError):
     """A bad key, value or file; the message names it and says what would be accepted."""
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: str | None = None,
-       const: str | None = None, **kw: Any) -> Any:
+def _f(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    const: str | None = None,
+    **kw: Any,
+) -> Any:
     """A dataclass field whose metadata also drives the command line. `const`: the value of the bare flag, for a
     string option whose argument may be left out (`--resume` = `--resume yes`)."""
     meta = {"help": help, "choices": choices, "flag": flag, "const": const}
@@ -60,30 +66,54 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, flag: st
 class TrainConfig:
     # --- data ---
     data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
-    loader: str = _f("auto", "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
-                             "image folders: DALI + GPU -> dali, else torchvision)", LOADERS)
-    workers: int = _f(-1, "loader worker threads/processes per GPU; -1: this GPU's share of the cores minus one, left "
-                          "to the training process")
+    loader: str = _f(
+        "auto",
+        "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
+        "image folders: DALI + GPU -> dali, else torchvision)",
+        LOADERS,
+    )
+    workers: int = _f(
+        -1,
+        "loader worker threads/processes per GPU; -1: this GPU's share of the cores minus one, left "
+        "to the training process",
+    )
     batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
     val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
     num_classes: int = _f(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
-    os_cache: bool = _f(True, "ffcv: map the betons and let the OS page cache hold them (best when they fit in RAM); "
-                              "--no-os-cache: FFCV's process cache, for betons bigger than RAM (with --loader-order "
-                              "quasi_random)")
-    loader_order: str = _f("random", "ffcv train order: random, or quasi_random (shuffles pages, then samples within "
-                                     "a window of them: far fewer pages read at a time; less random batches)",
-                           LOADER_ORDERS)
-    hw_decoder_load: float = _f(-1.0, "dali: share of the JPEGs sent to the A100/H100/H200 hardware JPEG decoder; -1: "
-                                      "the GPU's default (0.99 on H100/H200, NVIDIA's MLPerf setting; DALI's 0.65 "
-                                      "elsewhere)")
-    dali_threads: int = _f(0, "dali: CPU threads of each DALI pipeline; 0: 6 on H100/H200 (NVIDIA's MLPerf setting), "
-                              "else --workers")
-    dali_prefetch: int = _f(0, "dali: batches each DALI pipeline prepares ahead; 0: 5 on H100/H200 (NVIDIA's MLPerf "
-                               "setting), else DALI's 2")
-    nvjpeg_padding_mb: int = _f(-1, "dali: nvJPEG device and host buffer padding in MiB, so it never reallocates; -1: "
-                                    "256 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 16 device / 8 host")
-    skip_listed_in: str = _f("", "dali/torchvision: a convert_report.json; the files it lists as skipped "
-                                 "(undecodable) are left out, so DALI does not stop on them")
+    os_cache: bool = _f(
+        True,
+        "ffcv: map the betons and let the OS page cache hold them (best when they fit in RAM); "
+        "--no-os-cache: FFCV's process cache, for betons bigger than RAM (with --loader-order "
+        "quasi_random)",
+    )
+    loader_order: str = _f(
+        "random",
+        "ffcv train order: random, or quasi_random (shuffles pages, then samples within "
+        "a window of them: far fewer pages read at a time; less random batches)",
+        LOADER_ORDERS,
+    )
+    hw_decoder_load: float = _f(
+        -1.0,
+        "dali: share of the JPEGs sent to the A100/H100/H200 hardware JPEG decoder; -1: "
+        "the GPU's default (0.99 on H100/H200, NVIDIA's MLPerf setting; DALI's 0.65 "
+        "elsewhere)",
+    )
+    dali_threads: int = _f(
+        0, "dali: CPU threads of each DALI pipeline; 0: 6 on H100/H200 (NVIDIA's MLPerf setting), else --workers"
+    )
+    dali_prefetch: int = _f(
+        0, "dali: batches each DALI pipeline prepares ahead; 0: 5 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 2"
+    )
+    nvjpeg_padding_mb: int = _f(
+        -1,
+        "dali: nvJPEG device and host buffer padding in MiB, so it never reallocates; -1: "
+        "256 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 16 device / 8 host",
+    )
+    skip_listed_in: str = _f(
+        "",
+        "dali/torchvision: a convert_report.json; the files it lists as skipped "
+        "(undecodable) are left out, so DALI does not stop on them",
+    )
     # --- resolution: fixed --res, or progressive min_res -> max_res between start_ramp and end_ramp ---
     res: int = _f(224, "training resolution when no progressive schedule is set")
     val_res: int = _f(224, "validation resolution (centre crop of ratio 224/256, then resized to this)")
@@ -97,13 +127,20 @@ class TrainConfig:
     zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block")
     blurpool: bool = _f(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
     channels_last: bool = _f(True, "channels_last memory format for model and inputs")
-    step: str = _f("auto", "the train step: eager; compile (torch.compile, once per resolution; checkpoints hold the "
-                           "plain module); graphs (compile, then forward, backward and SGD update captured as one CUDA "
-                           "graph per resolution: one GPU, bf16/fp32, no --grad-accum); auto: compile on a GPU, eager on "
-                           "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
-                   STEPS)
-    sgd: str = _f("auto", "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
-                          "auto: fused on a GPU, torch's default on the CPU", SGD_IMPLS)
+    step: str = _f(
+        "auto",
+        "the train step: eager; compile (torch.compile, once per resolution; checkpoints hold the "
+        "plain module); graphs (compile, then forward, backward and SGD update captured as one CUDA "
+        "graph per resolution: one GPU, bf16/fp32, no --grad-accum); auto: compile on a GPU, eager on "
+        "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
+        STEPS,
+    )
+    sgd: str = _f(
+        "auto",
+        "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
+        "auto: fused on a GPU, torch's default on the CPU",
+        SGD_IMPLS,
+    )
     # --- optimisation ---
     epochs: int = _f(16, "epochs to train")
     max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
@@ -124,16 +161,21 @@ class TrainConfig:
     weight_decay: float = _f(5e-5, "L2 weight decay; never on BatchNorm parameters or biases")
     label_smoothing: float = _f(0.1, "label smoothing of the training loss")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    precision: str = _f("auto", "auto: bf16 where the GPU has it, fp16 + GradScaler on T4/V100, fp32 on CPU",
-                        PRECISIONS)
+    precision: str = _f(
+        "auto", "auto: bf16 where the GPU has it, fp16 + GradScaler on T4/V100, fp32 on CPU", PRECISIONS
+    )
     # --- regularisation on the batch (pipeline.augment) and EMA ---
     mixup: float = _f(0.0, "mixup alpha (0: off)")
     cutmix: float = _f(0.0, "cutmix alpha (0: off)")
     mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
     mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup for a batch")
     random_erase: float = _f(0.0, "random erasing probability per image (0: off)")
-    auto_augment: str = _f("none", "per-sample policy on the device: autoaugment (AutoAugment's ImageNet policy, the "
-                                     "reference README's) or trivialaugment (TrivialAugmentWide)", AUTO_AUGMENT)
+    auto_augment: str = _f(
+        "none",
+        "per-sample policy on the device: autoaugment (AutoAugment's ImageNet policy, the "
+        "reference README's) or trivialaugment (TrivialAugmentWide)",
+        AUTO_AUGMENT,
+    )
     ema: bool = _f(False, "keep an exponential moving average of the weights, evaluated each epoch")
     ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
     # --- evaluation ---
@@ -141,15 +183,26 @@ class TrainConfig:
     # --- run, logs, checkpoints ---
     run_name: str = _f("", "name of the run's folders under logs/, runs/ and checkpoints/ (default: arch-time)")
     output_dir: str = _f(".", "root of logs/, runs/ and checkpoints/")
-    resume: str = _f("no", "continue run --run-name from checkpoints/<run>/checkpoint.pt; 'auto': if that file exists, "
-                           "else start the run (for restarts under torchrun --max-restarts or a job scheduler)",
-                     RESUME, const="yes")
-    checkpoint_every: int = _f(0, "also write checkpoint.pt every this many optimizer steps inside an epoch, with the "
-                                  "loader position, so a kill costs at most that many steps (0: at epoch ends only)")
-    checkpoint_minutes: float = _f(0.0, "also write checkpoint.pt when this many minutes passed since the last one "
-                                        "(rank 0's clock; 0: off)")
-    deterministic: bool = _f(False, "deterministic kernels, no cuDNN autotuning: a killed and resumed run ends "
-                                    "bit-identical to an uninterrupted one on the CPU (GPUs: see README)")
+    resume: str = _f(
+        "no",
+        "continue run --run-name from checkpoints/<run>/checkpoint.pt; 'auto': if that file exists, "
+        "else start the run (for restarts under torchrun --max-restarts or a job scheduler)",
+        RESUME,
+        const="yes",
+    )
+    checkpoint_every: int = _f(
+        0,
+        "also write checkpoint.pt every this many optimizer steps inside an epoch, with the "
+        "loader position, so a kill costs at most that many steps (0: at epoch ends only)",
+    )
+    checkpoint_minutes: float = _f(
+        0.0, "also write checkpoint.pt when this many minutes passed since the last one (rank 0's clock; 0: off)"
+    )
+    deterministic: bool = _f(
+        False,
+        "deterministic kernels, no cuDNN autotuning: a killed and resumed run ends "
+        "bit-identical to an uninterrupted one on the CPU (GPUs: see README)",
+    )
     keep_last: int = _f(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
     stop_after_epoch: int = _f(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
     log_every: int = _f(50, "optimizer steps between TensorBoard points and progress-bar updates")
@@ -164,9 +217,15 @@ class TrainConfig:
 
     def loader_options(self) -> dict[str, Any]:
         """build_loader's backend options; each backend takes its own and ignores the rest."""
-        return dict(os_cache=self.os_cache, order=self.loader_order, hw_decoder_load=self.hw_decoder_load,
-                    dali_threads=self.dali_threads, dali_prefetch=self.dali_prefetch,
-                    nvjpeg_padding_mb=self.nvjpeg_padding_mb, skip_listed_in=self.skip_listed_in or None)
+        return dict(
+            os_cache=self.os_cache,
+            order=self.loader_order,
+            hw_decoder_load=self.hw_decoder_load,
+            dali_threads=self.dali_threads,
+            dali_prefetch=self.dali_prefetch,
+            nvjpeg_padding_mb=self.nvjpeg_padding_mb,
+            skip_listed_in=self.skip_listed_in or None,
+        )
 
     def validate(self) -> list[str]:
         """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
@@ -180,8 +239,14 @@ class TrainConfig:
         problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
         if self.workers < -1:
             problems.append("--workers must be >= 0, or -1 (auto)")
-        for n in ("val_batch_size", "num_classes", "keep_last", "lr_ref_batch", "checkpoint_every",
-                  "checkpoint_minutes"):
+        for n in (
+            "val_batch_size",
+            "num_classes",
+            "keep_last",
+            "lr_ref_batch",
+            "checkpoint_every",
+            "checkpoint_minutes",
+        ):
             if getattr(self, n) < 0:
                 problems.append(f"--{flag_name(n)} must be >= 0")
         if not (0 <= self.hw_decoder_load <= 1 or self.hw_decoder_load == -1):
@@ -236,8 +301,10 @@ def run_name_problem(name: str) -> str | None:
     """Why `name` cannot be a run name (it names folders under --output-dir), or None."""
     if RUN_NAME.fullmatch(name):
         return None
-    return (f"--run-name must be a plain folder name (letters, digits and . _ - + = @, not starting with . or -), got "
-            f"{name!r}: it names the run's folders under --output-dir")
+    return (
+        f"--run-name must be a plain folder name (letters, digits and . _ - + = @, not starting with . or -), got "
+        f"{name!r}: it names the run's folders under --output-dir"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- fields and types
@@ -301,8 +368,9 @@ def preset_path(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     names = ", ".join(sorted(q.stem for q in CONFIGS_DIR.glob("*.yaml"))) or "none"
-    raise ConfigError(f"--config {name_or_path}: no such file, and no preset of that name in {CONFIGS_DIR} "
-                      f"(presets: {names})")
+    raise ConfigError(
+        f"--config {name_or_path}: no such file, and no preset of that name in {CONFIGS_DIR} (presets: {names})"
+    )
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -358,13 +426,30 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         elif isinstance(kind, types.GenericAlias):
             p.add_argument(flag, type=int, nargs="+", metavar="N", **common)
         else:
-            p.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if meta.get("choices") else
-                           f.name.upper(), **common)
+            p.add_argument(
+                flag,
+                type=kind,
+                choices=meta.get("choices"),
+                metavar=None if meta.get("choices") else f.name.upper(),
+                **common,
+            )
     if "step" not in skip:  # the flag names from before --step
-        p.add_argument("--compile", dest="step", action="store_const", const="compile", default=argparse.SUPPRESS,
-                       help="= --step compile")
-        p.add_argument("--no-compile", dest="step", action="store_const", const="eager", default=argparse.SUPPRESS,
-                       help="= --step eager")
+        p.add_argument(
+            "--compile",
+            dest="step",
+            action="store_const",
+            const="compile",
+            default=argparse.SUPPRESS,
+            help="= --step compile",
+        )
+        p.add_argument(
+            "--no-compile",
+            dest="step",
+            action="store_const",
+            const="eager",
+            default=argparse.SUPPRESS,
+            help="= --step eager",
+        )
 
 
 def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

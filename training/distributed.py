@@ -1,8 +1,8 @@
 """The distributed context from torchrun's environment: one process per GPU (or CPU process under gloo).
 
-    torchrun --standalone --nproc_per_node 8 -m training ...            one node
-    torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 -m training
-    rn50 train ...                                                       no torchrun: world_size 1, no process group
+torchrun --standalone --nproc_per_node 8 -m training ...            one node
+torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 -m training
+rn50 train ...                                                       no torchrun: world_size 1, no process group
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--device {requested} was asked for but torch sees no CUDA device (check nvidia-smi and "
-                           "that torch is a CUDA build), or pass --device cpu")
+        raise RuntimeError(
+            f"--device {requested} was asked for but torch sees no CUDA device (check nvidia-smi and "
+            "that torch is a CUDA build), or pass --device cpu"
+        )
     if requested.startswith("cuda:"):
         return torch.device(requested)
     return torch.device("cuda", local_rank)
@@ -52,8 +54,13 @@ def init_distributed(requested_device: str = "auto") -> DistContext:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
-                                store=_attempt_store(rank, world_size), rank=rank, world_size=world_size)
+        dist.init_process_group(
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            store=_attempt_store(rank, world_size),
+            rank=rank,
+            world_size=world_size,
+        )
     return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

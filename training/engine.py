@@ -88,8 +88,15 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 BatchTransform = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def resolve_step(requested: str, device: torch.device, *, deterministic: bool = False, world_size: int = 1,
-                 grad_accum: int = 1, precision: str = "fp32") -> tuple[str, str]:
+def resolve_step(
+    requested: str,
+    device: torch.device,
+    *,
+    deterministic: bool = False,
+    world_size: int = 1,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+) -> tuple[str, str]:
     """(eager | compile | graphs, why) for --step. auto: compile on a GPU (an H200 measured 6,800 img/s compiled
     against 4,700 eager for ResNet-50 bf16 at 224 px: ../shared/gpu/README.md), eager on the CPU (compiling costs
     minutes there and gains little) and with --deterministic (identity after a restart was checked for the eager step
@@ -101,10 +108,17 @@ def resolve_step(requested: str, device: torch.device, *, deterministic: bool = 
             return "eager", "auto: eager with --deterministic"
         return "compile", "auto: torch.compile on a GPU"
     if requested == "graphs":
-        blocker = ("not on a CUDA device" if device.type != "cuda" else
-                   f"{world_size} processes (DDP)" if world_size > 1 else
-                   f"--grad-accum {grad_accum}" if grad_accum > 1 else
-                   "fp16 (GradScaler decides on the host)" if precision == "fp16" else "")
+        blocker = (
+            "not on a CUDA device"
+            if device.type != "cuda"
+            else f"{world_size} processes (DDP)"
+            if world_size > 1
+            else f"--grad-accum {grad_accum}"
+            if grad_accum > 1
+            else "fp16 (GradScaler decides on the host)"
+            if precision == "fp16"
+            else ""
+        )
         if blocker:
             return "compile", f"graphs not possible ({blocker}): compiled step instead"
     return requested, "asked for"
@@ -129,8 +143,9 @@ class TrainParts:
     step_why: str = ""
 
 
-def train_step(parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+def train_step(
+    parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """One optimizer step over `grad_accum` micro-batches: set the scheduled LR, forward/backward each micro-batch
     (gradients all-reduced by DDP only on the last one), unscale-free step through the GradScaler, EMA update.
     With a graphed step (one micro-batch) the same happens in one CUDA graph replay.
@@ -138,7 +153,7 @@ def train_step(parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.
     Returns (summed loss over samples, number of correct top-1 predictions, samples, lr); tensors stay on device."""
     lr = apply_schedule(parts.optimizer, parts.schedule, step)
     if parts.graphed is not None:
-        (images, targets), = micro_batches
+        ((images, targets),) = micro_batches
         loss_sum, correct = parts.graphed(images, targets, lr, parts.optimizer.param_groups[0]["momentum"])
         return loss_sum, correct, images.shape[0], lr
     model, n_micro = parts.model, len(micro_batches)
@@ -147,8 +162,11 @@ def train_step(parts: TrainParts, micro_batches: list[tuple[torch.Tensor, torch.
     samples = 0
     for i, (images, targets) in enumerate(micro_batches):
         last = i == n_micro - 1
-        sync = model.no_sync() if (not last and isinstance(model, nn.parallel.DistributedDataParallel)) \
+        sync = (
+            model.no_sync()
+            if (not last and isinstance(model, nn.parallel.DistributedDataParallel))
             else contextlib.nullcontext()
+        )
         with sync:
             with parts.precision.autocast(device):
                 logits = model(images)
@@ -179,8 +197,13 @@ class EpochProgress:
     data_wait_s: float = 0.0
 
     def state_dict(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "samples": int(self.samples),
-                "seconds": float(self.seconds), "data_wait_s": float(self.data_wait_s)}
+        return {
+            "loss_sum": float(self.loss_sum),
+            "correct": float(self.correct),
+            "samples": int(self.samples),
+            "seconds": float(self.seconds),
+            "data_wait_s": float(self.data_wait_s),
+        }
 
     @classmethod
     def from_state(cls, state: dict | None) -> EpochProgress:
@@ -207,8 +230,14 @@ class EpochStats:
         return 100.0 * self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
 
     def state_dict(self) -> dict:
-        return {"loss": self.loss, "top1": self.top1, "samples": self.samples, "seconds": self.seconds,
-                "data_wait_s": self.data_wait_s, "lr": self.lr}
+        return {
+            "loss": self.loss,
+            "top1": self.top1,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "data_wait_s": self.data_wait_s,
+            "lr": self.lr,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> EpochStats:
@@ -243,10 +272,21 @@ def _sum_over_ranks(sums: torch.Tensor, count: int, ctx: DistContext) -> list[fl
 Boundary = Callable[[int, Callable[[], EpochProgress]], bool]
 
 
-def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int, ctx: DistContext, *,
-                    start_batch: int = 0, batch_transform: BatchTransform | None = None, log_every: int = 50,
-                    on_log: Callable[[int, dict], None] | None = None, progress: bool = False,
-                    resumed: EpochProgress | None = None, boundary: Boundary | None = None) -> EpochStats:
+def train_one_epoch(
+    parts: TrainParts,
+    loader,
+    epoch: int,
+    steps_per_epoch: int,
+    ctx: DistContext,
+    *,
+    start_batch: int = 0,
+    batch_transform: BatchTransform | None = None,
+    log_every: int = 50,
+    on_log: Callable[[int, dict], None] | None = None,
+    progress: bool = False,
+    resumed: EpochProgress | None = None,
+    boundary: Boundary | None = None,
+) -> EpochStats:
     """Train one epoch from `start_batch` (0 for a whole epoch; a multiple of grad_accum when resuming mid-epoch,
     with `resumed` holding the running sums saved at that point). The caller has set the loader's
     epoch/position/resolution. Only the first steps_per_epoch * grad_accum batches are used, so every optimizer
@@ -277,8 +317,14 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     if progress and ctx.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"epoch {epoch}", unit="step", leave=True,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=first_step,
+            desc=f"epoch {epoch}",
+            unit="step",
+            leave=True,
+            dynamic_ncols=True,
+        )
     t_start = time.perf_counter() - resumed.seconds
 
     def snapshot() -> EpochProgress:
@@ -319,18 +365,28 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
             w = _sum_over_ranks(window, window_n, ctx)  # the sync point of the loop
             now = time.perf_counter()
             wait = waits[0] - window_wait
-            scalars = {"loss": w[0] / max(w[2], 1), "top1": 100.0 * w[1] / max(w[2], 1), "lr": lr,
-                       "images_per_s": w[2] / max(now - window_start, 1e-9),
-                       "data_wait_pct": 100.0 * wait / max(now - window_start, 1e-9)}
+            scalars = {
+                "loss": w[0] / max(w[2], 1),
+                "top1": 100.0 * w[1] / max(w[2], 1),
+                "lr": lr,
+                "images_per_s": w[2] / max(now - window_start, 1e-9),
+                "data_wait_pct": 100.0 * wait / max(now - window_start, 1e-9),
+            }
             if not math.isfinite(scalars["loss"]):
-                raise NonFiniteLoss(f"training loss is {scalars['loss']} at epoch {epoch}, step {step}; the last "
-                                    "checkpoint is intact. Lower --max-lr (rn50 lr-find suggests one) or use "
-                                    "--precision fp32 to check for fp16 overflow")
+                raise NonFiniteLoss(
+                    f"training loss is {scalars['loss']} at epoch {epoch}, step {step}; the last "
+                    "checkpoint is intact. Lower --max-lr (rn50 lr-find suggests one) or use "
+                    "--precision fp32 to check for fp16 overflow"
+                )
             if on_log is not None:
                 on_log(step, scalars)
             if bar is not None:
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", top1=f"{scalars['top1']:.1f}", lr=f"{lr:.4g}",
-                                img_s=f"{scalars['images_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{scalars['loss']:.3f}",
+                    top1=f"{scalars['top1']:.1f}",
+                    lr=f"{lr:.4g}",
+                    img_s=f"{scalars['images_per_s']:.0f}",
+                )
             window.zero_()
             window_n = 0
             window_start, window_wait = now, waits[0]
@@ -345,17 +401,32 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, steps_per_epoch: int,
     if bar is not None:
         bar.close()
     t = _sum_over_ranks(totals, total_n, ctx)
-    return EpochStats(loss=t[0] / max(t[2], 1), top1=100.0 * t[1] / max(t[2], 1), samples=int(t[2]),
-                      seconds=seconds, data_wait_s=waits[0], lr=lr, completed=completed,
-                      first_step_s=first_step_s or 0.0)
+    return EpochStats(
+        loss=t[0] / max(t[2], 1),
+        top1=100.0 * t[1] / max(t[2], 1),
+        samples=int(t[2]),
+        seconds=seconds,
+        data_wait_s=waits[0],
+        lr=lr,
+        completed=completed,
+        first_step_s=first_step_s or 0.0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, tta: bool = False,
-             epoch: int = 0, should_stop: Callable[[], bool] | None = None, static_shapes: bool = False) -> dict | None:
+def evaluate(
+    model: nn.Module,
+    loader,
+    precision: Precision,
+    ctx: DistContext,
+    tta: bool = False,
+    epoch: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    static_shapes: bool = False,
+) -> dict | None:
     """Top-1/top-5 (%) and mean cross-entropy over the whole split, each sample counted once across ranks.
 
     Under DDP the loader pads the last shard with repeats of other ranks' samples; `loader.num_valid(b)` says how
@@ -392,8 +463,7 @@ def evaluate(model: nn.Module, loader, precision: Precision, ctx: DistContext, t
                 logits = logits + model(torch.flip(images, dims=[3]))
         logits, labels = logits[:valid].float() / (2.0 if tta else 1.0), labels[:valid]
         top1, top5 = topk_correct(logits, labels, (1, 5))
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(),
-                             top5.double()])
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), top1.double(), top5.double()])
         samples += valid
     s = _sum_over_ranks(sums, samples, ctx)
     n = max(s[3], 1.0)

@@ -24,13 +24,21 @@ PROG = "rn50 eval"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt / best.pt / model_XXX.pt of rn50 train")
     p.add_argument("--data-dir", required=True, help="folder with val.beton (+classes.json) or val/<wnid>/")
     p.add_argument("--val-res", type=int, default=None, help="evaluation resolution (default: the run's val_res)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the logits of the flipped image (default: the run's setting)")
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add the logits of the flipped image (default: the run's setting)",
+    )
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights stored in the checkpoint")
     p.add_argument("--batch-size", type=int, default=256, help="per GPU (default 256)")
     p.add_argument("--workers", type=int, default=8, help="loader workers (default 8)")
@@ -82,17 +90,26 @@ def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> i
             return 2
         trained_classes = saved.classes
         if trained_classes and trained_classes != classes:
-            print(f"{PROG}: error: {args.data_dir} has {len(classes)} classes"
-                  f"{'' if len(classes) != len(trained_classes) else ' in a different order or naming'}, the model "
-                  f"was trained on {len(trained_classes)}; evaluate on the dataset the run used", file=sys.stderr)
+            print(
+                f"{PROG}: error: {args.data_dir} has {len(classes)} classes"
+                f"{'' if len(classes) != len(trained_classes) else ' in a different order or naming'}, the model "
+                f"was trained on {len(trained_classes)}; evaluate on the dataset the run used",
+                file=sys.stderr,
+            )
             return 2
         if args.ema and not saved.ema:
             print(f"{PROG}: error: {ckpt_path} holds no EMA weights (the run had --no-ema)", file=sys.stderr)
             return 2
         # the run's own config, with this command's data and loader settings
-        cfg = dataclasses.replace(from_dict(saved.config, f"{ckpt_path} config"), data_dir=str(args.data_dir),
-                                  loader=args.loader, workers=args.workers, val_batch_size=args.batch_size,
-                                  skip_listed_in="", seed=0)
+        cfg = dataclasses.replace(
+            from_dict(saved.config, f"{ckpt_path} config"),
+            data_dir=str(args.data_dir),
+            loader=args.loader,
+            workers=args.workers,
+            val_batch_size=args.batch_size,
+            skip_listed_in="",
+            seed=0,
+        )
         precision = resolve_precision(args.precision, ctx.device)
         val_res = args.val_res or cfg.val_res
         tta = cfg.tta if args.tta is None else args.tta
@@ -109,14 +126,28 @@ def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> i
         seconds = time.perf_counter() - t0
         if not ctx.is_main:
             return 0
-        result.update({"checkpoint": str(ckpt_path), "epoch": saved.finished_epoch, "data_dir": str(args.data_dir),
-                       "loader": loader.backend, "val_res": val_res, "tta": tta, "ema": args.ema,
-                       "precision": precision.name, "arch": cfg.arch, "seconds": seconds})
+        result.update(
+            {
+                "checkpoint": str(ckpt_path),
+                "epoch": saved.finished_epoch,
+                "data_dir": str(args.data_dir),
+                "loader": loader.backend,
+                "val_res": val_res,
+                "tta": tta,
+                "ema": args.ema,
+                "precision": precision.name,
+                "arch": cfg.arch,
+                "seconds": seconds,
+            }
+        )
         suffix = f"{val_res}px" + ("_tta" if tta else "") + ("_ema" if args.ema else "")
         out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}_{suffix}.json")
-        print(f"{ckpt_path} (epoch {saved.finished_epoch}, {cfg.arch}{', EMA' if args.ema else ''}) on "
-              f"{result['samples']} val images at {val_res} px{' + flip TTA' if tta else ''}: "
-              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}", flush=True)
+        print(
+            f"{ckpt_path} (epoch {saved.finished_epoch}, {cfg.arch}{', EMA' if args.ema else ''}) on "
+            f"{result['samples']} val images at {val_res} px{' + flip TTA' if tta else ''}: "
+            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
+            flush=True,
+        )
         try:  # the result is on screen first: a failed write loses no evaluation
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1) + "\n")

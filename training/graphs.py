@@ -31,8 +31,12 @@ WARMUP_STEPS = 3  # before a capture: compilation, cuDNN autotuning and allocati
 
 
 @torch.no_grad()
-def sgd_update(groups: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], float]],
-               lr: torch.Tensor, momentum: torch.Tensor, nesterov: bool = False) -> None:
+def sgd_update(
+    groups: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], float]],
+    lr: torch.Tensor,
+    momentum: torch.Tensor,
+    nesterov: bool = False,
+) -> None:
     """torch.optim.SGD's step (dampening 0) with LR and momentum as device scalars, for lists of
     (params, grads, momentum buffers, weight decay). Buffers start at zero, which equals torch's first step
     (buffer = gradient). Every operation is a foreach kernel with no host value, so it can be captured."""
@@ -62,8 +66,16 @@ class GraphedStep:
     buffers). capture=False runs the same step eagerly at every call, warm-up and state restore included: that is
     how the CPU tests check it against the plain step."""
 
-    def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                 label_smoothing: float, ema=None, capture: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        raw_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        label_smoothing: float,
+        ema=None,
+        capture: bool = True,
+    ) -> None:
         device = next(raw_model.parameters()).device
         if capture and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device (capture=False runs the step eagerly)")
@@ -76,8 +88,9 @@ class GraphedStep:
         self.current: tuple | None = None  # (shape key, _Captured)
         self.captures = 0  # graphs captured so far (one per resolution)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: float,
-                 momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor, lr: float, momentum: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.lr.fill_(lr)
         self.momentum.fill_(momentum)
         key = (tuple(images.shape), images.dtype, tuple(targets.shape), targets.dtype)
@@ -110,8 +123,11 @@ class GraphedStep:
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.precision.autocast_dtype
         # the autocast cast cache would hold tensors from outside the graph; without it casts are recorded too
-        cast = (torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype is not None
-                else contextlib.nullcontext())
+        cast = (
+            torch.autocast(self.device.type, dtype=dtype, cache_enabled=False)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
         with cast:
             logits = self.model(images)
         loss = soft_cross_entropy(logits, targets, self.label_smoothing)
@@ -126,8 +142,9 @@ class GraphedStep:
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a step changes: weights, BatchNorm buffers, momentum buffers, the EMA."""
         tensors = list(self.raw_model.parameters()) + list(self.raw_model.buffers())
-        tensors += [self.optimizer.state[p]["momentum_buffer"] for g in self.optimizer.param_groups
-                    for p in g["params"]]
+        tensors += [
+            self.optimizer.state[p]["momentum_buffer"] for g in self.optimizer.param_groups for p in g["params"]
+        ]
         if self.ema is not None:
             tensors += list(self.ema.module.state_dict().values())
         return tensors

@@ -1,8 +1,8 @@
 """Where a run's files live under --output-dir. No torch here: the command line checks them before importing it.
 
-    <output_dir>/checkpoints/<run>/   checkpoint.pt (the latest state), model_XXX.pt, best.pt, config.yaml
-    <output_dir>/logs/<run>/          training_log.md/.json, config.yaml, loss/accuracy/lr .png
-    <output_dir>/runs/<run>/          TensorBoard events
+<output_dir>/checkpoints/<run>/   checkpoint.pt (the latest state), model_XXX.pt, best.pt, config.yaml
+<output_dir>/logs/<run>/          training_log.md/.json, config.yaml, loss/accuracy/lr .png
+<output_dir>/runs/<run>/          TensorBoard events
 """
 
 from __future__ import annotations

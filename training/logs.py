@@ -1,10 +1,10 @@
 """What a run leaves for people and tools, written by rank 0 only.
 
-    logs/<run>/training_log.md     one table row per epoch (redrawn in full each epoch, so a resumed run keeps one table)
-    logs/<run>/training_log.json   the same records as a JSON list
-    logs/<run>/config.yaml         the resolved config
-    logs/<run>/loss.png accuracy.png lr.png
-    runs/<run>/                    TensorBoard: per-step train/* and per-epoch epoch/* scalars
+logs/<run>/training_log.md     one table row per epoch (redrawn in full each epoch, so a resumed run keeps one table)
+logs/<run>/training_log.json   the same records as a JSON list
+logs/<run>/config.yaml         the resolved config
+logs/<run>/loss.png accuracy.png lr.png
+runs/<run>/                    TensorBoard: per-step train/* and per-epoch epoch/* scalars
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ def markdown_table(records: list[dict], title: str, header_lines: list[str]) -> 
 class RunLog:
     """Per-epoch records to Markdown/JSON/PNG and scalars to TensorBoard. Construct it on rank 0 only."""
 
-    def __init__(self, paths: RunPaths, header_lines: list[str], records: list[dict] | None = None,
-                 tensorboard: bool = True, purge_step: int | None = None):
+    def __init__(
+        self,
+        paths: RunPaths,
+        header_lines: list[str],
+        records: list[dict] | None = None,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+    ):
         """purge_step: a resumed run's global step; TensorBoard hides the points the interrupted process logged from
         there on, which the resumed run logs again."""
         self.run = paths.run
@@ -81,8 +87,9 @@ class RunLog:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
 
-    def epoch(self, record: dict, lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: int,
-              done_steps: int) -> None:
+    def epoch(
+        self, record: dict, lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: int, done_steps: int
+    ) -> None:
         # A resumed run re-trains no finished epoch, but keep the table monotonic should one be repeated.
         self.records = [r for r in self.records if r["epoch"] < record["epoch"]] + [record]
         _write_atomic(self.dir / "training_log.json", json.dumps(self.records, indent=1) + "\n")

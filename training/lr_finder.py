@@ -35,10 +35,34 @@ from training.preflight import DataError, check_data
 
 PROG = "rn50 lr-find"
 # training-run flags that mean nothing to a sweep
-_SKIP = ("resume", "keep_last", "stop_after_epoch", "ema", "ema_decay", "tta", "val_res", "val_batch_size",
-         "lr_schedule", "pct_start", "div_factor", "final_div_factor", "cycle_momentum", "base_momentum",
-         "max_momentum", "lr_peak_epoch", "warmup_epochs", "step_epochs", "step_gamma", "max_lr", "lr_ref_batch",
-         "epochs", "log_every", "checkpoint_every", "checkpoint_minutes", "deterministic")
+_SKIP = (
+    "resume",
+    "keep_last",
+    "stop_after_epoch",
+    "ema",
+    "ema_decay",
+    "tta",
+    "val_res",
+    "val_batch_size",
+    "lr_schedule",
+    "pct_start",
+    "div_factor",
+    "final_div_factor",
+    "cycle_momentum",
+    "base_momentum",
+    "max_momentum",
+    "lr_peak_epoch",
+    "warmup_epochs",
+    "step_epochs",
+    "step_gamma",
+    "max_lr",
+    "lr_ref_batch",
+    "epochs",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "deterministic",
+)
 
 
 @dataclass(frozen=True)
@@ -83,24 +107,37 @@ def suggest(lrs: list[float], smoothed: list[float], skip_start: int = 5) -> dic
     masked = np.where(np.isfinite(sm), sm, np.inf)
     i_min = lo + int(np.argmin(masked[lo:]))
     if i_min - lo >= 1:
-        grads = np.gradient(sm[lo:i_min + 1], np.log(lr[lo:i_min + 1]))
+        grads = np.gradient(sm[lo : i_min + 1], np.log(lr[lo : i_min + 1]))
         steepest = float(lr[lo + int(np.argmin(grads))])
     else:
         steepest = float(lr[i_min])
-    return {"suggested_max_lr": float(lr[i_min]), "conservative_max_lr": float(lr[i_min] / 10),
-            "lr_at_min_loss": float(lr[i_min]), "steepest_lr": steepest, "min_smoothed_loss": float(sm[i_min])}
+    return {
+        "suggested_max_lr": float(lr[i_min]),
+        "conservative_max_lr": float(lr[i_min] / 10),
+        "lr_at_min_loss": float(lr[i_min]),
+        "steepest_lr": steepest,
+        "min_smoothed_loss": float(sm[i_min]),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("sweep")
     g.add_argument("--start-lr", type=float, default=1e-5, help="first LR (default 1e-5)")
     g.add_argument("--end-lr", type=float, default=10.0, help="last LR (default 10)")
     g.add_argument("--num-iter", type=int, default=100, help="optimizer steps in the sweep (default 100)")
     g.add_argument("--smooth", type=float, default=0.98, help="EMA factor of the smoothed loss (default 0.98)")
-    g.add_argument("--diverge", type=float, default=4.0,
-                   help="stop when the smoothed loss exceeds this times its minimum (default 4)")
+    g.add_argument(
+        "--diverge",
+        type=float,
+        default=4.0,
+        help="stop when the smoothed loss exceeds this times its minimum (default 4)",
+    )
     add_config_flags(p, skip=_SKIP)
     return p
 
@@ -166,8 +203,10 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
                 step = len(lrs)
                 loss_sum, _, n, lr = train_step(parts, micro, step, ctx.device)
                 micro = []
-                stats = all_reduce_sum(torch.stack([loss_sum.double(), torch.tensor(float(n), device=ctx.device,
-                                                                                    dtype=torch.float64)]), ctx)
+                stats = all_reduce_sum(
+                    torch.stack([loss_sum.double(), torch.tensor(float(n), device=ctx.device, dtype=torch.float64)]),
+                    ctx,
+                )
                 loss = (stats[0] / stats[1]).item()  # a sync per step: the sweep needs every loss
                 lrs.append(lr)
                 losses.append(loss)
@@ -192,31 +231,53 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
         out = Path(cfg.output_dir)
         global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
         result = {
-            **suggestion, "run_name": run, "global_batch": global_batch, "batch_size": cfg.batch_size,
-            "world_size": ctx.world_size, "grad_accum": cfg.grad_accum, "arch": cfg.arch, "precision": precision.name,
-            "res": res, "data_dir": cfg.data_dir, "loader": loader.backend, "start_lr": sweep.start_lr,
-            "end_lr": sweep.end_lr, "num_iter": sweep.num_iter, "iterations_run": len(lrs),
-            "stopped_early": stopped_early, "smooth": beta, "diverge": diverge_factor, "seconds": seconds,
-            "lrs": lrs, "losses": losses, "smoothed": smoothed,
+            **suggestion,
+            "run_name": run,
+            "global_batch": global_batch,
+            "batch_size": cfg.batch_size,
+            "world_size": ctx.world_size,
+            "grad_accum": cfg.grad_accum,
+            "arch": cfg.arch,
+            "precision": precision.name,
+            "res": res,
+            "data_dir": cfg.data_dir,
+            "loader": loader.backend,
+            "start_lr": sweep.start_lr,
+            "end_lr": sweep.end_lr,
+            "num_iter": sweep.num_iter,
+            "iterations_run": len(lrs),
+            "stopped_early": stopped_early,
+            "smooth": beta,
+            "diverge": diverge_factor,
+            "seconds": seconds,
+            "lrs": lrs,
+            "losses": losses,
+            "smoothed": smoothed,
         }
         json_path = out / f"lr_suggestion_{run}.json"
         print(f"suggested_max_lr {suggestion['suggested_max_lr']:.6g}", flush=True)  # on screen before any write
         try:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=1) + "\n")
-            png = plot_lr_finder(lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png",
-                                 run)
+            png = plot_lr_finder(
+                lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png", run
+            )
         except OSError as e:
-            print(f"{PROG}: error: could not write {e.filename or out} ({e.strerror or e}); the suggestion is above",
-                  file=sys.stderr)
+            print(
+                f"{PROG}: error: could not write {e.filename or out} ({e.strerror or e}); the suggestion is above",
+                file=sys.stderr,
+            )
             return 1
-        print(f"LR range test: {len(lrs)} steps{' (stopped: loss diverged)' if stopped_early else ''} in "
-              f"{seconds:.0f} s at global batch {global_batch}\n"
-              f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
-              f"steepest descent at LR {suggestion['steepest_lr']:.3g}\n"
-              f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g} (conservative: "
-              f"{suggestion['conservative_max_lr']:.3g})  -> rn50 train ... --max-lr "
-              f"{suggestion['suggested_max_lr']:.3g}\n  plot: {png}\n  json: {json_path}", flush=True)
+        print(
+            f"LR range test: {len(lrs)} steps{' (stopped: loss diverged)' if stopped_early else ''} in "
+            f"{seconds:.0f} s at global batch {global_batch}\n"
+            f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
+            f"steepest descent at LR {suggestion['steepest_lr']:.3g}\n"
+            f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g} (conservative: "
+            f"{suggestion['conservative_max_lr']:.3g})  -> rn50 train ... --max-lr "
+            f"{suggestion['suggested_max_lr']:.3g}\n  plot: {png}\n  json: {json_path}",
+            flush=True,
+        )
         return 0
     finally:
         cleanup()

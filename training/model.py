@@ -44,14 +44,16 @@ def apply_blurpool(module: nn.Module, min_channels: int = 16) -> int:
     return count
 
 
-def build_model(arch: str, num_classes: int, zero_init_residual: bool = False, blurpool: bool = False,
-                channels_last: bool = True) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, zero_init_residual: bool = False, blurpool: bool = False, channels_last: bool = True
+) -> nn.Module:
     """torchvision `arch(weights=None)`, optionally BlurPool'd; channels_last when asked (the model's parameters,
     so cuDNN picks NHWC kernels for NHWC inputs)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
-                                               zero_init_residual=zero_init_residual)
+    model = getattr(torchvision.models, arch)(
+        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual
+    )
     if blurpool:
         apply_blurpool(model)
     if channels_last:
@@ -80,16 +82,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], dic
             else:
                 decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    counts = {"decay_tensors": len(decay), "no_decay_tensors": len(no_decay),
-              "decay_params": sum(p.numel() for p in decay), "no_decay_params": sum(p.numel() for p in no_decay)}
+    counts = {
+        "decay_tensors": len(decay),
+        "no_decay_tensors": len(no_decay),
+        "decay_params": sum(p.numel() for p in decay),
+        "no_decay_params": sum(p.numel() for p in no_decay),
+    }
     return groups, counts
 
 
 SGD_KERNELS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-def build_optimizer(model: nn.Module, weight_decay: float, momentum: float, nesterov: bool, impl: str = "default"
-                    ) -> tuple[torch.optim.SGD, dict[str, int]]:
+def build_optimizer(
+    model: nn.Module, weight_decay: float, momentum: float, nesterov: bool, impl: str = "default"
+) -> tuple[torch.optim.SGD, dict[str, int]]:
     """SGD over the weight-decay groups. impl: "default" (torch's choice: foreach on a GPU, a loop per tensor on the
     CPU), "foreach" (a few kernels per group) or "fused" (one kernel; with a GradScaler it also takes the scale and
     the inf check on the device, so fp16 needs no host sync per step)."""

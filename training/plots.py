@@ -55,8 +55,9 @@ def plot_metrics(records: Sequence[dict], out_dir: Path, title: str) -> list[Pat
     return written
 
 
-def plot_lr(lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: int, done_steps: int, path: Path,
-            title: str) -> Path:
+def plot_lr(
+    lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: int, done_steps: int, path: Path, title: str
+) -> Path:
     """The whole planned schedule per step; the part already trained drawn solid, the rest dashed."""
     plt = _pyplot()
     stride = max(1, total_steps // 2000)
@@ -78,15 +79,18 @@ def plot_lr(lr_at: Callable[[int], float], total_steps: int, steps_per_epoch: in
     return Path(path)
 
 
-def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: dict,
-                   path: Path, title: str) -> Path:
+def plot_lr_finder(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: dict, path: Path, title: str
+) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(lrs, losses, ".", alpha=0.35, label="loss")
     ax.plot(lrs, smoothed, "-", label="smoothed loss")
-    for key, style, label in (("steepest_lr", "g--", "steepest descent"),
-                              ("conservative_max_lr", "k:", "conservative (min / 10)"),
-                              ("suggested_max_lr", "r-", "suggested max LR (min loss)")):
+    for key, style, label in (
+        ("steepest_lr", "g--", "steepest descent"),
+        ("conservative_max_lr", "k:", "conservative (min / 10)"),
+        ("suggested_max_lr", "r-", "suggested max LR (min loss)"),
+    ):
         if suggestion.get(key):
             ax.axvline(suggestion[key], color=style[0], linestyle=style[1:], label=f"{label}: {suggestion[key]:.3g}")
     ax.set_xscale("log")

@@ -27,16 +27,18 @@ def _installed(module: str) -> bool:
         return False
 
 
-def dataset_classes(data_dir: str | Path, loader: str = "auto", splits: tuple[str, ...] = ("train", "val")
-                    ) -> list[str]:
+def dataset_classes(
+    data_dir: str | Path, loader: str = "auto", splits: tuple[str, ...] = ("train", "val")
+) -> list[str]:
     """The class list (index = label) the chosen loader will see for `splits`, from the layout alone."""
     try:
         return _dataset_classes(data_dir, loader, splits)
     except DataFolderError as e:
         raise DataError(str(e)) from None
     except OSError as e:  # a folder that cannot be listed or read (permissions, a vanished mount)
-        raise DataError(f"{e.filename or data_dir}: cannot be read ({e.strerror or e}); check its permissions"
-                        ) from None
+        raise DataError(
+            f"{e.filename or data_dir}: cannot be read ({e.strerror or e}); check its permissions"
+        ) from None
 
 
 def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...]) -> list[str]:
@@ -54,16 +56,21 @@ def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...])
     readers = _installed("ffcv") or _installed("nvidia.dali")
     if loader == "ffcv" or (loader == "dali" and betons) or (loader == "auto" and betons and readers):
         if not betons:
-            raise DataError(f"--data-dir {d}: --loader ffcv needs {wanted} there "
-                            f"(rn50 convert --data-dir IMAGENET --out-dir {d} writes them)")
+            raise DataError(
+                f"--data-dir {d}: --loader ffcv needs {wanted} there "
+                f"(rn50 convert --data-dir IMAGENET --out-dir {d} writes them)"
+            )
         folder = check_beton_folder(d, splits)
         if folder.note and int(os.environ.get("RANK", "0")) == 0:
             print(f"note: {folder.note}", file=sys.stderr, flush=True)
         return folder.classes
     if not folders:
         found = sorted(p.name for p in d.iterdir())[:8]
-        raise DataError(f"--data-dir {d}: expected {' and '.join(s + '/' for s in splits)} class folders"
-                        + (f" or {wanted}" if loader == "auto" else "") + f"; found {found or 'nothing'}")
+        raise DataError(
+            f"--data-dir {d}: expected {' and '.join(s + '/' for s in splits)} class folders"
+            + (f" or {wanted}" if loader == "auto" else "")
+            + f"; found {found or 'nothing'}"
+        )
     # Labels follow train/'s sorted class folders when it exists (as the loaders do), so val/ must not add classes.
     reference = d / "train" if (d / "train").is_dir() else d / splits[0]
     classes = list_classes(reference)
@@ -72,24 +79,31 @@ def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...])
     for s in splits:
         found = list_classes(d / s)
         if not found:
-            raise DataError(f"{d / s}: no class folders" + ("; a flat ILSVRC2012 val folder is sorted by "
-                                                            "rn50 organize-val" if s == "val" else ""))
+            raise DataError(
+                f"{d / s}: no class folders"
+                + ("; a flat ILSVRC2012 val folder is sorted by rn50 organize-val" if s == "val" else "")
+            )
         stray = sorted(set(found) - set(classes))
         if stray:
-            raise DataError(f"{d / s}: classes {stray[:5]} are not in {reference.name}/ ({len(stray)} in all); "
-                            "the splits must share one class list")
+            raise DataError(
+                f"{d / s}: classes {stray[:5]} are not in {reference.name}/ ({len(stray)} in all); "
+                "the splits must share one class list"
+            )
         for wnid in found:  # one access() per class folder: cheap, and the loader would fail on it after set-up
             if not os.access(d / s / wnid, os.R_OK | os.X_OK):
-                raise DataError(f"{d / s / wnid}: cannot be read (permissions); make it readable, or move it out "
-                                f"of {d / s}")
+                raise DataError(
+                    f"{d / s / wnid}: cannot be read (permissions); make it readable, or move it out of {d / s}"
+                )
     return classes
 
 
 def check_data(cfg: TrainConfig) -> int:
     """Number of classes; raises DataError when the layout or the class count does not fit the config."""
     if cfg.skip_listed_in and not Path(cfg.skip_listed_in).is_file():
-        raise DataError(f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "
-                        "convert_report.json in its --out-dir)")
+        raise DataError(
+            f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "
+            "convert_report.json in its --out-dir)"
+        )
     if cfg.skip_listed_in:
         try:
             skipped_in_report(Path(cfg.skip_listed_in))
@@ -97,9 +111,11 @@ def check_data(cfg: TrainConfig) -> int:
             raise DataError(f"--skip-listed-in {e}") from None
     classes = dataset_classes(cfg.data_dir, cfg.loader)
     if cfg.num_classes and cfg.num_classes != len(classes):
-        raise DataError(f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "
-                        f"--num-classes {cfg.num_classes}; pass --num-classes {len(classes)} (or 0 to take it from "
-                        "the data), or point --data-dir at the right dataset")
+        raise DataError(
+            f"--data-dir {cfg.data_dir} has {len(classes)} classes but the config expects "
+            f"--num-classes {cfg.num_classes}; pass --num-classes {len(classes)} (or 0 to take it from "
+            "the data), or point --data-dir at the right dataset"
+        )
     return len(classes)
 
 
@@ -120,12 +136,18 @@ def page_cache_advice(cfg: TrainConfig, ram_bytes: int | None = None) -> str | N
     ram = physical_memory_bytes() if ram_bytes is None else ram_bytes
     if size <= 0.8 * ram:
         return None
-    gib = 1024 ** 3
-    smaller = ("rn50 convert --compress-prob 1 stores every image as JPEG, about a third of the default's size: "
-               "FFCV's table gives 65 GB for ImageNet's train set at 512 px, against 202 GB half raw")
-    head = (f"note: the betons in {d} ({size / gib:.0f} GiB) do not fit in this machine's RAM ({ram / gib:.0f} GiB): "
-            "each epoch reads them from disk again. ")
+    gib = 1024**3
+    smaller = (
+        "rn50 convert --compress-prob 1 stores every image as JPEG, about a third of the default's size: "
+        "FFCV's table gives 65 GB for ImageNet's train set at 512 px, against 202 GB half raw"
+    )
+    head = (
+        f"note: the betons in {d} ({size / gib:.0f} GiB) do not fit in this machine's RAM ({ram / gib:.0f} GiB): "
+        "each epoch reads them from disk again. "
+    )
     if not ffcv:
         return head + f"DALI reads the mapped file: re-convert smaller ({smaller})"
-    return head + ("--no-os-cache --loader-order quasi_random reads only the pages coming batches need (or re-convert "
-                   f"smaller: {smaller})")
+    return head + (
+        "--no-os-cache --loader-order quasi_random reads only the pages coming batches need (or re-convert "
+        f"smaller: {smaller})"
+    )

@@ -57,8 +57,10 @@ def agree_on_error(error: str | None, ctx: DistContext) -> str | None:
 
 def write_failure(e: OSError, what: str) -> str:
     full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return (f"could not write {e.filename or what} ({e.strerror or e}); the previous checkpoint is intact: "
-            f"{'free space there' if full else 'make it writable'} and continue with --resume")
+    return (
+        f"could not write {e.filename or what} ({e.strerror or e}); the previous checkpoint is intact: "
+        f"{'free space there' if full else 'make it writable'} and continue with --resume"
+    )
 
 
 def log0(ctx: DistContext, msg: str) -> None:
@@ -106,13 +108,17 @@ class Run:
     # ---- positions
 
     def mid_epoch(self, epoch: int, steps_done: int, progress: EpochProgress) -> Position:
-        return Position(epoch=epoch, batch=steps_done * self.cfg.grad_accum,
-                        step=epoch * self.steps_per_epoch + steps_done, phase="mid_epoch", progress=progress)
+        return Position(
+            epoch=epoch,
+            batch=steps_done * self.cfg.grad_accum,
+            step=epoch * self.steps_per_epoch + steps_done,
+            phase="mid_epoch",
+            progress=progress,
+        )
 
     def after_training(self, epoch: int, phase: str, pending: EpochStats | None = None) -> Position:
         """Epoch `epoch` trained: before its validation (with its training stats), or validated and logged."""
-        return Position(epoch=epoch + 1, batch=0, step=(epoch + 1) * self.steps_per_epoch, phase=phase,
-                        pending=pending)
+        return Position(epoch=epoch + 1, batch=0, step=(epoch + 1) * self.steps_per_epoch, phase=phase, pending=pending)
 
     def describe(self, at: Position) -> str:
         return at.describe(self.steps_per_epoch, self.cfg.grad_accum)
@@ -126,16 +132,34 @@ class Run:
         if not self.ctx.is_main:
             return None
         cfg, p = self.cfg, self.parts
-        loader = {"seed": cfg.seed, "resolution": train_resolution(cfg, min(at.epoch, cfg.epochs - 1)),
-                  "world_size": self.ctx.world_size, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                  "num_samples": self.train_loader.num_samples, "backend": self.train_loader.backend,
-                  "order": self.train_loader.order}
-        return ckpt.pack(at, run_name=cfg.run_name, model=p.raw_model.state_dict(),
-                         optimizer=p.optimizer.state_dict(), scheduler=self.schedule.state_dict(at.step),
-                         scaler=p.scaler.state_dict(), ema=p.ema.state_dict() if p.ema else None, loader=loader,
-                         loader_states=[g[1] for g in gathered], rng=[g[0] for g in gathered], config=to_dict(cfg),
-                         classes=self.train_loader.classes, best_top1=self.best_top1,
-                         threads=self.threads if cfg.deterministic else None, metrics=self.last_record, **extra)
+        loader = {
+            "seed": cfg.seed,
+            "resolution": train_resolution(cfg, min(at.epoch, cfg.epochs - 1)),
+            "world_size": self.ctx.world_size,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "num_samples": self.train_loader.num_samples,
+            "backend": self.train_loader.backend,
+            "order": self.train_loader.order,
+        }
+        return ckpt.pack(
+            at,
+            run_name=cfg.run_name,
+            model=p.raw_model.state_dict(),
+            optimizer=p.optimizer.state_dict(),
+            scheduler=self.schedule.state_dict(at.step),
+            scaler=p.scaler.state_dict(),
+            ema=p.ema.state_dict() if p.ema else None,
+            loader=loader,
+            loader_states=[g[1] for g in gathered],
+            rng=[g[0] for g in gathered],
+            config=to_dict(cfg),
+            classes=self.train_loader.classes,
+            best_top1=self.best_top1,
+            threads=self.threads if cfg.deterministic else None,
+            metrics=self.last_record,
+            **extra,
+        )
 
     def save(self, at: Position) -> None:
         """checkpoint.pt := the run at `at` (mid-epoch or before validation). Every rank calls it."""
@@ -164,8 +188,9 @@ class Run:
         if state is not None:
             try:
                 ckpt.save_checkpoint(state, self.ckpt_dir, epoch, is_best, self.cfg.keep_last)
-                self.runlog.epoch(record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch,
-                                  end.step)
+                self.runlog.epoch(
+                    record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch, end.step
+                )
             except OSError as e:
                 error = write_failure(e, str(self.ckpt_dir))
         error = agree_on_error(error, self.ctx)
@@ -187,9 +212,12 @@ class Run:
         return the exit code (128 + the signal: schedulers restart the job, which resumes)."""
         barrier(self.ctx, self.group)  # no rank exits while rank 0 is still writing
         signum, cfg = self.control.stop, self.cfg
-        log0(self.ctx, f"rn50 train: {signal_name(signum)} received: stopped with the checkpoint at {self.describe(at)}"
-                       f"; continue with --run-name {cfg.run_name} --output-dir {cfg.output_dir} --resume (exit code "
-                       f"{exit_code(signum)})")
+        log0(
+            self.ctx,
+            f"rn50 train: {signal_name(signum)} received: stopped with the checkpoint at {self.describe(at)}"
+            f"; continue with --run-name {cfg.run_name} --output-dir {cfg.output_dir} --resume (exit code "
+            f"{exit_code(signum)})",
+        )
         return exit_code(signum)
 
     def close(self) -> None:
@@ -239,8 +267,13 @@ def lock_run(paths: RunPaths, ctx: DistContext) -> contextlib.ExitStack:
     held, busy = contextlib.ExitStack(), None
     if ctx.is_main:
         try:
-            held.enter_context(folder_lock(paths.checkpoints, "rn50 train", hint="wait for that run to end, or "
-                                           "choose another --run-name (or --output-dir)"))
+            held.enter_context(
+                folder_lock(
+                    paths.checkpoints,
+                    "rn50 train",
+                    hint="wait for that run to end, or choose another --run-name (or --output-dir)",
+                )
+            )
         except FolderBusy as e:
             busy = str(e)
         except OSError as e:
@@ -252,37 +285,70 @@ def lock_run(paths: RunPaths, ctx: DistContext) -> contextlib.ExitStack:
     return held
 
 
-def build_run(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: list[str], t_setup: float,
-              precision: Precision, group, paths: RunPaths, held: contextlib.ExitStack) -> Run:
+def build_run(
+    cfg: TrainConfig,
+    ctx: DistContext,
+    signals: StopSignals,
+    flags: list[str],
+    t_setup: float,
+    precision: Precision,
+    group,
+    paths: RunPaths,
+    held: contextlib.ExitStack,
+) -> Run:
     """setup's work once the run folder is ours: the checkpoint to resume, loaders, model, logs."""
     ckpt_dir = paths.checkpoints
     resumed = load_resume_state(cfg, paths.latest, ctx, group) if cfg.resume != "no" else None
     position = resumed.position if resumed else START
 
-    train_loader = make_loader(cfg, "train", ctx, precision.input_dtype,
-                               resolution=train_resolution(cfg, min(position.epoch, cfg.epochs - 1)))
+    train_loader = make_loader(
+        cfg, "train", ctx, precision.input_dtype, resolution=train_resolution(cfg, min(position.epoch, cfg.epochs - 1))
+    )
     val_loader = make_loader(cfg, "val", ctx, precision.input_dtype, resolution=cfg.val_res)
     if train_loader.classes != val_loader.classes:
         raise SetupError(f"train and val class lists differ in {cfg.data_dir}")
     if cfg.num_classes and cfg.num_classes != train_loader.num_classes:
-        raise SetupError(f"{cfg.data_dir} has {train_loader.num_classes} classes, --num-classes says "
-                         f"{cfg.num_classes}")
+        raise SetupError(f"{cfg.data_dir} has {train_loader.num_classes} classes, --num-classes says {cfg.num_classes}")
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
-        raise SetupError(f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
-                         f"{cfg.grad_accum}; lower --batch-size or --grad-accum")
+        raise SetupError(
+            f"{len(train_loader)} batches per rank cannot make one step of --grad-accum "
+            f"{cfg.grad_accum}; lower --batch-size or --grad-accum"
+        )
     if cfg.deterministic and train_loader.backend == "dali" and ctx.device.type == "cuda":
-        log0(ctx, "--deterministic with DALI on the GPU: order, position and crops resume exactly (they are the "
-                  "loader's, not DALI's); bit-identical weights are not promised on a GPU (see README)")
+        log0(
+            ctx,
+            "--deterministic with DALI on the GPU: order, position and crops resume exactly (they are the "
+            "loader's, not DALI's); bit-identical weights are not promised on a GPU (see README)",
+        )
 
     schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
     parts, eval_model, counts = make_parts(cfg, train_loader.num_classes, ctx, precision, schedule)
-    control = StepControl(signals, cfg.checkpoint_every, cfg.checkpoint_minutes, ctx.is_main,
-                          lambda values: all_reduce_max_cpu(values, ctx, group))
-    run = Run(cfg=cfg, ctx=ctx, group=group, precision=precision, train_loader=train_loader, val_loader=val_loader,
-              parts=parts, eval_model=eval_model, schedule=schedule, steps_per_epoch=steps_per_epoch,
-              augment=batch_transform(cfg, train_loader.num_classes, ctx.rank), control=control, ckpt_dir=ckpt_dir,
-              position=position, last_saved=position, held=held)
+    control = StepControl(
+        signals,
+        cfg.checkpoint_every,
+        cfg.checkpoint_minutes,
+        ctx.is_main,
+        lambda values: all_reduce_max_cpu(values, ctx, group),
+    )
+    run = Run(
+        cfg=cfg,
+        ctx=ctx,
+        group=group,
+        precision=precision,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        parts=parts,
+        eval_model=eval_model,
+        schedule=schedule,
+        steps_per_epoch=steps_per_epoch,
+        augment=batch_transform(cfg, train_loader.num_classes, ctx.rank),
+        control=control,
+        ckpt_dir=ckpt_dir,
+        position=position,
+        last_saved=position,
+        held=held,
+    )
     if resumed is not None:
         restore(run, resumed)
         del resumed  # the model and optimizer hold copies now; free the host memory
@@ -307,19 +373,25 @@ def load_resume_state(cfg: TrainConfig, path: Path, ctx: DistContext, group=None
             found = Checkpoint.read(path, map_location="cpu")
         except (FileNotFoundError, ValueError) as e:
             previous = ckpt.epoch_files(path.parent)
-            hint = (f"; the newest per-epoch file is {previous[-1].name}: copy it over {path.name} to resume from "
-                    "there, or start a new --run-name" if previous else "; start a new --run-name, or delete "
-                    f"{path.parent} to start this run over")
+            hint = (
+                f"; the newest per-epoch file is {previous[-1].name}: copy it over {path.name} to resume from "
+                "there, or start a new --run-name"
+                if previous
+                else f"; start a new --run-name, or delete {path.parent} to start this run over"
+            )
             error = f"{e}{hint}"
-    seen = all_gather_object((bool(error), found is not None, found and found.position.step, found and found.phase),
-                             ctx, group)
+    seen = all_gather_object(
+        (bool(error), found is not None, found and found.position.step, found and found.phase), ctx, group
+    )
     if error:
         raise SetupError(error)
     if any(s[0] for s in seen):
         raise SetupError(f"another rank could not read {path} (see its message); every rank must see the same file")
     if len({s[1:] for s in seen}) > 1:
-        raise SetupError(f"ranks see different checkpoints at {path} ({seen}); put --output-dir on storage every "
-                         "node shares (EFS, FSx, NFS)")
+        raise SetupError(
+            f"ranks see different checkpoints at {path} ({seen}); put --output-dir on storage every "
+            "node shares (EFS, FSx, NFS)"
+        )
     return found
 
 
@@ -330,11 +402,24 @@ def restore(run: Run, saved: Checkpoint) -> None:
     cfg, ctx, parts, loader = run.cfg, run.ctx, run.parts, run.train_loader
     pos = saved.position
     try:
-        check_compatible(saved, arch=cfg.arch, classes=loader.classes, data_dir=cfg.data_dir, model=parts.raw_model,
-                         optimizer=parts.optimizer, ema_module=parts.ema.module if parts.ema else None)
-        warnings = check_position(saved, world_size=ctx.world_size, batch_size=cfg.batch_size,
-                                  grad_accum=cfg.grad_accum, seed=cfg.seed, num_samples=loader.num_samples,
-                                  order=loader.order)
+        check_compatible(
+            saved,
+            arch=cfg.arch,
+            classes=loader.classes,
+            data_dir=cfg.data_dir,
+            model=parts.raw_model,
+            optimizer=parts.optimizer,
+            ema_module=parts.ema.module if parts.ema else None,
+        )
+        warnings = check_position(
+            saved,
+            world_size=ctx.world_size,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            seed=cfg.seed,
+            num_samples=loader.num_samples,
+            order=loader.order,
+        )
     except ResumeError as e:
         raise SetupError(str(e)) from None
     if pos.phase == "mid_epoch" and pos.batch % cfg.grad_accum:
@@ -355,8 +440,11 @@ def restore(run: Run, saved: Checkpoint) -> None:
             parts.ema.load_state_dict(saved.ema)
     before, now = saved.scheduler, run.schedule
     if before["total_steps"] != now.total_steps or before["max_lr"] != now.max_lr:
-        log0(ctx, f"warning: the LR schedule changed on resume (total steps {before['total_steps']} -> "
-                  f"{now.total_steps}, max LR {before['max_lr']:.4g} -> {now.max_lr:.4g})")
+        log0(
+            ctx,
+            f"warning: the LR schedule changed on resume (total steps {before['total_steps']} -> "
+            f"{now.total_steps}, max LR {before['max_lr']:.4g} -> {now.max_lr:.4g})",
+        )
     rng = saved.rng(ctx.rank, ctx.world_size)
     if rng is not None:
         ckpt.set_rng_state(rng)
@@ -370,12 +458,18 @@ def restore(run: Run, saved: Checkpoint) -> None:
         loader.restore_position(pos.epoch, pos.batch, saved.loader_state(ctx.rank, ctx.world_size))
         backend = saved.loader.get("backend", loader.backend)
         if backend != loader.backend:
-            log0(ctx, f"warning: epoch {pos.epoch} was started with the {backend} loader and continues with "
-                      f"{loader.backend}: the same samples, but their crops differ from the interrupted run's")
+            log0(
+                ctx,
+                f"warning: epoch {pos.epoch} was started with the {backend} loader and continues with "
+                f"{loader.backend}: the same samples, but their crops differ from the interrupted run's",
+            )
         saved_res, res = saved.loader.get("resolution"), train_resolution(cfg, pos.epoch)
         if saved_res and saved_res != res:
-            log0(ctx, f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says {res} px "
-                      "(progressive resizing flags changed?)")
+            log0(
+                ctx,
+                f"warning: epoch {pos.epoch} was training at {saved_res} px, this config says {res} px "
+                "(progressive resizing flags changed?)",
+            )
     run.best_top1 = saved.best_top1
     run.last_record = saved.metrics
     best = f", best top-1 {run.best_top1:.2f}%" if run.best_top1 >= 0 else ""
@@ -388,8 +482,9 @@ def open_logs(run: Run, flags: list[str], counts: dict[str, int], t_setup: float
     paths = RunPaths(cfg.output_dir, cfg.run_name)
     header = run_header(run, flags, counts)
     resumed = pos is not START
-    run.runlog = RunLog(paths, header, RunLog.read_records(paths) if resumed else [],
-                        purge_step=pos.step if resumed else None)
+    run.runlog = RunLog(
+        paths, header, RunLog.read_records(paths) if resumed else [], purge_step=pos.step if resumed else None
+    )
     run.runlog.write_config(dump_yaml(cfg))
     last = run.last_record
     if last and last["epoch"] not in {r["epoch"] for r in run.runlog.records}:
@@ -413,7 +508,9 @@ def open_logs(run: Run, flags: list[str], counts: dict[str, int], t_setup: float
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
 
 
 def run_header(run: Run, flags: list[str], counts: dict[str, int]) -> list[str]:

@@ -61,8 +61,9 @@ class Schedule:
     def lr_at(self, step: int) -> float:
         if self.kind == "onecycle":
             initial = self.max_lr / self.div_factor
-            return onecycle_value(step, self.total_steps, self.pct_start, initial, self.max_lr,
-                                  initial / self.final_div_factor)
+            return onecycle_value(
+                step, self.total_steps, self.pct_start, initial, self.max_lr, initial / self.final_div_factor
+            )
         epoch = step / self.steps_per_epoch  # fractional epoch, so every schedule moves per step
         if self.kind == "triangular":
             # ffcv-imagenet's "cyclic": 1e-4*lr at 0 -> lr at lr_peak_epoch -> 0 at the last epoch, linear.
@@ -82,13 +83,19 @@ class Schedule:
         """None: leave the optimizer's momentum alone."""
         if self.kind != "onecycle" or not self.cycle_momentum:
             return None
-        return onecycle_value(step, self.total_steps, self.pct_start, self.max_momentum, self.base_momentum,
-                              self.max_momentum)
+        return onecycle_value(
+            step, self.total_steps, self.pct_start, self.max_momentum, self.base_momentum, self.max_momentum
+        )
 
     def state_dict(self, step: int) -> dict:
         """What a checkpoint records: enough to notice a resumed run whose schedule would differ."""
-        return {"kind": self.kind, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                "max_lr": self.max_lr, "step": step}
+        return {
+            "kind": self.kind,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "max_lr": self.max_lr,
+            "step": step,
+        }
 
 
 def effective_max_lr(cfg: TrainConfig, world_size: int) -> float:
@@ -99,11 +106,22 @@ def effective_max_lr(cfg: TrainConfig, world_size: int) -> float:
 
 
 def build_schedule(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> Schedule:
-    return Schedule(kind=cfg.lr_schedule, max_lr=effective_max_lr(cfg, world_size), steps_per_epoch=steps_per_epoch,
-                    epochs=cfg.epochs, pct_start=cfg.pct_start, div_factor=cfg.div_factor,
-                    final_div_factor=cfg.final_div_factor, cycle_momentum=cfg.cycle_momentum,
-                    base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum, lr_peak_epoch=cfg.lr_peak_epoch,
-                    warmup_epochs=cfg.warmup_epochs, step_epochs=tuple(cfg.step_epochs), step_gamma=cfg.step_gamma)
+    return Schedule(
+        kind=cfg.lr_schedule,
+        max_lr=effective_max_lr(cfg, world_size),
+        steps_per_epoch=steps_per_epoch,
+        epochs=cfg.epochs,
+        pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+        cycle_momentum=cfg.cycle_momentum,
+        base_momentum=cfg.base_momentum,
+        max_momentum=cfg.max_momentum,
+        lr_peak_epoch=cfg.lr_peak_epoch,
+        warmup_epochs=cfg.warmup_epochs,
+        step_epochs=tuple(cfg.step_epochs),
+        step_gamma=cfg.step_gamma,
+    )
 
 
 def apply_schedule(optimizer, schedule: Schedule, step: int) -> float:

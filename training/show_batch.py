@@ -26,8 +26,20 @@ from training.preflight import DataError, check_data
 
 PROG = "rn50 show-batch"
 # training flags that mean nothing for one picture
-_SKIP = ("resume", "keep_last", "stop_after_epoch", "checkpoint_every", "checkpoint_minutes", "log_every",
-         "progress", "run_name", "output_dir", "ema", "ema_decay", "tta")
+_SKIP = (
+    "resume",
+    "keep_last",
+    "stop_after_epoch",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "log_every",
+    "progress",
+    "run_name",
+    "output_dir",
+    "ema",
+    "ema_decay",
+    "tta",
+)
 
 
 def class_names(data_dir: Path, classes: list[str]) -> list[str]:
@@ -77,11 +89,17 @@ def draw(images, targets, names: list[str], out: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("picture")
     g.add_argument("--split", default="train", choices=("train", "val"))
-    g.add_argument("--epoch", type=int, default=0, help="the epoch whose first batch is shown (order, crops, resolution)")
+    g.add_argument(
+        "--epoch", type=int, default=0, help="the epoch whose first batch is shown (order, crops, resolution)"
+    )
     g.add_argument("--images", type=int, default=32, help="images in the grid: the batch size used here (32)")
     g.add_argument("--out", default="batch.png", help="PNG to write (batch.png)")
     add_config_flags(p, skip=_SKIP)
@@ -103,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{PROG}: error: --out {args.out}: cannot write there ({e.strerror or e}); choose another path",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: --out {args.out}: cannot write there ({e.strerror or e}); choose another path",
+            file=sys.stderr,
+        )
         return 2
     return show(dataclasses.replace(cfg, num_classes=0), args)
 
@@ -131,12 +151,19 @@ def show(cfg, args: argparse.Namespace) -> int:
         images, labels = recipe(images, labels, epoch=args.epoch, batch=0)
     out = Path(args.out)
     data_dir = Path(cfg.data_dir)
-    augments = [name for name, on in (("policy " + recipe.policy, recipe.policy != "none"),
-                                      (f"erasing {recipe.random_erase:g}", recipe.random_erase > 0),
-                                      (f"mixup {recipe.mixup:g}", recipe.mixup > 0),
-                                      (f"cutmix {recipe.cutmix:g}", recipe.cutmix > 0)) if on]
-    title = (f"{data_dir.name}/{args.split} via {loader.backend}, {resolution} px, epoch {args.epoch}"
-             + (f", {' + '.join(augments)}" if train and augments else ""))
+    augments = [
+        name
+        for name, on in (
+            ("policy " + recipe.policy, recipe.policy != "none"),
+            (f"erasing {recipe.random_erase:g}", recipe.random_erase > 0),
+            (f"mixup {recipe.mixup:g}", recipe.mixup > 0),
+            (f"cutmix {recipe.cutmix:g}", recipe.cutmix > 0),
+        )
+        if on
+    ]
+    title = f"{data_dir.name}/{args.split} via {loader.backend}, {resolution} px, epoch {args.epoch}" + (
+        f", {' + '.join(augments)}" if train and augments else ""
+    )
     try:
         draw(images, labels, class_names(data_dir, loader.classes), out, title)
     except OSError as e:

@@ -65,7 +65,6 @@ class StopSignals:
         self._previous.clear()
 
 
-
 class StepControl:
     """What happens at a step boundary: save a mid-epoch checkpoint (every N steps, every M minutes), stop (a
     signal). Under DDP the ranks agree through one all-reduce of two integers per step on a CPU (gloo) group: the

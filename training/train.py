@@ -35,8 +35,12 @@ PROG = "rn50 train"
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_flags(p)
     return p
 
@@ -58,11 +62,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         saved, latest = paths.config, paths.latest
         if mode == "yes" or latest.is_file():
             if not saved.is_file():
-                raise ConfigError(f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
-                                  f"{', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})")
+                raise ConfigError(
+                    f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
+                    f"{', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})"
+                )
             if not latest.is_file():
-                raise ConfigError(f"--resume: {latest} not found: run {args.run_name!r} stopped before its first "
-                                  "checkpoint; start it again with --resume auto (or without --resume)")
+                raise ConfigError(
+                    f"--resume: {latest} not found: run {args.run_name!r} stopped before its first "
+                    "checkpoint; start it again with --resume auto (or without --resume)"
+                )
             base = from_dict(load_yaml(saved), str(saved))
     cfg = resolve(args, base)
     problems = cfg.validate()
@@ -73,8 +81,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if advice and int(os.environ.get("RANK", "0")) == 0:
         print(f"{PROG}: {advice}", file=sys.stderr)
     if cfg.run_name and cfg.resume == "no" and RunPaths(cfg.output_dir, cfg.run_name).latest.exists():
-        raise ConfigError(f"run {cfg.run_name!r} already has {RunPaths(cfg.output_dir, cfg.run_name).latest}; "
-                          "pass --resume to continue it, or choose another --run-name")
+        raise ConfigError(
+            f"run {cfg.run_name!r} already has {RunPaths(cfg.output_dir, cfg.run_name).latest}; "
+            "pass --resume to continue it, or choose another --run-name"
+        )
     return cfg
 
 

@@ -48,7 +48,9 @@ def train(cfg: TrainConfig, flags: list[str]) -> int:
     except (NonFiniteLoss, WriteError) as e:
         log0(ctx, f"rn50 train: error: {e}")
         return 1
-    except DATA_ERRORS as e:  # a folder or a sample the loader cannot read: one line naming it, from the rank that met it
+    except (
+        DATA_ERRORS
+    ) as e:  # a folder or a sample the loader cannot read: one line naming it, from the rank that met it
         print(f"rn50 train: error: {e}", flush=True)
         return 2
     except KeyboardInterrupt:
@@ -100,10 +102,20 @@ def train_epoch(run: Run, epoch: int) -> EpochStats:
             run.save(run.mid_epoch(epoch, steps_done, snapshot()))
         return bool(signum)
 
-    stats = train_one_epoch(run.parts, run.train_loader, epoch, run.steps_per_epoch, run.ctx,
-                            start_batch=start_batch, batch_transform=run.augment, log_every=cfg.log_every,
-                            on_log=run.runlog.step if run.runlog else None, progress=cfg.progress,
-                            resumed=start.progress if resumed else None, boundary=boundary)
+    stats = train_one_epoch(
+        run.parts,
+        run.train_loader,
+        epoch,
+        run.steps_per_epoch,
+        run.ctx,
+        start_batch=start_batch,
+        batch_transform=run.augment,
+        log_every=cfg.log_every,
+        on_log=run.runlog.step if run.runlog else None,
+        progress=cfg.progress,
+        resumed=start.progress if resumed else None,
+        boundary=boundary,
+    )
     run.note_warm_up(train_resolution(cfg, epoch), stats.first_step_s)
     return stats
 
@@ -122,12 +134,27 @@ def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: boo
     if control.stop:
         return run.stopped(before)
     try:
-        val = evaluate(run.eval_model, run.val_loader, run.precision, run.ctx, tta=cfg.tta, epoch=epoch,
-                       should_stop=control.stop_requested, static_shapes=run.parts.step_mode != "eager")
+        val = evaluate(
+            run.eval_model,
+            run.val_loader,
+            run.precision,
+            run.ctx,
+            tta=cfg.tta,
+            epoch=epoch,
+            should_stop=control.stop_requested,
+            static_shapes=run.parts.step_mode != "eager",
+        )
         ema_val = None
         if val is not None and run.parts.ema is not None:
-            ema_val = evaluate(run.parts.ema.module, run.val_loader, run.precision, run.ctx, tta=cfg.tta,
-                               epoch=epoch, should_stop=control.stop_requested)
+            ema_val = evaluate(
+                run.parts.ema.module,
+                run.val_loader,
+                run.precision,
+                run.ctx,
+                tta=cfg.tta,
+                epoch=epoch,
+                should_stop=control.stop_requested,
+            )
     except DATA_ERRORS:  # the val images cannot be read: keep the trained epoch (one process: no collective)
         if not saved_before and not run.ctx.distributed:
             run.save(before)
@@ -138,20 +165,33 @@ def validate_and_save(run: Run, epoch: int, stats: EpochStats, saved_before: boo
         return run.stopped(before)
     res = train_resolution(cfg, epoch)
     record = {
-        "epoch": epoch, "train_loss": stats.loss, "train_top1": stats.top1, "val_loss": val["loss"],
-        "val_top1": val["top1"], "val_top5": val["top5"], "ema_top1": ema_val["top1"] if ema_val else None,
-        "lr": stats.lr, "res": res, "val_res": cfg.val_res,
-        "epoch_time_s": stats.seconds + time.perf_counter() - t_val, "train_time_s": stats.seconds,
-        "images_per_s": stats.images_per_s, "data_wait_pct": stats.data_wait_pct,
-        "step": (epoch + 1) * run.steps_per_epoch, "val_samples": val["samples"],
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_top1": stats.top1,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "ema_top1": ema_val["top1"] if ema_val else None,
+        "lr": stats.lr,
+        "res": res,
+        "val_res": cfg.val_res,
+        "epoch_time_s": stats.seconds + time.perf_counter() - t_val,
+        "train_time_s": stats.seconds,
+        "images_per_s": stats.images_per_s,
+        "data_wait_pct": stats.data_wait_pct,
+        "step": (epoch + 1) * run.steps_per_epoch,
+        "val_samples": val["samples"],
     }
     is_best = val["top1"] > run.best_top1
     run.best_top1 = max(run.best_top1, val["top1"])
     run.save_epoch(epoch, record, is_best)
     ema_txt = f", EMA top-1 {ema_val['top1']:.2f}" if ema_val else ""
-    log0(run.ctx, f"epoch {epoch}: train loss {stats.loss:.4f}, val loss {val['loss']:.4f}, top-1 {val['top1']:.2f}%, "
-                  f"top-5 {val['top5']:.2f}%{ema_txt}, {res} px, {record['epoch_time_s']:.1f} s, "
-                  f"{stats.images_per_s:.0f} img/s, data wait {stats.data_wait_pct:.0f}%")
+    log0(
+        run.ctx,
+        f"epoch {epoch}: train loss {stats.loss:.4f}, val loss {val['loss']:.4f}, top-1 {val['top1']:.2f}%, "
+        f"top-5 {val['top5']:.2f}%{ema_txt}, {res} px, {record['epoch_time_s']:.1f} s, "
+        f"{stats.images_per_s:.0f} img/s, data wait {stats.data_wait_pct:.0f}%",
+    )
     return None
 
 
@@ -162,9 +202,12 @@ def stop_after(run: Run, epoch: int) -> int:
 
 def finish(run: Run) -> int:
     if run.runlog is not None:
-        print(f"logs: {run.runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
-              f"TensorBoard: tensorboard --logdir {Path(run.cfg.output_dir) / 'runs'}\n"
-              f"checkpoints: {run.ckpt_dir}", flush=True)
+        print(
+            f"logs: {run.runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
+            f"TensorBoard: tensorboard --logdir {Path(run.cfg.output_dir) / 'runs'}\n"
+            f"checkpoints: {run.ckpt_dir}",
+            flush=True,
+        )
     return 0
 
 

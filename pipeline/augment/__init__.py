@@ -30,7 +30,22 @@ from pipeline.augment.policies import (
 from pipeline.augment.recipe import POLICY_NAMES, Recipe, batch_seed
 
 __all__ = [
-    "AUTO_AUGMENT_IMAGENET", "AUTO_AUGMENT_OPS", "POLICY_NAMES", "Recipe", "TRIVIAL_AUGMENT_OPS", "TRIVIAL_OPS",
-    "apply_op", "auto_augment", "auto_augment_params", "auto_augment_space", "batch_seed", "cutmix", "erasing_boxes",
-    "mixup", "one_hot", "random_erasing", "trivial_augment", "trivial_augment_params",
+    "AUTO_AUGMENT_IMAGENET",
+    "AUTO_AUGMENT_OPS",
+    "POLICY_NAMES",
+    "Recipe",
+    "TRIVIAL_AUGMENT_OPS",
+    "TRIVIAL_OPS",
+    "apply_op",
+    "auto_augment",
+    "auto_augment_params",
+    "auto_augment_space",
+    "batch_seed",
+    "cutmix",
+    "erasing_boxes",
+    "mixup",
+    "one_hot",
+    "random_erasing",
+    "trivial_augment",
+    "trivial_augment_params",
 ]

@@ -14,8 +14,16 @@ from pipeline.augment.mixing import keep_format, uniform
 from pipeline.contract import to_device
 
 
-def erasing_boxes(n: int, height: int, width: int, *, p: float, scale: tuple[float, float],
-                  ratio: tuple[float, float], generator: torch.Generator | None) -> torch.Tensor:
+def erasing_boxes(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    p: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """(n, 4) int64 CPU boxes (top, left, h, w) as torchvision's RandomErasing.get_params draws them: up to 10 tries
     at an area in `scale` of the image and a log-uniform aspect ratio, kept if h < H and w < W; h = w = 0 means the
     sample is not erased (skipped with probability 1 - p, or no try fitted)."""
@@ -35,8 +43,15 @@ def erasing_boxes(n: int, height: int, width: int, *, p: float, scale: tuple[flo
     left = (u[rows, t, 3] * (width - bw + 1)).floor().long()
     erase = (first >= 0) & (uniform(generator, n) < p)
     zero = torch.zeros_like(bh)
-    return torch.stack([torch.where(erase, top, zero), torch.where(erase, left, zero),
-                        torch.where(erase, bh, zero), torch.where(erase, bw, zero)], dim=1)
+    return torch.stack(
+        [
+            torch.where(erase, top, zero),
+            torch.where(erase, left, zero),
+            torch.where(erase, bh, zero),
+            torch.where(erase, bw, zero),
+        ],
+        dim=1,
+    )
 
 
 def draw_noise_seed(value: float | str, generator: torch.Generator | None) -> int | None:
@@ -48,8 +63,9 @@ def draw_noise_seed(value: float | str, generator: torch.Generator | None) -> in
     return None
 
 
-def apply_erasing(images: torch.Tensor, boxes: torch.Tensor, value: float | str = 0.0,
-                  noise_seed: int | None = None) -> torch.Tensor:
+def apply_erasing(
+    images: torch.Tensor, boxes: torch.Tensor, value: float | str = 0.0, noise_seed: int | None = None
+) -> torch.Tensor:
     """Set box (top, left, h, w) of each sample (`boxes` (B, 4) on the images' device) to `value` in normalised
     units, or to per-pixel N(0, 1) noise from `noise_seed` for value="random"."""
     B, _, H, W = images.shape
@@ -64,9 +80,15 @@ def apply_erasing(images: torch.Tensor, boxes: torch.Tensor, value: float | str 
     return keep_format(images.masked_fill(mask, float(value)), images)
 
 
-def random_erasing(images: torch.Tensor, *, p: float = 0.25, scale: tuple[float, float] = (0.02, 1 / 3),
-                   ratio: tuple[float, float] = (0.3, 3.3), value: float | str = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def random_erasing(
+    images: torch.Tensor,
+    *,
+    p: float = 0.25,
+    scale: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 3.3),
+    value: float | str = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Per sample, with probability p, one rectangle (torchvision RandomErasing draws) set to `value` in normalised
     units (0 = the ImageNet mean colour, torchvision's default after Normalize) or "random": per-pixel N(0, 1)
     noise (timm's "pixel" mode)."""

@@ -67,9 +67,16 @@ def apply_mixup(images: torch.Tensor, targets: torch.Tensor, lam: float) -> tupl
     return keep_format(mixed, images), targets.roll(1, 0).mul_(1.0 - lam).add_(targets.mul(lam))
 
 
-def mixup(images: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.2, num_classes: int | None = None,
-          p: float = 1.0, generator: torch.Generator | None = None,
-          lam: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.2,
+    num_classes: int | None = None,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+    lam: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp (torchvision v2 semantics): each sample is mixed with the previous one in the batch, weight
     lam ~ Beta(alpha, alpha) for the batch. With probability 1 - p the batch passes unchanged (targets one-hot).
     `lam` fixes the weight instead of drawing it."""
@@ -115,9 +122,17 @@ def apply_cutmix(images: torch.Tensor, targets: torch.Tensor, box: CutBox) -> tu
     return keep_format(out, images), targets.roll(1, 0).mul_(1.0 - kept).add_(targets.mul(kept))
 
 
-def cutmix(images: torch.Tensor, labels: torch.Tensor, *, alpha: float = 1.0, num_classes: int | None = None,
-           p: float = 1.0, generator: torch.Generator | None = None, lam: float | None = None,
-           center: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cutmix(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    num_classes: int | None = None,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+    lam: float | None = None,
+    center: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CutMix (torchvision v2 semantics): a box of area about (1 - lam) of the image, lam ~ Beta(alpha, alpha), centred
     at a uniform pixel (clipped at the borders), is pasted from the previous sample; targets are mixed by the area
     actually pasted. With probability 1 - p the batch passes unchanged. `lam`/`center` (y, x) fix the draws."""

@@ -87,8 +87,9 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------- geometry
 
 
-def inverse_affine_matrices(angle: torch.Tensor, translate: torch.Tensor, shear: torch.Tensor,
-                            center: torch.Tensor) -> torch.Tensor:
+def inverse_affine_matrices(
+    angle: torch.Tensor, translate: torch.Tensor, shear: torch.Tensor, center: torch.Tensor
+) -> torch.Tensor:
     """(N, 2, 3) output->input pixel maps, torchvision's _get_inverse_affine_matrix (scale 1) for N samples at once.
     angle (N,) degrees, translate/shear/center (N, 2): pixels, degrees, pixels relative to the image centre."""
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear[:, 0]), torch.deg2rad(shear[:, 1])
@@ -118,8 +119,13 @@ def warp_affine(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid.view(B, H, W, 2), mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def _affine(x: torch.Tensor, angle: torch.Tensor | None = None, translate: torch.Tensor | None = None,
-            shear: torch.Tensor | None = None, center: torch.Tensor | None = None) -> torch.Tensor:
+def _affine(
+    x: torch.Tensor,
+    angle: torch.Tensor | None = None,
+    translate: torch.Tensor | None = None,
+    shear: torch.Tensor | None = None,
+    center: torch.Tensor | None = None,
+) -> torch.Tensor:
     zeros = torch.zeros(x.shape[0], 2, device=x.device)
     angle = torch.zeros(x.shape[0], device=x.device) if angle is None else angle
     pick = [zeros if t is None else t for t in (translate, shear, center)]

@@ -49,8 +49,9 @@ class PolicyStep:
         return out
 
 
-def apply_steps(images: torch.Tensor, steps: list[PolicyStep], ops: dict[str, Op],
-                on_device: list[torch.Tensor] | None = None) -> torch.Tensor:
+def apply_steps(
+    images: torch.Tensor, steps: list[PolicyStep], ops: dict[str, Op], on_device: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """Normalised images with the steps applied in turn, same dtype and layout. `on_device`: the steps' host tensors
     already on the images' device (in host_tensors() order); moved here otherwise."""
     if on_device is None:
@@ -88,8 +89,9 @@ def trivial_augment_space(bins: int) -> dict[str, tuple[torch.Tensor | None, boo
 TRIVIAL_AUGMENT_OPS = tuple(trivial_augment_space(31))
 
 
-def trivial_augment_params(n: int, *, num_magnitude_bins: int = 31, p: float = 1.0,
-                           generator: torch.Generator | None = None) -> tuple[list[str], torch.Tensor]:
+def trivial_augment_params(
+    n: int, *, num_magnitude_bins: int = 31, p: float = 1.0, generator: torch.Generator | None = None
+) -> tuple[list[str], torch.Tensor]:
     """Per sample: an operation name (uniform over TRIVIAL_AUGMENT_OPS) and its magnitude (uniform bin, random sign
     for signed operations); with probability 1 - p a sample gets Identity."""
     space = trivial_augment_space(num_magnitude_bins)
@@ -108,14 +110,17 @@ def trivial_augment_params(n: int, *, num_magnitude_bins: int = 31, p: float = 1
     return chosen, mags
 
 
-def trivial_augment_steps(n: int, *, num_magnitude_bins: int = 31, p: float = 1.0,
-                          generator: torch.Generator | None = None) -> list[PolicyStep]:
-    return [PolicyStep.group(*trivial_augment_params(n, num_magnitude_bins=num_magnitude_bins, p=p,
-                                                     generator=generator))]
+def trivial_augment_steps(
+    n: int, *, num_magnitude_bins: int = 31, p: float = 1.0, generator: torch.Generator | None = None
+) -> list[PolicyStep]:
+    return [
+        PolicyStep.group(*trivial_augment_params(n, num_magnitude_bins=num_magnitude_bins, p=p, generator=generator))
+    ]
 
 
-def trivial_augment(images: torch.Tensor, *, num_magnitude_bins: int = 31, p: float = 1.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def trivial_augment(
+    images: torch.Tensor, *, num_magnitude_bins: int = 31, p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """TrivialAugmentWide per sample on the batch's device: every sample gets one operation at one magnitude
     (torchvision's op set and magnitude ranges, nearest interpolation, black fill). Samples sharing an operation are
     processed together, so a batch costs at most 14 batched operations however large it is."""
@@ -178,8 +183,9 @@ def auto_augment_space(height: int, width: int, bins: int = 10) -> dict[str, tup
     }
 
 
-def auto_augment_params(n: int, height: int, width: int, *, p: float = 1.0,
-                        generator: torch.Generator | None = None) -> list[tuple[list[str], torch.Tensor]]:
+def auto_augment_params(
+    n: int, height: int, width: int, *, p: float = 1.0, generator: torch.Generator | None = None
+) -> list[tuple[list[str], torch.Tensor]]:
     """For each of the two steps: (operation name per sample, magnitude per sample). As torchvision's
     AutoAugment.get_params, per sample: a uniform sub-policy, two uniform draws against the steps' probabilities,
     two signs (negative on 0). A step that does not fire, or a sample skipped with probability 1 - p, is "Identity"."""
@@ -204,10 +210,12 @@ def auto_augment_params(n: int, height: int, width: int, *, p: float = 1.0,
     return steps
 
 
-def auto_augment_steps(n: int, height: int, width: int, *, p: float = 1.0,
-                       generator: torch.Generator | None = None) -> list[PolicyStep]:
-    return [PolicyStep.group(names, mags) for names, mags in auto_augment_params(n, height, width, p=p,
-                                                                                 generator=generator)]
+def auto_augment_steps(
+    n: int, height: int, width: int, *, p: float = 1.0, generator: torch.Generator | None = None
+) -> list[PolicyStep]:
+    return [
+        PolicyStep.group(names, mags) for names, mags in auto_augment_params(n, height, width, p=p, generator=generator)
+    ]
 
 
 def auto_augment(images: torch.Tensor, *, p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -80,13 +80,15 @@ class Recipe:
         steps = POLICIES[self.policy][0](n, height, width, generator) if self.policy != "none" else []
         boxes = noise = None
         if self.random_erase > 0:
-            boxes = erasing_boxes(n, height, width, p=self.random_erase, scale=(0.02, 1 / 3), ratio=(0.3, 3.3),
-                                  generator=generator)
+            boxes = erasing_boxes(
+                n, height, width, p=self.random_erase, scale=(0.02, 1 / 3), ratio=(0.3, 3.3), generator=generator
+            )
             noise = draw_noise_seed(self.erase_value, generator)
         mix = None
         if self.mixes:
-            use_cutmix = self.cutmix > 0 and (self.mixup == 0 or
-                                              float(torch.rand((), generator=generator)) < self.mix_switch_prob)
+            use_cutmix = self.cutmix > 0 and (
+                self.mixup == 0 or float(torch.rand((), generator=generator)) < self.mix_switch_prob
+            )
             if use_cutmix:
                 box = draw_cutmix(height, width, self.cutmix, self.mix_prob, generator)
                 mix = ("cutmix", box) if box is not None else None
@@ -95,8 +97,9 @@ class Recipe:
                 mix = ("mixup", lam) if lam is not None else None
         return Draws(steps, boxes, noise, mix)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, batch: int,
-                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, batch: int, rank: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) -> (augmented images, targets): int64 labels unchanged without mixing, else (B, C)
         float32 soft targets. Images keep shape, dtype, device and memory format."""
         generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, batch, rank))
@@ -105,7 +108,7 @@ class Recipe:
         host = [t for s in d.steps for t in s.host_tensors()] + ([d.erase_boxes] if d.erase_boxes is not None else [])
         on_device = to_device(host, images.device)  # the batch's one host-to-device copy
         if d.steps:
-            images = apply_steps(images, d.steps, POLICIES[self.policy][1], on_device[:2 * len(d.steps)])
+            images = apply_steps(images, d.steps, POLICIES[self.policy][1], on_device[: 2 * len(d.steps)])
         if d.erase_boxes is not None:
             images = apply_erasing(images, on_device[-1], self.erase_value, d.noise_seed)
         if not self.mixes:
