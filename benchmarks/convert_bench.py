@@ -25,6 +25,7 @@ from benchmarks.report import (
     machine_info,
     markdown_table,
     median,
+    out_problem,
     usable_cores,
     write_results,
 )
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = out_problem("rn50 bench convert", args.out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     if args.child:
         _child(
             args.child,

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.report import describe_machine, machine_info, markdown_table, usable_cores, write_results
+from benchmarks.report import describe_machine, machine_info, markdown_table, out_problem, usable_cores, write_results
 from benchmarks.step_bench import make_parts, parse_list, resolve_device, run_windows, synthetic_batches
 
 KEEPS_UP = 0.95
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = out_problem("rn50 bench keepup", args.out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     backends = (
         ["ffcv", "dali-beton", "dali-folder", "torchvision"] if args.backend == "all" else parse_list(args.backend, str)
     )

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from benchmarks.report import describe_machine, machine_info, markdown_table, median, write_results
+from benchmarks.report import describe_machine, machine_info, markdown_table, median, out_problem, write_results
 
 BACKENDS = ("ffcv", "ffcv-plain", "dali-beton", "torchvision", "dali-folder")
 SOURCE = {
@@ -194,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = out_problem("rn50 bench loader", args.out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     wanted = list(BACKENDS) if args.backend == "all" else [b.strip() for b in args.backend.split(",") if b.strip()]
     problems = [
         f"unknown backend {b!r} (choose from {', '.join(BACKENDS)} or all)" for b in wanted if b not in BACKENDS

@@ -120,6 +120,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def out_problem(prog: str, out_dir: str | Path | None) -> str | None:
+    """The one-line error for a results folder that cannot be written, checked before minutes of measuring."""
+    from dataset_tools.files import check_writable
+
+    out = Path(out_dir) if out_dir else DEFAULT_OUT
+    try:
+        check_writable(out / "results.json")
+    except OSError as e:
+        return f"{prog}: error: --out {out}: cannot write there ({e.strerror or e}); choose another folder"
+    return None
+
+
 def write_results(
     name: str, data: dict, markdown: str, chart: Callable[[Path], None] | None, out_dir: str | Path | None = None
 ) -> dict[str, Path]:

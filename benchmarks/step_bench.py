@@ -36,7 +36,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.report import bar_chart, describe_machine, machine_info, markdown_table, median, write_results
+from benchmarks.report import (
+    bar_chart,
+    describe_machine,
+    machine_info,
+    markdown_table,
+    median,
+    out_problem,
+    write_results,
+)
 
 
 def parse_list(text: str, cast=int) -> list:
@@ -351,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = out_problem("rn50 bench step", args.out)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         resolutions = parse_list(args.res)
         names = (

@@ -249,3 +249,14 @@ def test_sync_check_needs_a_gpu(capsys):
         pytest.skip("runs for real on a GPU (scripts/gpu_check.sh)")
     assert main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["step", "loader", "keepup", "convert"])
+def test_an_unwritable_results_folder_is_one_line_before_measuring(kind, tmp_path, capsys):
+    from training.cli import main as rn50
+
+    (tmp_path / "file.txt").write_text("x")
+    data = ["--data-dir", str(tmp_path)] if kind in ("keepup", "convert") else []
+    assert rn50(["bench", kind, *data, "--out", str(tmp_path / "file.txt" / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rn50 bench {kind}: error: --out") and "\n" not in err
