@@ -48,7 +48,7 @@ def test_train_8gpu_command(tmp_path):
     assert cmd[cmd.index("--max-restarts") + 1] == "2"
     args = build_parser().parse_args(trainer_flags(cmd))
     assert preset_path(args.config).name == "rn50_8xa100_16ep.yaml"
-    assert args.compile and args.data_dir == "/data/b" and args.resume == "auto"
+    assert args.step == "compile" and args.data_dir == "/data/b" and args.resume == "auto"
     no_restarts = dry_run("train_8gpu.sh", "/data/b", NGPU="4", MAX_RESTARTS="0")
     assert no_restarts[no_restarts.index("--max-restarts") + 1] == "0"
     bad = subprocess.run(
