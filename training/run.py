@@ -10,6 +10,7 @@ import errno
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,12 +48,6 @@ class SetupError(RuntimeError):
 
 class WriteError(RuntimeError):
     """A checkpoint or log file could not be written (a full or read-only disk); the previous files are intact."""
-
-
-def agree_on_error(error: str | None, ctx: DistContext) -> str | None:
-    """Rank 0's error (only rank 0 writes files) on every rank, so that all of them stop together instead of the
-    others waiting in their next collective for a rank that has left."""
-    return broadcast_object(error, ctx)
 
 
 def write_failure(e: OSError, what: str) -> str:
@@ -163,18 +158,22 @@ class Run:
 
     def save(self, at: Position) -> None:
         """checkpoint.pt := the run at `at` (mid-epoch or before validation). Every rank calls it."""
-        state = self.pack(at)
+        self._commit(self.pack(at), lambda state: ckpt.save_latest(state, self.ckpt_dir), self.ckpt_dir / ckpt.LATEST)
+        self.control.saved()
+        self.last_saved = at
+
+    def _commit(self, state: dict | None, write: Callable[[dict], object], where: Path) -> None:
+        """Rank 0 writes `state` (the others have None); every rank learns whether it could, so a full or read-only
+        disk stops them all together with one line, instead of the others waiting in their next collective."""
         error = None
         if state is not None:
             try:
-                ckpt.save_latest(state, self.ckpt_dir)
+                write(state)
             except OSError as e:
-                error = write_failure(e, str(self.ckpt_dir / ckpt.LATEST))
-        error = agree_on_error(error, self.ctx)
+                error = write_failure(e, str(where))
+        error = broadcast_object(error, self.ctx)
         if error:
             raise WriteError(error)
-        self.control.saved()
-        self.last_saved = at
 
     def save_epoch(self, epoch: int, record: dict, is_best: bool) -> None:
         """The end of a validated epoch: checkpoint.pt, model_XXX.pt, best.pt if it is, and the log line."""
@@ -183,19 +182,12 @@ class Run:
         if len(set(fingerprints)) > 1:
             log0(self.ctx, f"warning: ranks hold different weights after epoch {epoch}: {fingerprints}")
         end = self.after_training(epoch, "end_of_epoch")
-        state = self.pack(end, rank_weight_fingerprints=fingerprints)
-        error = None
-        if state is not None:
-            try:
-                ckpt.save_checkpoint(state, self.ckpt_dir, epoch, is_best, self.cfg.keep_last)
-                self.runlog.epoch(
-                    record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch, end.step
-                )
-            except OSError as e:
-                error = write_failure(e, str(self.ckpt_dir))
-        error = agree_on_error(error, self.ctx)
-        if error:
-            raise WriteError(error)
+
+        def write(state: dict) -> None:
+            ckpt.save_checkpoint(state, self.ckpt_dir, epoch, is_best, self.cfg.keep_last)
+            self.runlog.epoch(record, self.schedule.lr_at, self.schedule.total_steps, self.steps_per_epoch, end.step)
+
+        self._commit(self.pack(end, rank_weight_fingerprints=fingerprints), write, self.ckpt_dir)
         self.control.saved()
         self.last_saved = end
 
@@ -358,7 +350,7 @@ def build_run(
             open_logs(run, flags, counts, t_setup)
         except OSError as e:
             error = f"{e.filename or cfg.output_dir}: cannot write the run's files there ({e.strerror or e})"
-    error = agree_on_error(error, ctx)
+    error = broadcast_object(error, ctx)  # rank 0's failure stops every rank (the others would wait for it)
     if error:
         raise SetupError(f"{error}; choose another --output-dir or free space there")
     return run
