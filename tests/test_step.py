@@ -233,7 +233,7 @@ def test_the_compiled_step_matches_the_eager_step():
     # per tensor: how far the compiled run's weights are from the eager run's, as a share of how far training moved
     # them from the start
     shares = [
-        float((x - y).norm() / (y - x0).norm())
+        float((x - y).detach().norm() / (y.detach() - x0).norm())
         for x, y, x0 in zip(model.parameters(), eager_model.parameters(), start, strict=True)
     ]
     assert max(shares) < 0.05, max(shares)
