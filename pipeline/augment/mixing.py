@@ -54,11 +54,12 @@ def keep_format(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------ mixup
 
 
-def draw_mixup(alpha: float, p: float, generator: torch.Generator | None) -> float | None:
-    """lam ~ Beta(alpha, alpha) for the batch, or None (probability 1 - p): the batch passes unchanged."""
+def draw_mixup(alpha: float, p: float, generator: torch.Generator | None, lam: float | None = None) -> float | None:
+    """lam ~ Beta(alpha, alpha) for the batch (or the given `lam`), or None (probability 1 - p): the batch passes
+    unchanged."""
     if float(uniform(generator)) >= p:
         return None
-    return beta(alpha, generator)
+    return beta(alpha, generator) if lam is None else float(lam)
 
 
 def apply_mixup(images: torch.Tensor, targets: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +82,10 @@ def mixup(
     lam ~ Beta(alpha, alpha) for the batch. With probability 1 - p the batch passes unchanged (targets one-hot).
     `lam` fixes the weight instead of drawing it."""
     targets = soft_targets(labels, num_classes)
-    if lam is None:
-        lam = draw_mixup(alpha, p, generator)
-    elif float(uniform(generator)) >= p:
-        lam = None
+    lam = draw_mixup(alpha, p, generator, lam)
     if lam is None:
         return images, targets
-    return apply_mixup(images, targets, float(lam))
+    return apply_mixup(images, targets, lam)
 
 
 # ----------------------------------------------------------------------------------------------------------- cutmix
@@ -104,13 +102,25 @@ def cutmix_box(height: int, width: int, lam: float, cy: int, cx: int) -> CutBox:
     return y1, x1, y2, x2, 1.0 - (x2 - x1) * (y2 - y1) / (width * height)
 
 
-def draw_cutmix(height: int, width: int, alpha: float, p: float, generator: torch.Generator | None) -> CutBox | None:
-    """The box to paste (lam ~ Beta(alpha, alpha), a uniform centre pixel), or None (probability 1 - p)."""
+def draw_cutmix(
+    height: int,
+    width: int,
+    alpha: float,
+    p: float,
+    generator: torch.Generator | None,
+    lam: float | None = None,
+    center: tuple[int, int] | None = None,
+) -> CutBox | None:
+    """The box to paste (lam ~ Beta(alpha, alpha), a uniform centre pixel (y, x); either may be given instead), or
+    None (probability 1 - p)."""
     if float(uniform(generator)) >= p:
         return None
-    lam = beta(alpha, generator)
-    cx = int(torch.randint(width, (), generator=generator))
-    cy = int(torch.randint(height, (), generator=generator))
+    lam = beta(alpha, generator) if lam is None else float(lam)
+    if center is None:
+        cx = int(torch.randint(width, (), generator=generator))
+        cy = int(torch.randint(height, (), generator=generator))
+    else:
+        cy, cx = center
     return cutmix_box(height, width, lam, cy, cx)
 
 
@@ -138,18 +148,7 @@ def cutmix(
     actually pasted. With probability 1 - p the batch passes unchanged. `lam`/`center` (y, x) fix the draws."""
     targets = soft_targets(labels, num_classes)
     H, W = images.shape[-2:]
-    if lam is None and center is None:
-        box = draw_cutmix(H, W, alpha, p, generator)
-    elif float(uniform(generator)) >= p:
-        box = None
-    else:
-        lam = beta(alpha, generator) if lam is None else float(lam)
-        if center is None:
-            cx = int(torch.randint(W, (), generator=generator))
-            cy = int(torch.randint(H, (), generator=generator))
-        else:
-            cy, cx = center
-        box = cutmix_box(H, W, lam, cy, cx)
+    box = draw_cutmix(H, W, alpha, p, generator, lam, center)
     if box is None:
         return images, targets
     return apply_cutmix(images, targets, box)
