@@ -123,7 +123,7 @@ def bytes_per_image(beton: Path) -> dict:
     }
 
 
-def make(
+def make_folders(
     out: Path,
     unique: int,
     samples: int,
@@ -131,14 +131,14 @@ def make(
     workers: int,
     seed: int = 0,
     short_side: tuple[int, int] = (300, 500),
-) -> dict:
-    from dataset_tools.convert import ConvertOptions, convert
+) -> tuple[int, int, int]:
+    """The stage that needs no FFCV: the distinct images (OUT/unique/) and the repeated folders (OUT/folders/), reused
+    where already made (rn50 synth keeps a folder that holds the same dataset; existing links stay). Returns
+    (images per class, repeat, folder files)."""
     from dataset_tools.synth import synthesize
 
     per_class = max(1, unique // classes)
     repeat = max(1, -(-samples // (per_class * classes)))
-    timings = {}
-    t0 = time.perf_counter()
     synthesize(
         out / "unique",
         num_classes=classes,
@@ -150,7 +150,24 @@ def make(
         max_short=short_side[1],
         progress=False,
     )
-    timings["synth_s"] = time.perf_counter() - t0
+    files = repeat_folders(out / "unique" / "train", out / "folders" / "train", repeat)
+    return per_class, repeat, files
+
+
+def make(
+    out: Path,
+    unique: int,
+    samples: int,
+    classes: int,
+    workers: int,
+    seed: int = 0,
+    short_side: tuple[int, int] = (300, 500),
+) -> dict:
+    from dataset_tools.convert import ConvertOptions, convert
+
+    t0 = time.perf_counter()
+    per_class, repeat, files = make_folders(out, unique, samples, classes, workers, seed, short_side)
+    timings = {"synth_and_folders_s": time.perf_counter() - t0}
     t0 = time.perf_counter()
     for name, prob in (("unique_jpeg", 1.0), ("betons_mixed", 0.5)):
         convert(
@@ -161,7 +178,6 @@ def make(
     (out / "betons").mkdir(parents=True, exist_ok=True)
     total = repeat_beton(out / "unique_jpeg" / "train.beton", out / "betons" / "train.beton", repeat)
     shutil.copy(out / "unique_jpeg" / "classes.json", out / "betons" / "classes.json")
-    files = repeat_folders(out / "unique" / "train", out / "folders" / "train", repeat)
     timings["repeat_s"] = time.perf_counter() - t0
     facts = {
         "description": f"{per_class * classes:,} distinct rn50 synth images (short side {short_side[0]}-"
@@ -193,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--short-side", default="300,500", help="min,max short side of the generated images (300,500)")
+    p.add_argument(
+        "--stage",
+        choices=("all", "folders"),
+        default="all",
+        help="folders: only the images and the repeated folders, which need no FFCV (a GPU visit makes them while "
+        "FFCV is still arriving); all: everything, reusing them (all)",
+    )
     args = p.parse_args(argv)
     if min(args.unique, args.samples, args.classes, args.workers) < 1 or args.unique < args.classes:
         print(
@@ -205,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_data: {out} is already made ({json.loads((out / 'dataset.json').read_text())['description']})")
         return 0
     short = tuple(int(x) for x in args.short_side.split(","))
+    if args.stage == "folders":
+        t0 = time.perf_counter()
+        _, repeat, files = make_folders(out, args.unique, args.samples, args.classes, args.workers, short_side=short)
+        print(
+            f"bench_data: {files:,} folder files ({repeat}x repeated) in {out}/folders ({time.perf_counter() - t0:.0f} s)"
+        )
+        return 0
     facts = make(out, args.unique, args.samples, args.classes, args.workers, short_side=short)
     print(f"bench_data: {facts['description']} in {out} ({facts['seconds']})")
     return 0

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import machine_info, usable_cores
+from benchmarks.report import machine_info, report_failure, usable_cores
 
 SWEEPS = {"hw_decoder_load": [0.0, 0.65, 0.9, 0.99], "dali_threads": [4, 6, 8, 12], "dali_prefetch": [2, 3, 5]}
+EXTRAS = {"mixed": "DALI on the half-raw beton", "plain-ffcv": "plain FFCV Loader"}
+# the riskiest path first: the half-raw beton runs DALI's conditional around the mixed decoder
+SWEEP_ORDER = ("mixed", "hw_decoder_load", "dali_threads", "dali_prefetch", "plain-ffcv")
 PATHS = {"dali-beton": ("dali", "beton"), "dali-folder": ("dali", "folder"), "ffcv": ("ffcv", "beton")}
 
 
@@ -40,13 +44,12 @@ class Window:
     """CUDA events around a stretch of work (perf_counter on the CPU), plus this process's CPU time over it."""
 
     def __init__(self, device) -> None:
-        import psutil
         import torch
 
-        self.cuda, self.torch, self.proc = device.type == "cuda", torch, psutil.Process()
+        self.cuda, self.torch = device.type == "cuda", torch
 
     def __enter__(self) -> Window:
-        self.cpu0 = sum(self.proc.cpu_times()[:2])
+        self.cpu0 = time.process_time()  # user + system time of every thread of this process
         self.t0 = time.perf_counter()
         if self.cuda:
             self.start = self.torch.cuda.Event(enable_timing=True)
@@ -62,7 +65,7 @@ class Window:
         else:
             self.seconds = time.perf_counter() - self.t0
         wall = time.perf_counter() - self.t0
-        self.cores = (sum(self.proc.cpu_times()[:2]) - self.cpu0) / wall
+        self.cores = (time.process_time() - self.cpu0) / wall
 
 
 def step_alone(parts, device, batch_size: int, res: int, num_classes: int, dtype, warmup: int, window: int) -> dict:
@@ -136,7 +139,52 @@ def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+class Results:
+    """Everything measured so far, written after every row, sweep value and extra: the reference file (once there is
+    a keep-up row; a copy in --copy-to) and the whole record, failures included, in --json. A run killed at any point
+    leaves what it had measured."""
+
+    def __init__(self, args, info: dict, dataset: dict, settings: dict, out_dir: Path, started: float) -> None:
+        self.args, self.info, self.out_dir, self.started = args, info, out_dir, started
+        self.data = {"dataset": dataset, "settings": settings, "keepup": [], "sweeps": {}, "extras": []}
+        self.skipped: list[str] = []
+        self.step_alone: list[dict] = []
+        self.path: Path | None = None
+
+    def add(self, part: str, row: dict, sweep: str | None = None) -> None:
+        if part == "sweeps":
+            self.data["sweeps"].setdefault(sweep, []).append(row)
+        else:
+            self.data[part].append(row)
+        self.persist()
+
+    def skip(self, what: str) -> None:
+        self.skipped.append(what)
+        self.persist()
+
+    def persist(self) -> None:
+        import shutil
+
+        from benchmarks.reference import save
+
+        seconds = round(time.perf_counter() - self.started, 1)
+        if self.data["keepup"]:
+            self.path = save(
+                self.info, self.out_dir, driver=_driver(), **self.data, skipped=self.skipped, seconds=seconds
+            )
+            if self.args.copy_to:
+                Path(self.args.copy_to).mkdir(parents=True, exist_ok=True)
+                shutil.copy(self.path, Path(self.args.copy_to) / self.path.name)
+        if self.args.json:
+            record = {"machine": self.info, **self.data, "step_alone": self.step_alone, "skipped": self.skipped}
+            record.update(seconds=seconds, reference=str(self.path) if self.path else None)
+            tmp = Path(self.args.json).with_name(f".{Path(self.args.json).name}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+            os.replace(tmp, self.args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.gpu_proof",
         description=__doc__.split("\n\n")[0],
@@ -148,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default="dali-beton,dali-folder,ffcv", help="loader paths to time")
     p.add_argument(
         "--sweeps",
-        default="hw_decoder_load,dali_threads,dali_prefetch,extras",
-        help="knob sweeps after the keep-up rows ('extras': plain FFCV Loader, DALI on the half-raw beton)",
+        default=",".join(SWEEP_ORDER),
+        help="after the keep-up rows, in this order: mixed (DALI on the half-raw beton: the conditional around the "
+        "mixed decoder), the hw_decoder_load, dali_threads and dali_prefetch sweeps, plain-ffcv (a plain FFCV Loader)",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=usable_cores(), help="ffcv threads; DALI off Hopper (all cores)")
@@ -160,17 +209,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto")
     p.add_argument("--no-compile", action="store_true", help="time the eager step instead")
     p.add_argument("--device", default="auto")
-    p.add_argument("--budget-s", type=float, default=480, help="skip what would start after this many seconds (480)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480,
+        help="skip what would start after this many seconds from --started-at (480); a resolution, which compiles "
+        "the model first, starts only with --resolution-s left",
+    )
+    p.add_argument("--resolution-s", type=float, default=120, help="time a resolution needs at least (120)")
+    p.add_argument(
+        "--started-at",
+        type=float,
+        default=None,
+        help="the budget's clock start, as seconds since the epoch (scripts/gpu_check.sh passes its own start, so "
+        "making the data counts); default: now",
+    )
     p.add_argument("--out-dir", default=None, help="default benchmarks/reference/ (a GPU is then required)")
-    args = p.parse_args(argv)
+    p.add_argument("--copy-to", default=None, help="copy the reference file here after every row (e.g. $OUT)")
+    p.add_argument("--json", default=None, help="everything measured and skipped, rewritten after every row")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
 
-    from benchmarks.reference import REFERENCE_DIR, render_one, save, validate
+    from benchmarks.reference import REFERENCE_DIR, render_one, validate
     from benchmarks.step_bench import make_parts, resolve_device
     from training.engine import resolve_precision
 
     t_start = time.perf_counter()
+    deadline = (args.started_at if args.started_at is not None else time.time()) + args.budget_s
     data = Path(args.data)
     device = resolve_device(args.device)
     out_dir = Path(args.out_dir) if args.out_dir else REFERENCE_DIR
@@ -191,35 +261,64 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     resolutions = [int(r) for r in args.res.split(",") if r.strip()]
     paths = [x for x in args.paths.split(",") if x]
+    wanted = [x for x in args.sweeps.split(",") if x]
+    unknown = [x for x in paths if x not in PATHS] + [x for x in wanted if x not in SWEEP_ORDER]
+    if unknown or not resolutions:
+        print(
+            f"gpu_proof: error: unknown {', '.join(unknown) or 'nothing'} (paths: {', '.join(PATHS)}; sweeps: "
+            f"{', '.join(SWEEP_ORDER)}); --res needs at least one resolution",
+            file=sys.stderr,
+        )
+        return 2
     compiled = not args.no_compile
     info = machine_info()
-    dataset = json.loads((data / "dataset.json").read_text())
     precision = resolve_precision(args.precision, device)
     classes = len(json.loads((data / "betons" / "classes.json").read_text()))
-    skipped: list[str] = []
+    settings = {
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "precision": precision.name,
+        "compiled": compiled,
+        "window_batches": args.window,
+        "warmup_batches": args.warmup,
+        "workers": args.workers,
+        "resolutions": resolutions,
+    }
+    results = Results(args, info, json.loads((data / "dataset.json").read_text()), settings, out_dir, t_start)
 
-    def over_budget(what: str) -> bool:
-        if time.perf_counter() - t_start > args.budget_s:
-            skipped.append(what)
-            print(f"gpu_proof: skipped {what} (past --budget-s {args.budget_s:.0f})", flush=True)
+    def over_budget(what: str, need_s: float = 0.0) -> bool:
+        left = deadline - time.time()
+        if left < need_s or left <= 0:
+            print(f"gpu_proof: skipped {what} ({left:.0f} s of --budget-s left)", flush=True)
+            results.skip(f"{what} (budget)")
             return True
         return False
 
-    loaders, rows, epoch = {}, [], 0
+    def failed(what: str, e: BaseException) -> None:
+        results.skip(report_failure("gpu_proof", what, e))
+
+    loaders, epoch = {}, 0
     for res in resolutions:
-        if over_budget(f"{res} px"):
+        if over_budget(f"{res} px", args.resolution_s):
             continue
-        torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
-        parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
-        alone = step_alone(
-            parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup, args.window
-        )
+        try:
+            torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
+            parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
+            alone = step_alone(
+                parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup, args.window
+            )
+        except Exception as e:  # no step, no keep-up rows at this resolution; the next one may still work
+            failed(f"the {'compiled' if compiled else 'eager'} step at {res} px", e)
+            continue
+        results.step_alone.append({"res": res, **alone})
         print(
             f"{res} px: step alone {alone['images_per_s']:,.0f} img/s ({'compiled' if compiled else 'eager'}, "
             f"warm-up {alone['warmup_s']:.0f} s)",
             flush=True,
         )
         for path in paths:
+            if over_budget(f"{path} at {res} px"):
+                continue
             try:
                 if path not in loaders:
                     loaders[path] = build(path, data, res, args, device, precision.input_dtype)
@@ -230,28 +329,15 @@ def main(argv: list[str] | None = None) -> int:
                 epoch += 1
                 fed = loader_window(loader, epoch, args.warmup, args.window, device, parts)
             except Exception as e:  # one path failing must not lose the others' rows
-                print(f"gpu_proof: {path} at {res} px failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                skipped.append(f"{path} {res} px ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                failed(f"{path} at {res} px", e)
+                broken = loaders.pop(path, None)
+                if broken is not None:
+                    _close(broken)
                 continue
-            backend, source = PATHS[path]
-            fed_rate, alone_rate = round(fed["images_per_s"], 1), round(alone["images_per_s"], 1)
-            row = {
-                "backend": backend,
-                "source": source,
-                "res": res,
-                "compiled": compiled,
-                "loader_alone_images_per_s": round(solo["images_per_s"], 1),
-                "end_to_end_images_per_s": fed_rate,
-                "step_alone_images_per_s": alone_rate,
-                "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
-                "data_wait_share": round(fed["data_wait_share"], 4),
-                "process_cores": round(fed["process_cores"], 2),
-                "loader_alone_process_cores": round(solo["process_cores"], 2),
-                "workers": args.workers,
-            }
-            if backend == "dali":
+            row = keepup_row(path, res, compiled, solo, fed, alone, args.workers)
+            if PATHS[path][0] == "dali":
                 row["knobs"] = loader.tuning.as_dict()
-            rows.append(row)
+            results.add("keepup", row)
             print(
                 f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
                 f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
@@ -259,116 +345,133 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         del parts
+    for loader in loaders.values():
+        _close(loader)
     res0 = resolutions[0]
-    sweeps: dict[str, list[dict]] = {}
-    wanted = [s for s in args.sweeps.split(",") if s]
-    for name in (n for n in SWEEPS if n in wanted):
-        for value in SWEEPS[name]:
-            if over_budget(f"{name}={value}"):
-                continue
-            try:
-                loader = build("dali-beton", data, res0, args, device, precision.input_dtype, **{name: value})
-                epoch += 1
-                r = loader_window(loader, epoch, args.warmup, args.window, device)
-            except Exception as e:
-                skipped.append(f"{name}={value} ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-                continue
-            t = loader.tuning
-            sweeps.setdefault(name, []).append(
-                {
+    for name in (n for n in SWEEP_ORDER if n in wanted):
+        if name in SWEEPS:
+            for value in SWEEPS[name]:
+                if over_budget(f"{name}={value}"):
+                    continue
+                loader = None
+                try:
+                    loader = build("dali-beton", data, res0, args, device, precision.input_dtype, **{name: value})
+                    epoch += 1
+                    r = loader_window(loader, epoch, args.warmup, args.window, device)
+                except Exception as e:
+                    failed(f"{name}={value}", e)
+                    continue
+                finally:
+                    if loader is not None:
+                        _close(loader)  # its pinned and device buffers go now, not at the next garbage collection
+                t = loader.tuning
+                row = {
                     "value": value,
                     "images_per_s": round(r["images_per_s"], 1),
                     "process_cores": round(r["process_cores"], 2),
                     "what": f"DALI from the beton, loader alone, {res0} px",
                     "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}",
                 }
-            )
-            print(f"  sweep {name}={value}: {r['images_per_s']:,.0f} img/s, cores {r['process_cores']:.1f}", flush=True)
-            loader.close()  # its pipeline's pinned and device buffers go now, not at the next garbage collection
-    extras = []
-    if "extras" in wanted:
-        if not over_budget("plain FFCV Loader"):
+                results.add("sweeps", row, sweep=name)
+                print(
+                    f"  sweep {name}={value}: {r['images_per_s']:,.0f} img/s, cores {r['process_cores']:.1f}",
+                    flush=True,
+                )
+        elif not over_budget(EXTRAS[name]):
             try:
-                from benchmarks.loader_bench import normalised, plain_ffcv_loader
-
-                plain = plain_ffcv_loader(data / "betons" / "train.beton", args.batch_size, res0, args.workers, 0)
-                n, it = 0, iter(normalised(plain, device, precision.input_dtype))
-                for _ in range(args.warmup):
-                    next(it)
-                with Window(device) as w:
-                    for _ in range(args.window):
-                        n += next(it)[0].shape[0]
-                extras.append(
-                    {
-                        "what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res0} px, alone",
-                        "images_per_s": round(n / w.seconds, 1),
-                        "process_cores": round(w.cores, 2),
-                    }
-                )
+                row = (mixed_beton if name == "mixed" else plain_ffcv)(data, res0, args, device, precision)
             except Exception as e:
-                skipped.append(f"plain FFCV Loader ({type(e).__name__}: {e})")
-        if not over_budget("DALI on the half-raw beton"):
-            try:
-                from pipeline import build_loader
+                failed(EXTRAS[name], e)
+                continue
+            results.add("extras", row)
+            print(f"  {row['what']}: {row['images_per_s']:,.0f} img/s, {row['process_cores']:.1f} cores", flush=True)
+    results.persist()
+    if results.skipped:
+        print("skipped or failed: " + "; ".join(results.skipped), flush=True)
+    if results.path is None:
+        print("gpu_proof: no keep-up row was measured, so no reference file was written", file=sys.stderr)
+        return 1
+    final = json.loads(results.path.read_text())
+    print(f"wrote {results.path} ({final['seconds']:.0f} s)")
+    if info["gpu"]:
+        validate(final, str(results.path))
+        print("\n" + render_one(results.path, final))
+    return 0
 
-                mixed = build_loader(
-                    data / "betons_mixed",
-                    "train",
-                    "dali",
-                    batch_size=args.batch_size,
-                    resolution=res0,
-                    workers=args.workers,
-                    device=device,
-                    dtype=precision.input_dtype,
-                    drop_last=True,
-                    verbose=False,
-                )
-                list(mixed)  # builds the pipeline, warms the page cache
-                epochs, n = 3, 0
-                with Window(device) as w:
-                    for _ in range(epochs):
-                        n += sum(x.shape[0] for x, _ in mixed)
-                extras.append(
-                    {
-                        "what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res0} "
-                        f"px, alone, {epochs} whole epochs of {len(mixed)} batches (epoch starts "
-                        "inside the timing)",
-                        "images_per_s": round(n / w.seconds, 1),
-                        "process_cores": round(w.cores, 2),
-                    }
-                )
-            except Exception as e:
-                skipped.append(f"DALI on the half-raw beton ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-    gpu = info["gpu"]
-    result = {
-        "dataset": dataset,
-        "settings": {
-            "arch": args.arch,
-            "batch_size": args.batch_size,
-            "precision": precision.name,
-            "compiled": compiled,
-            "window_batches": args.window,
-            "warmup_batches": args.warmup,
-            "workers": args.workers,
-            "resolutions": resolutions,
-        },
-        "keepup": rows,
-        "sweeps": sweeps,
-        "extras": extras,
-        "skipped": skipped,
-        "seconds": round(time.perf_counter() - t_start, 1),
+
+def keepup_row(path: str, res: int, compiled: bool, solo: dict, fed: dict, alone: dict, workers: int) -> dict:
+    backend, source = PATHS[path]
+    fed_rate, alone_rate = round(fed["images_per_s"], 1), round(alone["images_per_s"], 1)
+    return {
+        "backend": backend,
+        "source": source,
+        "res": res,
+        "compiled": compiled,
+        "loader_alone_images_per_s": round(solo["images_per_s"], 1),
+        "end_to_end_images_per_s": fed_rate,
+        "step_alone_images_per_s": alone_rate,
+        "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
+        "data_wait_share": round(fed["data_wait_share"], 4),
+        "process_cores": round(fed["process_cores"], 2),
+        "loader_alone_process_cores": round(solo["process_cores"], 2),
+        "workers": workers,
     }
-    path = save(info, out_dir, driver=_driver(), **result)
-    result = json.loads(path.read_text())
-    print(f"wrote {path} ({result['seconds']:.0f} s)")
-    if gpu:
-        validate(result, str(path))
-        print("\n" + render_one(path, result))
-    for e in extras:
-        print(f"- {e['what']}: {e['images_per_s']:,.0f} img/s, {e['process_cores']:.1f} cores")
-    if skipped:
-        print("skipped: " + "; ".join(skipped))
-    return 0 if rows else 1
+
+
+def mixed_beton(data: Path, res: int, args, device, precision) -> dict:
+    """DALI on the half-raw beton, loader alone, whole epochs (it is not repeated: too short for a window)."""
+    from pipeline import build_loader
+
+    mixed = build_loader(
+        data / "betons_mixed",
+        "train",
+        "dali",
+        batch_size=args.batch_size,
+        resolution=res,
+        workers=args.workers,
+        device=device,
+        dtype=precision.input_dtype,
+        drop_last=True,
+        verbose=False,
+    )
+    try:
+        list(mixed)  # builds the pipeline, warms the page cache
+        epochs, n = 3, 0
+        with Window(device) as w:
+            for _ in range(epochs):
+                n += sum(x.shape[0] for x, _ in mixed)
+        return {
+            "what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res} px, alone, {epochs} "
+            f"whole epochs of {len(mixed)} batches (epoch starts inside the timing)",
+            "images_per_s": round(n / w.seconds, 1),
+            "process_cores": round(w.cores, 2),
+        }
+    finally:
+        _close(mixed)
+
+
+def plain_ffcv(data: Path, res: int, args, device, precision) -> dict:
+    from benchmarks.loader_bench import normalised, plain_ffcv_loader
+
+    plain = plain_ffcv_loader(data / "betons" / "train.beton", args.batch_size, res, args.workers, 0)
+    n, it = 0, iter(normalised(plain, device, precision.input_dtype))
+    for _ in range(args.warmup):
+        next(it)
+    with Window(device) as w:
+        for _ in range(args.window):
+            n += next(it)[0].shape[0]
+    return {
+        "what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res} px, alone",
+        "images_per_s": round(n / w.seconds, 1),
+        "process_cores": round(w.cores, 2),
+    }
+
+
+def _close(loader) -> None:
+    try:
+        loader.close()
+    except Exception as e:  # a loader that cannot close must not end the run
+        report_failure("gpu_proof", f"closing the {getattr(loader, 'backend', '?')} loader", e)
 
 
 def _driver() -> str | None:

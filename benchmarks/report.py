@@ -177,3 +177,16 @@ def bar_chart(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def report_failure(prog: str, what: str, e: BaseException) -> str:
+    """Print `what` failed with its full traceback (chained causes included) to stderr; return the one-line chain
+    for a results file's list of what was skipped."""
+    import traceback
+
+    from pipeline.contract import error_chain
+
+    print(f"{prog}: {what} failed:", file=sys.stderr)
+    traceback.print_exception(e, file=sys.stderr)
+    sys.stderr.flush()
+    return f"{what} ({error_chain(e)})"

@@ -43,6 +43,7 @@ from benchmarks.report import (
     markdown_table,
     median,
     out_problem,
+    report_failure,
     write_results,
 )
 
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also record the rows in today's reference file for this GPU (benchmarks/reference/; "
         "GPU only), beside what scripts/gpu_check.sh measured",
     )
+    p.add_argument("--copy-to", default=None, help="with --reference: copy the reference file here after every row")
     return p
 
 
@@ -382,28 +384,54 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     info = machine_info()
-    results = []
+    if args.reference and not info["gpu"]:
+        print("rn50 bench step: --reference records GPU measurements; nothing measured", file=sys.stderr)
+        return 2
+    results, failures, compiled_before = [], [], False
     for lv in levers:
         for res in resolutions:
-            r = measure_step(
-                args.arch,
-                res,
-                args.batch_size,
-                args.precision,
-                False,
-                not args.no_channels_last,
-                args.device,
-                args.warmup,
-                args.steps,
-                args.windows,
-                lever=lv,
-            )
+            try:
+                r = measure_step(
+                    args.arch,
+                    res,
+                    args.batch_size,
+                    args.precision,
+                    False,
+                    not args.no_channels_last,
+                    args.device,
+                    args.warmup,
+                    args.steps,
+                    args.windows,
+                    lever=lv,
+                )
+            except Exception as e:  # one lever failing (a capture, a compilation) keeps every other row
+                failures.append(report_failure("rn50 bench step", f"lever {lv.name} at {res} px", e))
+                continue
+            if r["mode"].startswith("graphs") and lv.sgd == "fused":
+                r["sgd"] = "graph's own SGD (fused not in effect)"
+            if lv.compiled and compiled_before:
+                r["compile_note"] = "inductor's cache warm from an earlier lever in this process"
+            compiled_before |= lv.compiled
             results.append(r)
             print(
                 f"  {lv.name:16s} {args.arch} {res}px bs{r['batch_size']} {r['precision']} {r['mode']}: "
-                f"{r['images_per_s']:,.0f} img/s (compile/warm-up {r['compile_s']:.1f} s)",
+                f"{r['images_per_s']:,.0f} img/s (compile/warm-up {r['compile_s']:.1f} s"
+                f"{'; cache warm' if r.get('compile_note') else ''})",
                 file=sys.stderr,
             )
+            write_all(args, info, results, failures)
+    if failures:
+        print("rn50 bench step: failed: " + "; ".join(failures), file=sys.stderr)
+    if not results:
+        print("rn50 bench step: no lever was measured", file=sys.stderr)
+        return 1
+    print(write_all(args, info, results, failures))
+    return 1 if failures else 0
+
+
+def write_all(args, info: dict, results: list[dict], failures: list[str]) -> str:
+    """Write the results so far (JSON, Markdown, chart; the reference file and its copy with --reference): called
+    after every row, so a lever that fails or hangs later loses nothing measured before it. Returns the Markdown."""
     baseline = {r["res"]: r["images_per_s"] for r in results if r["lever"] == "compile"}
     for r in results:
         r["vs_compile"] = r["images_per_s"] / baseline[r["res"]] if r["res"] in baseline else None
@@ -418,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             r["input"],
             r["images_per_s"],
             f"{r['vs_compile']:.2f}" if r["vs_compile"] else "-",
-            r["compile_s"],
+            f"{r['compile_s']:.1f}{' (cache warm)' if r.get('compile_note') else ''}",
             f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-",
         ]
         for r in results
@@ -431,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
         + "\n"
+        + "".join(f"\nfailed: {f}" for f in failures)
     )
-    data = {"machine": info, "args": vars(args), "results": results}
+    data = {"machine": info, "args": vars(args), "results": results, "failed": failures}
     paths = write_results(
         "step",
         data,
@@ -446,15 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         args.out,
     )
-    print(md)
-    print("results: " + ", ".join(str(p) for p in paths.values()))
+    md += "\nresults: " + ", ".join(str(p) for p in paths.values())
     if args.reference:
+        import shutil
+
         from benchmarks.doctor import driver_version
         from benchmarks.reference import save
 
-        if not info["gpu"]:
-            print("rn50 bench step: --reference records GPU measurements; nothing recorded", file=sys.stderr)
-            return 2
         keys = (
             "lever",
             "res",
@@ -466,14 +493,22 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s",
             "vs_compile",
             "compile_s",
+            "compile_note",
             "peak_memory_gib",
             "windows_images_per_s",
         )
         path = save(
-            info, Path(args.reference), driver=driver_version(), step=[{k: r[k] for k in keys} for r in results]
+            info,
+            Path(args.reference),
+            driver=driver_version(),
+            step=[{k: r[k] for k in keys if k in r} for r in results],
+            step_failed=failures,
         )
-        print(f"reference: {path}")
-    return 0
+        md += f"\nreference: {path}"
+        if args.copy_to:
+            Path(args.copy_to).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, Path(args.copy_to) / path.name)
+    return md
 
 
 if __name__ == "__main__":

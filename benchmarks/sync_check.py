@@ -20,6 +20,11 @@ import traceback
 from pathlib import Path
 
 STEP_MODES = ("eager", "compile", "graphs")
+COVERS = (
+    "torch.cuda.set_sync_debug_mode('error'): calls that make the host wait for the GPU through the CUDA runtime as "
+    "torch calls it (synchronize, blocking copies, .item()). Not covered: CUDA event waits, DALI's and FFCV's own "
+    "waits inside their threads, copies from pageable memory issued outside torch."
+)
 
 
 def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int, warmup: int) -> dict:
@@ -107,16 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     if any(m not in STEP_MODES for m in modes):
         print(f"sync_check: error: --steps takes {', '.join(STEP_MODES)}", file=sys.stderr)
         return 2
+    from benchmarks.report import report_failure
+
     results = []
     for precision in [p for p in args.precision.split(",") if p]:
         for mode in modes:
-            r = check(precision, mode, args.arch, args.res, args.batch_size, args.checked_steps, args.warmup)
+            try:  # the warm-up (compilation, capture) included: one check failing keeps the others
+                r = check(precision, mode, args.arch, args.res, args.batch_size, args.checked_steps, args.warmup)
+                verdict = "no host sync" if not r["synchronisations"] else f"SYNC: {r['error']} at {r['where']}"
+            except Exception as e:
+                r = {"precision": precision, "requested": mode, "mode": mode, "sgd": "-", "synchronisations": None}
+                r["failed"] = report_failure("sync_check", f"{precision} {mode}", e)
+                verdict = f"FAILED: {r['failed']}"
             results.append(r)
-            verdict = "no host sync" if not r["synchronisations"] else f"SYNC: {r['error']} at {r['where']}"
             print(f"  {precision:5s} step {r['mode']:8s} SGD {r['sgd']:7s}: {verdict}", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "results": results}, indent=1))
+            if args.json:  # after every check: a later hang or crash loses nothing
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                record = {"gpu": torch.cuda.get_device_name(), "covers": COVERS, "results": results}
+                Path(args.json).write_text(json.dumps(record, indent=1))
     return 0 if all(r["synchronisations"] == 0 for r in results) else 1
 
 

@@ -37,6 +37,19 @@ class SampleError(RuntimeError):
     names the sample (file, index, label) and the fix; the loader stops rather than hand out garbage."""
 
 
+def error_chain(e: BaseException) -> str:
+    """One line: the exception's first line and each chained cause's behind it ("A: x <- B: y"). DALI reports every
+    execution-time error as "Current pipeline object is no longer valid" and keeps the real cause (a crop window, a
+    damaged sample) in the chain, so a message without the chain would lose it."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        parts.append(f"{type(e).__name__}: {first}")
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return " <- ".join(parts)
+
+
 def normalize_nhwc(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> `dtype` (B, 3, H, W) channels_last, (x - mean) / std with ImageNet statistics.
 
@@ -252,6 +265,10 @@ class Loader:
         self, plan: EpochPlan, start_batch: int, resolution: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the loader holds (a pipeline's device and pinned buffers, threads) now rather than at garbage
+        collection; a later loop builds what it needs again. Backends holding such things override it."""
 
     def describe(self) -> str:
         return (

@@ -40,7 +40,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dataset_tools.beton_format import RAW_MODE
-from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, Loader
+from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, Loader, error_chain
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.dali_sources import BetonSource, FolderSource
 from pipeline.dali_tuning import MIB, DaliTuning, resolve_tuning
@@ -341,7 +341,7 @@ class DALILoader(Loader):
                 except Exception as e:  # DALI failed on the batch at the head of the queue: name its culprit
                     failed = feeder.pending[0][1] if feeder.pending else np.zeros(0, np.int64)
                     self._discard_pipeline()
-                    raise self.source.diagnose(failed, str(e)) from e
+                    raise self.source.diagnose(failed, error_chain(e)) from e
                 feeder.pending.popleft()
                 batch = self._to_torch(outputs)
                 pipe.release_outputs()

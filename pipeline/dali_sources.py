@@ -114,7 +114,7 @@ class BetonSource:
                 )
         return SampleError(
             f"{self.path}: DALI failed on the batch of samples {indices[:4].tolist()}... which PIL "
-            f"decodes ({error.strip().splitlines()[-1][:200]}); try --loader ffcv"
+            f"decodes (DALI: {error[:600]}); try --loader ffcv"
         )
 
 
@@ -217,7 +217,7 @@ class FolderSource:
                 )
         return SampleError(
             f"{self.data_dir / self.split}: DALI failed on a batch that PIL decodes "
-            f"({self.paths[int(indices[0])]} ...; {error.strip().splitlines()[-1][:200]}); "
+            f"({self.paths[int(indices[0])]} ...; DALI: {error[:600]}); "
             "try --loader torchvision"
         )
 

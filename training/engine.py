@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -154,8 +155,13 @@ def train_step(
     lr = apply_schedule(parts.optimizer, parts.schedule, step)
     if parts.graphed is not None:
         ((images, targets),) = micro_batches
-        loss_sum, correct = parts.graphed(images, targets, lr, parts.optimizer.param_groups[0]["momentum"])
-        return loss_sum, correct, images.shape[0], lr
+        try:
+            loss_sum, correct = parts.graphed(images, targets, lr, parts.optimizer.param_groups[0]["momentum"])
+            return loss_sum, correct, images.shape[0], lr
+        except CaptureFailed as e:  # the state is as before the attempt: this step runs compiled, as do the next
+            parts.graphed, parts.step_mode = None, "compile"
+            parts.step_why = f"graphs: the CUDA graph capture failed ({e}): compiled step instead"
+            print(f"rn50: --step {parts.step_why}", file=sys.stderr, flush=True)
     model, n_micro = parts.model, len(micro_batches)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -254,6 +260,11 @@ def _timed(it: Iterator, waits: list[float]):
             return
         waits[0] += time.perf_counter() - t0
         yield item
+
+
+class CaptureFailed(RuntimeError):
+    """A CUDA graph of the step (training.graphs) could not be captured; weights and optimizer state are as they
+    were before the attempt, so the step can run compiled instead."""
 
 
 class NonFiniteLoss(RuntimeError):

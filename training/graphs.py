@@ -12,6 +12,10 @@ This is what NVIDIA's MLPerf ResNet-50 does (MXNet), here in PyTorch:
   into two device scalars before the replay (`fill_` launches a kernel with the value; nothing is copied or waited
   for). The SGD update is `sgd_update` below: torch.optim.SGD's arithmetic with tensor LR and momentum (a graph
   cannot see a Python float change), on the optimizer's own momentum buffers, so checkpoints keep torch's format.
+- The capture runs in "thread_local" mode: torch's default ("global") mode fails a capture when any other thread of
+  the process makes a CUDA call meanwhile, and DALI's executor and FFCV's threads make such calls. Should a capture
+  still fail, `CaptureFailed` says why; `training.engine.train_step` then drops the graph and continues with the
+  compiled step (one line on stderr), from the state the run had before the capture's warm-up steps.
 - bf16/fp32 only (fp16's GradScaler decides on the host whether to skip a step), one process (DDP's collectives
   inside a captured graph are not supported here), one batch per step (no --grad-accum). `resolve_step` falls back
   to the compiled step, and says why, outside that.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.engine import Precision, hard_labels, soft_cross_entropy
+from training.engine import CaptureFailed, Precision, hard_labels, soft_cross_entropy
 
 WARMUP_STEPS = 3  # before a capture: compilation, cuDNN autotuning and allocations happen here, not in the graph
 
@@ -164,15 +168,21 @@ class GraphedStep:
             self._warm_up(static_images, static_targets)
             self._put_back(tensors, saved, ema_updates)
             return _Captured(None, static_images, static_targets, torch.zeros(()), torch.zeros(()))
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._warm_up(static_images, static_targets)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)  # backward creates the gradients inside the graph's memory
-        with torch.cuda.graph(graph):
-            loss_sum, correct = self._step(static_images, static_targets)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._warm_up(static_images, static_targets)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # backward creates the gradients inside the graph's memory
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                loss_sum, correct = self._step(static_images, static_targets)
+        except Exception as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._put_back(tensors, saved, ema_updates)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CaptureFailed(f"{type(e).__name__}: {first}") from e
         self._put_back(tensors, saved, ema_updates)
         self.captures += 1
         return _Captured(graph, static_images, static_targets, loss_sum, correct)
