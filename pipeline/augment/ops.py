@@ -43,9 +43,10 @@ def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
         return x
-    kernel = torch.ones(3, 3, device=x.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / kernel.sum()).expand(3, 1, 3, 3)
+    # PIL's smoothing kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, made on the device: `kernel[1, 1] = 5.0` would
+    # copy the 5 from the host and wait for the GPU (the H200's sync check caught it)
+    centre = F.pad(torch.full((1, 1), 4.0, device=x.device), (1, 1, 1, 1))
+    kernel = ((torch.ones(3, 3, device=x.device) + centre) / 13.0).expand(3, 1, 3, 3)
     degenerate = x.clone()
     degenerate[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=3)
     return _blend(x, degenerate, factor)
