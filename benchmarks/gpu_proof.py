@@ -16,10 +16,16 @@ alone is done when its last batch is on the device -- both backends make the cur
 keep-up ratio is end to end / step alone. Process cores: the CPU seconds this process spent per second of the
 window (FFCV's and DALI's threads run in it).
 
-Then the DALI knobs, each value a fresh pipeline, DALI from the beton alone at the first resolution: the
-hw_decoder_load sweep (0, 0.65, 0.9, 0.99), threads (4, 6, 8, 12) and prefetch (2, 3, 5); a plain FFCV Loader on
-the same beton (the ffcv backend's baseline); and DALI on the half-raw beton (the raw-sample path on the GPU).
-`--budget-s` skips what would run past it (named in the file) rather than overrun a lent machine's time.
+Then, in this order (the riskiest first), at the first resolution: DALI on the half-raw beton (`mixed`: the DALI
+conditional around the mixed decoder, the raw-sample path on the GPU); the DALI knobs, each value a fresh pipeline,
+DALI from the beton alone -- hw_decoder_load (0, 0.65, 0.9, 0.99), threads (4, 6, 8, 12), prefetch (2, 3, 5); a
+plain FFCV Loader on the same beton (`plain-ffcv`, the ffcv backend's baseline).
+
+Nothing measured is lost: the reference file (once there is a keep-up row), its copy (--copy-to, e.g. $OUT) and
+the whole record (--json: rows, step-alone figures, everything skipped or failed) are rewritten after every row. A
+path, sweep value or resolution that fails is one entry in `skipped` with its cause (chained causes included:
+DALI's own message) and its full traceback on stderr; the others still run. `--budget-s`, counted from
+`--started-at` (scripts/gpu_check.sh passes its own start), skips what would start late, and names it.
 """
 
 from __future__ import annotations

@@ -420,6 +420,16 @@ def missing_needs(needs: tuple[str, ...], passed: set[str], have: dict[str, bool
     return missing
 
 
+def check_function(name: str):
+    """A built-in check, or "module:function" for one of your own (called with (data folder, device))."""
+    if name in FUNCTIONS:
+        return FUNCTIONS[name]
+    import importlib
+
+    module, function = name.split(":", 1)
+    return getattr(importlib.import_module(module), function)
+
+
 def run_child(name: str, data: Path, device: str, result: Path, timeout: float) -> int:
     """In the check's own process: dump every thread's stack shortly before the parent's timeout, run the check,
     write {"details"} or {"error"} (the full traceback, chained causes included) to `result`."""
@@ -428,7 +438,7 @@ def run_child(name: str, data: Path, device: str, result: Path, timeout: float) 
     faulthandler.enable()
     faulthandler.dump_traceback_later(max(1.0, timeout - 5), exit=False)
     try:
-        details = FUNCTIONS[name](data, device)
+        details = check_function(name)(data, device)
         payload = {"status": "PASS", "details": details}
     except BaseException as e:  # every failure, KeyboardInterrupt included, is the check's result
         payload = {"status": "FAIL", "error": "".join(traceback.format_exception(e)), "summary": error_chain(e)}
@@ -492,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=os.environ.get("OUT") or "gpu_smoke_out", help="results folder ($OUT if set)")
     p.add_argument("--data", default=DEFAULT_DATA, help=f"the smoke data's folder ({DEFAULT_DATA})")
-    p.add_argument("--checks", default="all", help=f"comma-separated, of: {', '.join(CHECKS)} (all)")
+    p.add_argument(
+        "--checks",
+        default="all",
+        help=f"comma-separated, of: {', '.join(CHECKS)}, or module:function for a check of your own (all)",
+    )
     p.add_argument("--timeout", type=float, default=120, help="seconds per check before it is killed (120)")
     p.add_argument(
         "--device",
@@ -514,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)  # the result is written: no waiting on DALI's or FFCV's threads at interpreter exit
     names = list(CHECKS) if args.checks == "all" else [c for c in args.checks.split(",") if c]
-    unknown = [c for c in names if c not in CHECKS]
+    unknown = [c for c in names if c not in CHECKS and ":" not in c]
     if unknown:
         print(f"gpu_smoke: error: unknown checks {', '.join(unknown)}; known: {', '.join(CHECKS)}", file=sys.stderr)
         return 2
@@ -524,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = {"data"} if "data" not in names and (data / "smoke_data.json").is_file() else set()
     have: dict[str, bool] = {}
     for name in names:
-        needs = CHECKS[name]
+        needs = CHECKS.get(name, ())
         if args.device == "cpu" and name in CPU_TOO:
             needs = tuple(n for n in needs if n != "cuda")
         missing = missing_needs(needs, passed, have)

@@ -69,6 +69,10 @@ def normalised(batches: Iterable, device, dtype) -> Iterable:
     )
 
 
+MIN_CPU_WINDOW_S = 0.5  # 50 clock ticks: a CPU-time figure over less is mostly rounding
+TOO_SHORT = "too short to measure"
+
+
 def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float, float]:
     """(images, seconds, machine CPU busy %, cores this process used) of one pass, timed to the last batch (CUDA
     synchronised)."""
@@ -85,23 +89,39 @@ def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, 
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     after, mine_after = psutil.cpu_times(), me.cpu_times()
+    if seconds < MIN_CPU_WINDOW_S:  # CPU times count clock ticks (10 ms): over a few ticks they say nothing
+        return n, seconds, None, None
     cores = (mine_after.user + mine_after.system - mine.user - mine.system) / seconds
     busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "nice", "irq", "softirq"))
     total = busy + (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
-    return n, seconds, 100.0 * busy / total if total > 0 else float("nan"), cores
+    return n, seconds, 100.0 * busy / total if total > 0 else None, cores
 
 
-def summarise(epochs: list[tuple[int, float, float, float]]) -> dict:
+def summarise(epochs: list[tuple[int, float, float | None, float | None]]) -> dict:
+    """Rates and CPU figures over the epochs after the first. A CPU figure is None ("too short to measure") when no
+    epoch lasted MIN_CPU_WINDOW_S."""
     rates = [n / s for n, s, _, _ in epochs]
     later = epochs[1:] or epochs
+
+    def cpu(i: int, digits: int) -> float | None:
+        values = [e[i] for e in later if e[i] is not None]
+        return round(median(values), digits) if values else None
+
     return {
         "images_per_epoch": epochs[0][0],
         "epoch_seconds": [round(s, 3) for _, s, _, _ in epochs],
         "first_epoch_img_s": round(rates[0], 1),
         "img_s": round(median(rates[1:] or rates), 1),
-        "cpu_busy_pct": round(median([c for _, _, c, _ in later]), 1),
-        "process_cores": round(median([c for _, _, _, c in later]), 2),
+        "cpu_busy_pct": cpu(2, 1),
+        "process_cores": cpu(3, 2),
     }
+
+
+def cpu_text(r: dict) -> str:
+    if r["process_cores"] is None:
+        return f"CPU {TOO_SHORT} (epochs under {MIN_CPU_WINDOW_S:.1f} s)"
+    busy = "?" if r["cpu_busy_pct"] is None else f"{r['cpu_busy_pct']:.0f}%"
+    return f"CPU busy {busy}, this process {r['process_cores']:.1f} cores"
 
 
 def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
@@ -160,7 +180,7 @@ def run_resolution(backends: list[str], args, resolution: int, device, dtype) ->
         rows.append(r)
         print(
             f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
-            f"CPU busy {r['cpu_busy_pct']:.0f}%, this process {r['process_cores']:.1f} cores",
+            f"{cpu_text(r)}",
             flush=True,
         )
     return rows
@@ -283,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["resolution"],
                 r["img_s"],
                 r["first_epoch_img_s"],
-                r["cpu_busy_pct"],
-                r["process_cores"],
+                TOO_SHORT if r["cpu_busy_pct"] is None else r["cpu_busy_pct"],
+                TOO_SHORT if r["process_cores"] is None else r["process_cores"],
                 r["images_per_epoch"],
             ]
             for r in rows

@@ -115,8 +115,11 @@ def render_one(path: Path, data: dict) -> str:
             lines.append(
                 f"| {r.get('lever', r['mode'])} | {r['res']} | {r['batch_size']} | {r['precision']} | "
                 f"{r['mode']} | {r.get('sgd', '-')} | {_num(r['images_per_s'])} | "
-                f"{'-' if vs is None else f'{vs:.2f}'} | {r['compile_s']:.0f} |"
+                f"{'-' if vs is None else f'{vs:.2f}'} | {r['compile_s']:.0f}"
+                f"{' (cache warm)' if r.get('compile_note') else ''} |"
             )
+        if data.get("step_failed"):
+            lines += ["", "Failed levers: " + "; ".join(data["step_failed"]) + "."]
     if data.get("keepup"):
         lines += ["", *keepup_lines(data)]
     return "\n".join(lines)
@@ -157,6 +160,15 @@ def keepup_lines(data: dict) -> list[str]:
             lines.append(
                 f"| {r['value']} | {_num(r['images_per_s'])} | {_num(r.get('process_cores'))} | {r.get('knobs', '')} |"
             )
+    extras = data.get("extras") or []
+    if extras:
+        lines += ["", "Also measured:", ""]
+        lines += [
+            f"- {e['what']}: {_num(e['images_per_s'])} img/s, {_num(e.get('process_cores'))} process cores"
+            for e in extras
+        ]
+    if data.get("skipped"):
+        lines += ["", "Skipped or failed: " + "; ".join(data["skipped"]) + "."]
     return lines
 
 

@@ -406,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             except Exception as e:  # one lever failing (a capture, a compilation) keeps every other row
                 failures.append(report_failure("rn50 bench step", f"lever {lv.name} at {res} px", e))
+                compiled_before |= lv.compiled
                 continue
             if r["mode"].startswith("graphs") and lv.sgd == "fused":
                 r["sgd"] = "graph's own SGD (fused not in effect)"
-            if lv.compiled and compiled_before:
+            if lv.compiled and compiled_before:  # an earlier lever compiled (or tried to) in this process
                 r["compile_note"] = "inductor's cache warm from an earlier lever in this process"
             compiled_before |= lv.compiled
             results.append(r)

@@ -35,7 +35,8 @@ def rows_from(path: Path, data: dict) -> list[list]:
                     data["settings"].get("dtype", ""),
                     r["img_s"],
                     "",
-                    f"first epoch {r['first_epoch_img_s']:,.0f} img/s, CPU {r['cpu_busy_pct']:.0f}%",
+                    f"first epoch {r['first_epoch_img_s']:,.0f} img/s, CPU "
+                    + ("too short to measure" if r["cpu_busy_pct"] is None else f"{r['cpu_busy_pct']:.0f}%"),
                 ]
             )
     elif kind == "keepup":

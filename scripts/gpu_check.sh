@@ -19,7 +19,8 @@
 # DATA (default /tmp/rn50_bench, ~3.5 GB, outside OUT): made once by python -m benchmarks.bench_data and reused.
 # Each Python part runs under `timeout` with faulthandler on: a hang prints every thread's stack (SIGABRT), then the
 # next part runs. Knobs: RES=160,192,224 BS=256 WORKERS=$(nproc) UNIQUE=2000 SAMPLES=56000 BUDGET_S=420 (counted from
-# this script's start, data included) PROOF_ARGS="--window 300" SMOKE_TIMEOUT=120 SMOKE_LIMIT=300 SYNC_CHECK=eager|full|0
+# this script's start, data included) PROOF_ARGS="--window 300" SMOKE_TIMEOUT=120 SMOKE_LIMIT=300
+# SMOKE_ARGS="--device cpu" (the loader checks on the CPU: trying the script without a GPU) SYNC_CHECK=eager|full|0
 # STEP_LEVERS=eager,compile,graphs,fused,bs384,best STEP_RES=224.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 RES=${RES:-160,192,224}; BS=${BS:-256}; WORKERS=${WORKERS:-$(nproc)}; UNIQUE=${UNIQUE:-2000}
 SAMPLES=${SAMPLES:-56000}; BUDGET_S=${BUDGET_S:-420}; read -r -a EXTRA <<< "${PROOF_ARGS:-}"
+read -r -a SMOKE_EXTRA <<< "${SMOKE_ARGS:-}"
 SWEEPS=mixed,hw_decoder_load,dali_threads,dali_prefetch,plain-ffcv
 if [ -n "${QUICK:-}" ]; then RES=160; SWEEPS=mixed,hw_decoder_load; BUDGET_S=${BUDGET_S_QUICK:-400}; fi
 PART=${PART:-loaders}
@@ -67,7 +69,7 @@ PY
 
 smoke() {  # smoke CHECKS: each check under SMOKE_TIMEOUT, all of them under SMOKE_LIMIT
   run "${SMOKE_LIMIT:-300}" "smoke $1" "$PY" -m benchmarks.gpu_smoke --out "$OUT" --checks "$1" \
-    --timeout "${SMOKE_TIMEOUT:-120}"
+    --timeout "${SMOKE_TIMEOUT:-120}" "${SMOKE_EXTRA[@]}"
 }
 
 sync_check() {  # sync_check STEPS
