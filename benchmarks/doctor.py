@@ -58,6 +58,7 @@ def dataset_facts(data_dir: Path) -> dict:
         if has_beton(data_dir, split):
             facts["betons"][split] = (data_dir / f"{split}.beton").stat().st_size
             facts.setdefault("storage", {})[split] = beton_storage(data_dir / f"{split}.beton")
+            facts.setdefault("checksums", {})[split] = checksum_state(data_dir / f"{split}.beton")
         if has_folder(data_dir, split):
             classes = sorted(p for p in (data_dir / split).iterdir() if p.is_dir() and not p.name.startswith("."))
             step = max(1, len(classes) // 20)
@@ -77,6 +78,28 @@ def dataset_facts(data_dir: Path) -> dict:
     usage = shutil.disk_usage(data_dir)
     facts["disk_free_gib"] = usage.free / GIB
     return facts
+
+
+def checksum_state(path: Path) -> dict:
+    """A spot check of the beton's per-sample checksums (dataset_tools.checksums), or why there is none."""
+    from dataset_tools.checksums import spot_check
+
+    try:
+        return spot_check(path)
+    except Exception as e:  # a damaged index: the loaders and rn50 inspect name it; the doctor only reports
+        return {"state": "unusable", "checked": 0, "bad": [], "note": f"{type(e).__name__}: {e}"}
+
+
+def checksum_line(split: str, c: dict) -> str:
+    full = f"rn50 inspect {split}.beton --verify"
+    if c["state"] == "ok":
+        return f"data     {split}.beton checksums: {c['checked']} random samples match (every sample: {full})"
+    if c["state"] == "failed":
+        return (
+            f"data     {split}.beton checksums: FAILED, {len(c['bad'])} of {c['checked']} random samples differ "
+            f"(first: sample {c['bad'][0]}): the file is damaged; {full} lists them, then copy or re-convert it"
+        )
+    return f"data     {split}.beton checksums: {c['note']}"
 
 
 def beton_storage(path: Path) -> dict:
@@ -334,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {st[f'{k}_bytes_mean'] / 1e3:,.0f} kB" for k in ("jpeg", "raw") if st[f"{k}_bytes_mean"]
             )
             print(f"data     {split}.beton {size / GIB:.2f} GiB: {kinds} (mean per image: {means})")
+            print(checksum_line(split, facts["checksums"][split]))
         for split, f in facts["folders"].items():
             print(
                 f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "

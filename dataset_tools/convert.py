@@ -6,6 +6,7 @@
 reads   ROOT/train/<wnid>/*.JPEG and ROOT/val/<wnid>/*.JPEG   (sort a flat val/ first: rn50 organize-val)
 writes  OUT/train.beton, OUT/val.beton   fields `image` (RGBImageField) and `label` (IntField, ImageFolder order)
         OUT/classes.json                 index -> wnid (a JSON list)
+        OUT/train.checksums.npy, ...     a CRC-32 per sample of its stored image bytes (rn50 inspect --verify checks them)
         OUT/manifest.json                the class list and each beton's size and index fingerprint: what belongs together
         OUT/convert_report.json          per split: written, skipped [{path, reason}], classes, seconds, images_per_s, bytes
         OUT/LOC_synset_mapping.txt       copied when ROOT has one (class names for inspect/show-batch)
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset_tools import checksums
 from dataset_tools.beton_folder import (
     CLASSES_NAME,
     MANIFEST_NAME,
@@ -194,7 +196,9 @@ def convert_split(
                 f"{root / split}: none of the {len(items)} files is a usable image "
                 f"(first reason: {result.skipped[0]['reason']})"
             )
-        manifest["splits"][split] = split_entry(open_index(tmp))
+        sums = checksums.compute(tmp)  # one pass over a file just written: mostly the page cache
+        checksums.write(final, sums)  # 0. its checksums (a stale pair is told apart by the manifest's digest)
+        manifest["splits"][split] = {**split_entry(open_index(tmp)), "checksums": checksums.manifest_entry(sums, final)}
         write_json_atomic(out / MANIFEST_NAME, manifest)  # 1. the manifest names the beton to come
         os.replace(tmp, final)  # 2. the beton
         if not (out / CLASSES_NAME).is_file() or _classes_or_none(out / CLASSES_NAME) != classes:
@@ -224,9 +228,11 @@ def _classes_or_none(path: Path) -> list[str] | None:
 def remove_stale_temporaries(out: Path) -> None:
     """Leftovers of killed conversions (only ours: .<split>.beton.tmp-<pid>, .<json>.tmp-<pid>). Called with the
     folder's lock held, so no conversion that could still be writing them is alive."""
-    for pattern in [f".{s}.beton.tmp-*" for s in SPLITS] + [
-        f".{n}.tmp-*" for n in (CLASSES_NAME, MANIFEST_NAME, REPORT_NAME, SYNSET_MAPPING)
-    ]:
+    for pattern in (
+        [f".{s}.beton.tmp-*" for s in SPLITS]
+        + [f".{s}.checksums.npy.tmp-*" for s in SPLITS]
+        + [f".{n}.tmp-*" for n in (CLASSES_NAME, MANIFEST_NAME, REPORT_NAME, SYNSET_MAPPING)]
+    ):
         for stale in out.glob(pattern):
             print(f"removing {stale} left by an interrupted conversion", file=sys.stderr)
             stale.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """`rn50 inspect`: what is inside a .beton -- count, labels, resolutions, storage modes -- and a grid of its images.
 
     rn50 inspect /data/betons/train.beton --grid train_grid.png
+    rn50 inspect /data/betons/train.beton --verify        # every sample against its checksum, every JPEG decoded
 
 Reads the file's metadata table directly (no loader, no JIT compilation), so it answers in about a second even for
 ImageNet. Class names come from classes.json and LOC_synset_mapping.txt beside the .beton, when they are there.
@@ -14,6 +15,7 @@ import argparse
 import errno
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -195,7 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=24, help="images in the grid (24)")
     p.add_argument("--seed", type=int, default=0, help="which images the grid shows (0)")
     p.add_argument("--json", help="write the summary (with the full label histogram) to this file")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every sample: its checksum against <split>.checksums.npy (written by rn50 convert), every JPEG "
+        "decoded, every raw sample's size; exit 1 if any is damaged",
+    )
+    p.add_argument("--workers", type=int, default=0, help="processes for --verify (0: the cores this process may use)")
     return p
+
+
+def print_verification(report, names: list[str] | None) -> None:
+    """The summary of `dataset_tools.checksums.verify`: what was checked, then each damaged sample and the labels."""
+    what = "checksums (CRC-32), JPEG decodes, raw sizes" if report.checked_sums else "JPEG decodes and raw sizes only"
+    print(f"verify {report.beton}: {report.samples} samples; checked {what}")
+    if report.note:
+        print(f"  note: {report.note}")
+    if report.ok:
+        print("  OK: no damaged sample found")
+        return
+
+    def name(label: int) -> str:
+        return names[label] if names and 0 <= label < len(names) else f"label {label}"
+
+    print(f"  DAMAGED: {len(report.problems)} of {report.samples} samples (re-convert this split with rn50 convert)")
+    for p in report.problems[:20]:
+        print(f"  sample {p.index} ({name(p.label)}): {p.reason}")
+    if len(report.problems) > 20:
+        print(f"  ... and {len(report.problems) - 20} more")
+    print("  by label: " + ", ".join(f"{name(k).split()[0]}: {v}" for k, v in report.by_label().items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +251,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rn50 inspect: warning: {warning}", file=sys.stderr)
     summary = summarize(index)
     print_summary(summary, names)
+    damaged = False
+    if args.verify:
+        from dataset_tools.checksums import verify
+
+        workers = args.workers if args.workers > 0 else len(os.sched_getaffinity(0))
+        try:
+            report = verify(args.beton, workers=workers, progress=sys.stderr.isatty())
+        except BetonFormatError as e:
+            print(f"rn50 inspect: error: {e}", file=sys.stderr)
+            return 1
+        print_verification(report, names)
+        summary["verify"] = {
+            "checked_checksums": report.checked_sums,
+            "note": report.note,
+            "damaged": [{"sample": p.index, "label": p.label, "reason": p.reason} for p in report.problems],
+        }
+        damaged = not report.ok
     try:
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -238,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":
