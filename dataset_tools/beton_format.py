@@ -1,7 +1,7 @@
 """The index of an FFCV .beton (format version 2), read with numpy alone.
 
 Importing ffcv costs ~10 s (numba compiles typed containers at import time), which is too much for a tool that only
-needs the metadata table. These dtypes mirror `ffcv.types` for the two fields this project writes; the test suite
+needs the metadata table. These dtypes mirror `ffcv.types` for every field kind FFCV 1.0 writes; the test suite
 checks them against ffcv's own, so a format change cannot go unnoticed.
 
 Layout: header | field descriptors | metadata (one row per sample) | pages of sample data | allocation table.
@@ -29,7 +29,18 @@ FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", 
 ALLOC_TABLE = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 RGB_IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
 INT_META = np.dtype("<i8")
-TYPE_IDS = {1: ("int", INT_META), 2: ("rgb_image", RGB_IMAGE_META)}  # ffcv.types.TYPE_ID_HANDLER
+_PTR_SIZE = np.dtype([("ptr", "<u8"), ("size", "<u8")])
+# ffcv.types.TYPE_ID_HANDLER and each field's metadata_type: this project reads `image` and `label`; the other kinds
+# are parsed so that a beton carrying an extra field (a weight, a caption) is read, its extra columns ignored.
+TYPE_IDS = {
+    0: ("float", np.dtype("<f8")),
+    1: ("int", INT_META),
+    2: ("rgb_image", RGB_IMAGE_META),
+    3: ("bytes", _PTR_SIZE),
+    4: ("ndarray", np.dtype("<u8")),
+    5: ("json", _PTR_SIZE),
+    6: ("torch_tensor", np.dtype("<u8")),
+}
 JPEG_MODE, RAW_MODE = 0, 1
 
 
@@ -76,7 +87,8 @@ def read_index(path: str | Path, with_alloc_table: bool = True) -> BetonIndex:
         kind, dtype = TYPE_IDS.get(int(d["type_id"]), (None, None))
         if kind is None:
             raise BetonFormatError(
-                f"{path}: field {names[-1]!r} has type id {int(d['type_id'])}, which this reader does not know"
+                f"{path}: field {names[-1]!r} has type id {int(d['type_id'])}, which FFCV 1.0 does not write "
+                "(another FFCV release, or a damaged header?)"
             )
         kinds.append(kind)
         dtypes.append(dtype)

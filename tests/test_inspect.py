@@ -24,6 +24,43 @@ def test_format_constants_match_ffcv():
     assert bf.RGB_IMAGE_META == RGBImageField().metadata_type and bf.INT_META == IntField().metadata_type
     ours = np.dtype([("f0", bf.RGB_IMAGE_META), ("f1", bf.INT_META)], align=True)
     assert ours == get_metadata_type([RGBImageField(), IntField()])
+    from ffcv.types import TYPE_ID_HANDLER
+
+    for type_id, handler in TYPE_ID_HANDLER.items():  # every kind FFCV writes, so an extra field is read, not refused
+        if handler is None:
+            continue
+        import torch
+
+        args = {"NDArrayField": (np.dtype("<f4"), (2,)), "TorchTensorField": (torch.float32, (2,))}
+        field = handler(*args.get(handler.__name__, ()))
+        assert bf.TYPE_IDS[type_id][1] == field.metadata_type, handler.__name__
+
+
+def test_a_beton_with_an_extra_field_is_read(tmp_path):
+    """FFCV's writer with a third field (a per-sample weight): inspect and both beton loaders ignore it."""
+    import torch
+    from ffcv.fields import FloatField, IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from dataset_tools.inspect_beton import main
+    from pipeline import build_loader
+
+    class Dataset:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return np.full((40, 48, 3), 30 * i, np.uint8), i % 2, float(i)
+
+    fields = {"image": RGBImageField(write_mode="jpg"), "label": IntField(), "weight": FloatField()}
+    DatasetWriter(str(tmp_path / "train.beton"), fields, num_workers=1).from_indexed_dataset(Dataset())
+    assert main([str(tmp_path / "train.beton")]) == 0
+    for backend in ("ffcv", "dali"):
+        if backend == "dali":
+            pytest.importorskip("nvidia.dali")
+        loader = build_loader(tmp_path, "train", backend, batch_size=4, resolution=32, device="cpu", verbose=False)
+        images, labels = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
 
 
 def test_summary_and_pixels(coded_betons):
