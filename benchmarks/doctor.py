@@ -51,14 +51,21 @@ def memory() -> dict:
 def dataset_facts(data_dir: Path) -> dict:
     """Layout, sizes and counts. Image folders are sized by sampling up to 20 class folders (a full walk of 1.28 M
     files takes minutes on network disks)."""
+    from dataset_tools.beton_format import BetonFormatError
+    from dataset_tools.files import DataFolderError
     from pipeline.folders import has_beton, has_folder
 
     facts: dict = {"path": str(data_dir), "betons": {}, "folders": {}}
     for split in ("train", "val"):
         if has_beton(data_dir, split):
-            facts["betons"][split] = (data_dir / f"{split}.beton").stat().st_size
-            facts.setdefault("storage", {})[split] = beton_storage(data_dir / f"{split}.beton")
-            facts.setdefault("checksums", {})[split] = checksum_state(data_dir / f"{split}.beton")
+            try:
+                storage = beton_storage(data_dir / f"{split}.beton")
+            except (BetonFormatError, DataFolderError, OSError) as e:  # empty, truncated, damaged index
+                facts.setdefault("unreadable", {})[split] = str(e)
+            else:
+                facts["betons"][split] = (data_dir / f"{split}.beton").stat().st_size
+                facts.setdefault("storage", {})[split] = storage
+                facts.setdefault("checksums", {})[split] = checksum_state(data_dir / f"{split}.beton")
         if has_folder(data_dir, split):
             classes = sorted(p for p in (data_dir / split).iterdir() if p.is_dir() and not p.name.startswith("."))
             step = max(1, len(classes) // 20)
@@ -358,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"data     {split}.beton {size / GIB:.2f} GiB: {kinds} (mean per image: {means})")
             print(checksum_line(split, facts["checksums"][split]))
+        for split, why in (facts.get("unreadable") or {}).items():
+            print(f"data     {split}.beton cannot be read: {why}")
         for split, f in facts["folders"].items():
             print(
                 f"data     {split}/ {f['classes']} classes, ~{f['images_estimate']:,} images, "
                 f"~{f['bytes_estimate'] / GIB:.2f} GiB (sampled)"
             )
-        if not facts["betons"] and not facts["folders"]:
+        if not facts["betons"] and not facts["folders"] and not facts.get("unreadable"):
             print(f"data     {data_dir} holds neither train.beton nor train/<wnid>/ folders")
         if facts.get("skipped_at_conversion"):
             print(f"data     files skipped at conversion: {facts['skipped_at_conversion']} (see convert_report.json)")

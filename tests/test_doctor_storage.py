@@ -47,3 +47,16 @@ def test_gpu_and_dali_with_all_jpeg_betons_recommend_dali():
     assert recommend({**info, "dali": False}, facts, {})[0].startswith("loader: ffcv")
     mixed = {"train": {**storage["train"], "raw": 4}}
     assert recommend(info, {**facts, "storage": mixed}, {})[0].startswith("loader: ffcv")
+
+
+def test_doctor_names_an_empty_or_truncated_beton_instead_of_a_traceback(coded_betons, tmp_path, capsys):
+    from benchmarks.doctor import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    whole = (coded_betons / "train.beton").read_bytes()
+    for content, why in ((b"", "0 bytes, too short for a .beton header"), (whole[:5000], "truncated or damaged")):
+        (data / "train.beton").write_bytes(content)
+        assert main(["--data-dir", str(data), "--no-probe"]) == 0
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if "train.beton" in x]
+        assert line.startswith("data     train.beton cannot be read: ") and why in line
