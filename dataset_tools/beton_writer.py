@@ -144,7 +144,8 @@ def write_beton(
     from ffcv.memory_allocator import MemoryAllocator
     from ffcv.types import ALLOC_TABLE_TYPE
     from ffcv.writer import DatasetWriter
-    from tqdm import tqdm
+
+    from dataset_tools.progress import progress as progress_bar
 
     n = len(items)
     if n == 0:
@@ -184,7 +185,7 @@ def write_beton(
             for p in procs:
                 p.start()
 
-        bar = tqdm(total=n, unit="img", desc=desc, disable=not progress, smoothing=0.05, dynamic_ncols=True)
+        bar = progress_bar(n, desc, "img", disable=not progress, smoothing=0.05, dynamic_ncols=True)
         allocations, failures, shown, received = [], [], 0, 0
         all_exited_at, last_progress = None, time.monotonic()
         try:

@@ -196,9 +196,9 @@ def verify(beton: str | Path, workers: int = 1, progress: bool = True) -> Verify
         )
         for s in range(0, n, CHUNK)
     ]
-    from tqdm import tqdm
+    from dataset_tools.progress import progress as progress_bar
 
-    bar = tqdm(total=n, unit="img", desc=f"verify {beton.name}", disable=not progress, file=__import__("sys").stderr)
+    bar = progress_bar(n, f"verify {beton.name}", "img", disable=not progress)
     try:
         if workers <= 1 or len(tasks) <= 1:
             results = map(_check_chunk, tasks)

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
         workers = args.workers if args.workers > 0 else len(os.sched_getaffinity(0))
         try:
-            report = verify(args.beton, workers=workers, progress=sys.stderr.isatty())
+            report = verify(args.beton, workers=workers)
         except BetonFormatError as e:
             print(f"rn50 inspect: error: {e}", file=sys.stderr)
             return 1

@@ -360,9 +360,9 @@ def synthesize(
                 writer.writerow([name.rsplit(".", 1)[0], f"{wnid} 0 0 10 10"])
 
     workers = workers or len(os.sched_getaffinity(0))
-    from tqdm import tqdm
+    from dataset_tools.progress import progress as progress_bar
 
-    bar = tqdm(total=len(jobs), unit="img", desc="synth", disable=not progress, file=sys.stderr)
+    bar = progress_bar(len(jobs), "synth", "img", disable=not progress)
     try:
         if workers <= 1:
             for job in jobs:
