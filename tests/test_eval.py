@@ -121,3 +121,41 @@ def test_eval_out_unwritable_is_refused_before_evaluating(tmp_path_factory, tmp_
     )
     captured = capsys.readouterr()
     assert "top-1" in captured.out and "No space left" in captured.err and "the result is above" in captured.err
+
+
+def test_eval_weights_of_the_runs_export_matches_the_checkpoint(tmp_path_factory, tmp_path):
+    """The learning run (no BlurPool): `rn50 export`, then its weights.pt loaded into torchvision's ResNet-18 by a
+    process without this project gives the checkpoint's logits, and `rn50 eval --weights` gives the checkpoint's
+    top-1/top-5/loss."""
+    import torch
+    from _export_helpers import checkpoint_model, logits_without_project
+
+    from pipeline import build_loader
+    from training.export import main as export
+
+    data, out, run = trained_run(tmp_path_factory)
+    ckpt = out / "checkpoints" / run / "best.pt"
+    folder = tmp_path / "export"
+    assert export([str(ckpt), "--out", str(folder)]) == 0
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["state_dict_loads_into"][0] == "torchvision.models.resnet18(num_classes=4)"
+
+    loader = build_loader(
+        data, "val", "torchvision", batch_size=40, resolution=48, workers=0, device="cpu", dtype=torch.float32
+    )
+    images, _ = next(iter(loader))
+    logits, report = logits_without_project([folder], {"val": images.contiguous()}, tmp_path / "fresh")
+    assert report["project_modules"] == [] and "torchvision" in report["forms"][str(folder)]
+    with torch.no_grad():
+        expected = checkpoint_model(ckpt)(images)
+    for form in ("torchvision", "pt2"):
+        torch.testing.assert_close(logits[str(folder)][form]["val"], expected, rtol=1e-4, atol=1e-4)
+
+    common = ["--data-dir", str(data), "--loader", "torchvision", "--workers", "0", "--precision", "fp32"]
+    assert main(["--checkpoint", str(ckpt), *common, "--out", str(tmp_path / "ckpt.json")]) == 0
+    weights = ["--weights", str(folder / "weights.pt"), "--arch", "resnet18", "--val-res", "48"]
+    assert main([*weights, *common, "--out", str(tmp_path / "weights.json")]) == 0
+    want, got = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ckpt", "weights"))
+    assert (got["top1"], got["top5"], got["samples"]) == (want["top1"], want["top5"], want["samples"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert want["top1"] == pytest.approx(card["validation"]["top1"])  # the card's number is the checkpoint's

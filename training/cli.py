@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-batch": ("training.show_batch", "save a picture of one training batch, as the trainer sees it"),
     "lr-find": ("training.lr_finder", "LR range test: plot and suggested max LR"),
     "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
-    "eval": ("training.evaluate", "top-1/top-5 of a checkpoint on the val split"),
+    "eval": ("training.evaluate", "top-1/top-5 of a checkpoint (or a plain state dict: --weights) on the val split"),
     "export": ("training.export", "a checkpoint as portable weights, a torch.export program and a model card"),
     "bench loader": ("benchmarks.loader_bench", "loader img/s per backend and resolution (no model)"),
     "bench step": ("benchmarks.step_bench", "train step img/s on synthetic data already on the device (no loader)"),

@@ -29,12 +29,20 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def make_loader(
-    cfg: TrainConfig, split: str, ctx: DistContext, dtype: torch.dtype, resolution: int, batch_size: int | None = None
+    cfg: TrainConfig,
+    split: str,
+    ctx: DistContext,
+    dtype: torch.dtype,
+    resolution: int,
+    batch_size: int | None = None,
+    val_crop_ratio: float | None = None,
 ) -> Loader:
     """The config's loader for `split`: train batches of --batch-size with drop_last (every step a full batch), val
-    batches of --val-batch-size (default --batch-size) without it (every image counted once)."""
+    batches of --val-batch-size (default --batch-size) without it (every image counted once). val_crop_ratio: the
+    centre crop's side / shorter side (None: the loaders' 224/256; `rn50 eval --crop-ratio`)."""
     train = split == "train"
     batch = batch_size or (cfg.batch_size if train else cfg.val_batch_size or cfg.batch_size)
+    crop = {} if val_crop_ratio is None else {"val_crop_ratio": val_crop_ratio}
     return build_loader(
         cfg.data_dir,
         split=split,
@@ -49,6 +57,7 @@ def make_loader(
         seed=cfg.seed,
         drop_last=train,
         verbose=ctx.is_main,
+        **crop,
         **cfg.loader_options(),
     )
 
