@@ -113,6 +113,24 @@ def exported(tmp_path_factory, ckpt: Path, name: str) -> Path:
     return _CACHE[key]  # type: ignore[return-value]
 
 
+def photo_batch(root: Path, resolution: int, count: int = 16) -> torch.Tensor:
+    """The first `count` val images of an ImageNet-layout folder as a user would prepare them for the model card's
+    preprocessing, with torchvision's transforms (no loader of this project): Resize + CenterCrop + normalise."""
+    from PIL import Image
+    from torchvision import transforms
+
+    prepare = transforms.Compose(
+        [
+            transforms.Resize(round(resolution / 0.875)),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    files = sorted((root / "val").glob("*/*"))[:count]
+    return torch.stack([prepare(Image.open(f).convert("RGB")) for f in files])
+
+
 def checkpoint_model(ckpt: Path) -> torch.nn.Module:
     """The checkpoint's network as `rn50 eval` rebuilds it, in eval mode on the CPU."""
     from training.checkpoint import Checkpoint

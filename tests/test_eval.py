@@ -128,9 +128,8 @@ def test_eval_weights_of_the_runs_export_matches_the_checkpoint(tmp_path_factory
     process without this project gives the checkpoint's logits, and `rn50 eval --weights` gives the checkpoint's
     top-1/top-5/loss."""
     import torch
-    from _export_helpers import checkpoint_model, logits_without_project
+    from _export_helpers import checkpoint_model, logits_without_project, photo_batch
 
-    from pipeline import build_loader
     from training.export import main as export
 
     data, out, run = trained_run(tmp_path_factory)
@@ -140,11 +139,8 @@ def test_eval_weights_of_the_runs_export_matches_the_checkpoint(tmp_path_factory
     card = json.loads((folder / "model_card.json").read_text())
     assert card["state_dict_loads_into"][0] == "torchvision.models.resnet18(num_classes=4)"
 
-    loader = build_loader(
-        data, "val", "torchvision", batch_size=40, resolution=48, workers=0, device="cpu", dtype=torch.float32
-    )
-    images, _ = next(iter(loader))
-    logits, report = logits_without_project([folder], {"val": images.contiguous()}, tmp_path / "fresh")
+    images = photo_batch(data, 48, count=40)
+    logits, report = logits_without_project([folder], {"val": images}, tmp_path / "fresh")
     assert report["project_modules"] == [] and "torchvision" in report["forms"][str(folder)]
     with torch.no_grad():
         expected = checkpoint_model(ckpt)(images)

@@ -14,6 +14,7 @@ from _export_helpers import (
     checkpoint_model,
     exported,
     logits_without_project,
+    photo_batch,
     without_blurpool,
 )
 from _train_helpers import records
@@ -80,19 +81,13 @@ def test_the_folder_and_its_model_card(bp, coded_root):
         assert text in md
 
 
-def test_each_form_gives_the_checkpoints_logits_without_this_project(bp, plain, coded_root, tmp_path):
+def test_each_form_gives_the_checkpoints_logits_without_this_project(bp, plain, synth_root, tmp_path):
     """weights.pt into torchvision's own ResNet (runs without BlurPool) and model.pt2 (every run), loaded by an
     interpreter that cannot import this project, give the logits of the checkpoint's model on the same batches:
-    real validation images at the run's resolution, and a batch of another size and shape (the program's free
-    dimensions)."""
-    from pipeline import build_loader
-
-    loader = build_loader(
-        coded_root, "val", "torchvision", batch_size=16, resolution=48, workers=0, device="cpu", dtype=torch.float32
-    )
-    images, _ = next(iter(loader))
+    photo-like images prepared as the card says at the run's resolution, and a batch of another size and shape
+    (the program's free dimensions)."""
     gen = torch.Generator().manual_seed(1)
-    batches = {"val": images.contiguous(), "other": torch.randn(3, 3, 64, 40, generator=gen)}
+    batches = {"val": photo_batch(synth_root, 48), "other": torch.randn(3, 3, 64, 40, generator=gen)}
     (_, bp_ckpt, bp_folder), (plain_ckpt, plain_folder) = bp, plain
     logits, report = logits_without_project([bp_folder, plain_folder], batches, tmp_path / "fresh")
     assert report["project_modules"] == []
