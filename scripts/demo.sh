@@ -38,6 +38,9 @@ rn50 train --config demo --data-dir "$OUT/betons" --output-dir "$OUT" --run-name
 step "7. evaluate the best checkpoint"
 rn50 eval --checkpoint "$OUT/checkpoints/demo/best.pt" --data-dir "$OUT/betons" --workers 2 --batch-size 64
 
+step "8. export the model: weights, a torch.export program and a model card, usable without this project"
+rn50 export "$OUT/checkpoints/demo/best.pt" --out "$OUT/export" --overwrite
+
 step "done"
 echo "dataset:      $OUT/data  (train/ and val/ class folders)"
 echo "betons:       $OUT/betons/{train,val}.beton, classes.json, convert_report.json, train_grid.png"
@@ -45,3 +48,4 @@ echo "training log: $OUT/logs/demo/training_log.md (+ .json, loss.png, accuracy.
 echo "LR finder:    $OUT/lr_finder_plots/lr_finder_demo.png, $OUT/lr_suggestion_demo.json"
 echo "TensorBoard:  tensorboard --logdir $OUT/runs"
 echo "checkpoints:  $OUT/checkpoints/demo/"
+echo "export:       $OUT/export/ (weights.pt, model.pt2, classes.json, MODEL_CARD.md)"
