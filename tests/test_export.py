@@ -144,6 +144,24 @@ def test_an_existing_folder_is_refused_and_overwrite_replaces_only_exports(bp, p
     assert "a file, not a folder" in one_line(capsys.readouterr().err)
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_previous_export(bp, tmp_path, capsys, monkeypatch):
+    _, ckpt, _ = bp
+    target = tmp_path / "model"
+    assert main([str(ckpt), "--out", str(target)]) == 0
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.name != "model.pt2"}
+    capsys.readouterr()
+
+    def full(obj, f, *a, **k):  # what torch.save raises when the disk fills up mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main([str(ckpt), "--out", str(target), "--overwrite"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "could not write the export (" in err and "file write failed" in err and "previous export is intact" in err
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.name != "model.pt2"} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_bad_checkpoints_are_one_line_and_write_nothing(bp, tmp_path, capsys):
     _, ckpt, _ = bp
     target = tmp_path / "out"

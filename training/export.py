@@ -133,7 +133,11 @@ def commit(tmp: Path, out: Path) -> None:
     if out.exists():
         old = _tmp(out, "old")
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
@@ -174,6 +178,21 @@ def export(ckpt: Path, out: Path, ema: bool = False) -> int:
         raise ExportError(f"{e}; the checkpoint is damaged, or its config was edited") from None
     model.load_state_dict(weights)
     model.eval()
+    t0 = time.perf_counter()
+    # everything that can fail for another reason than the disk, before anything is written
+    torchvision_ok = _check_torchvision(cfg.arch, num_classes, weights) if not cfg.blurpool else False
+    timm_ok = _check_timm(cfg.arch, num_classes, weights) if torchvision_ok else None
+    program, shapes = _trace_program(model, cfg.val_res)
+    card = model_card(
+        saved,
+        cfg,
+        ckpt,
+        ema=ema,
+        num_classes=num_classes,
+        torchvision_loads=torchvision_ok,
+        timm_loads=timm_ok,
+        shapes=shapes,
+    )
 
     tmp = _tmp(out, "tmp")
     try:
@@ -182,31 +201,18 @@ def export(ckpt: Path, out: Path, ema: bool = False) -> int:
         raise ExportError(
             f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose another --out"
         ) from None
-    t0 = time.perf_counter()
     try:
         torch.save(weights, tmp / WEIGHTS)
         (tmp / CLASSES).write_text(json.dumps(classes, indent=1) + "\n")
-        torchvision_ok = _check_torchvision(cfg.arch, num_classes, weights) if not cfg.blurpool else False
-        timm_ok = _check_timm(cfg.arch, num_classes, weights) if torchvision_ok else None
-        shapes = _export_program(model, cfg.val_res, tmp / PROGRAM)
-        card = model_card(
-            saved,
-            cfg,
-            ckpt,
-            ema=ema,
-            num_classes=num_classes,
-            torchvision_loads=torchvision_ok,
-            timm_loads=timm_ok,
-            shapes=shapes,
-        )
+        torch.export.save(program, tmp / PROGRAM)
+        _check_program(tmp / PROGRAM, model, cfg.val_res)
         (tmp / CARD_JSON).write_text(json.dumps(card, indent=1) + "\n")
         (tmp / CARD_MD).write_text(card_markdown(card))
-        out.parent.mkdir(parents=True, exist_ok=True)
         commit(tmp, out)
-    except OSError as e:
-        raise ExportError(
-            f"--out {out}: could not write the export ({e.strerror or e}); nothing was replaced"
-        ) from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0][:200]
+        previous = "the previous export is intact" if out.exists() else "nothing was written"
+        raise ExportError(f"--out {out}: could not write the export ({why}); {previous}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,34 +259,38 @@ TRACE_RES = 224
 MIN_FREE_RES = 33
 
 
-def _export_program(model, resolution: int, path: Path) -> str:
-    """torch.export with the batch size free and, where torch can, the height and width (ResNets pool globally);
-    saved, loaded back and checked against the model on another batch at the model's own resolution. Returns the
-    input shapes the program accepts, for the card."""
+def _trace_program(model, resolution: int):
+    """(torch.export program, the input shapes it accepts for the card): the batch size free and, where torch can,
+    the height and width (ResNets pool globally)."""
     import torch
     from torch.export import Dim
 
-    gen = torch.Generator().manual_seed(0)
     # Dim.AUTO lets torch.export derive the height/width constraints (a named Dim fails on the stride arithmetic);
     # a torch without it, or a model evaluated at 32 px or less, gets a program of fixed image size.
     auto = getattr(Dim, "AUTO", None) if resolution >= MIN_FREE_RES else None
     trace = TRACE_RES if auto is not None else resolution
-    example = torch.randn(2, 3, trace, trace, generator=gen)
+    example = torch.randn(2, 3, trace, trace, generator=torch.Generator().manual_seed(0))
     free = {0: Dim("batch", min=1), **({2: auto, 3: auto} if auto is not None else {})}
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=(free,))
-    torch.export.save(program, path)
-    probe = torch.randn(3, 3, resolution, resolution, generator=gen)
+    if auto is None:
+        return program, f"(any batch, 3, {resolution}, {resolution})"
+    return program, f"(any batch, 3, height, width) with height and width of {MIN_FREE_RES} px or more"
+
+
+def _check_program(path: Path, model, resolution: int) -> None:
+    """The saved program, loaded back, against the model on another batch size than traced, at the model's own
+    resolution."""
+    import torch
+
+    probe = torch.randn(3, 3, resolution, resolution, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = model(probe), torch.export.load(path).module()(probe)
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp(min=1))):
         raise ExportError(
-            f"{path}: the exported program's logits differ from the model's by "
+            f"{path.name}: the exported program's logits differ from the model's by "
             f"{float((got - want).abs().max()):.3g}; report it with your torch version ({torch.__version__})"
         )
-    if auto is None:
-        return f"(any batch, 3, {resolution}, {resolution})"
-    return f"(any batch, 3, height, width) with height and width of {MIN_FREE_RES} px or more"
 
 
 # ---------------------------------------------------------------------------------------------- the model card
