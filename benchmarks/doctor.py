@@ -172,19 +172,17 @@ def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, ba
     import torch
 
     from dataset_tools.beton_format import read_index
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, Placement, build_loader
     from pipeline.folders import has_beton
 
     def build(bs):
         return build_loader(
             data_dir,
             "train",
-            "auto",
             batch_size=bs,
             resolution=160,
-            workers=workers,
-            device=device,
-            dtype=torch.float32,
+            placement=Placement(device, torch.float32),
+            options=LoaderOptions("auto", workers),
             seed=0,
             drop_last=False,
             verbose=False,

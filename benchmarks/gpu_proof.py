@@ -123,25 +123,26 @@ def loader_window(loader, epoch: int, warmup: int, window: int, device, parts=No
     return {"images_per_s": n / w.seconds, "data_wait_share": min(1.0, wait / w.seconds), "process_cores": w.cores}
 
 
+# sweep name (a flag of rn50 train) -> its field of pipeline.DALIOptions
+DALI_KNOBS = {"hw_decoder_load": "hw_decoder_load", "dali_threads": "threads", "dali_prefetch": "prefetch"}
+
+
 def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
-    from pipeline import build_loader
+    from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
     backend, source = PATHS[path]
     where = data / ("betons" if source == "beton" else "folders")
-    extra = dict(dali_source=source, **knobs) if backend == "dali" else {}
+    dali = DALIOptions(source=source, **{DALI_KNOBS[k]: v for k, v in knobs.items()}) if backend == "dali" else None
     return build_loader(
         where,
         "train",
-        backend,
         batch_size=args.batch_size,
         resolution=res,
-        workers=args.workers,
-        device=device,
-        dtype=dtype,
+        placement=Placement(device, dtype),
+        options=LoaderOptions(backend, args.workers, dali=dali or DALIOptions()),
         seed=0,
         drop_last=True,
         verbose=False,
-        **extra,
     )
 
 
@@ -426,17 +427,15 @@ def keepup_row(path: str, res: int, compiled: bool, solo: dict, fed: dict, alone
 
 def mixed_beton(data: Path, res: int, args, device, precision) -> dict:
     """DALI on the half-raw beton, loader alone, whole epochs (it is not repeated: too short for a window)."""
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, Placement, build_loader
 
     mixed = build_loader(
         data / "betons_mixed",
         "train",
-        "dali",
         batch_size=args.batch_size,
         resolution=res,
-        workers=args.workers,
-        device=device,
-        dtype=precision.input_dtype,
+        placement=Placement(device, precision.input_dtype),
+        options=LoaderOptions("dali", args.workers),
         drop_last=True,
         verbose=False,
     )

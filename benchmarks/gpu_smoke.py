@@ -161,21 +161,20 @@ def check_data(data: Path, device: str) -> dict:
 
 
 def _loader(where: Path, backend: str, device: str, dtype, **knobs):
-    from pipeline import build_loader
+    """knobs: dali_source and hw_decoder_load (the DALI flags of rn50 train)."""
+    from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
+    dali = DALIOptions(source=knobs.get("dali_source", "auto"), hw_decoder_load=knobs.get("hw_decoder_load"))
     return build_loader(
         where,
         "train",
-        backend,
         batch_size=BATCH,
         resolution=RES,
-        workers=min(8, os.cpu_count() or 1),
-        device=device,
-        dtype=dtype,
+        placement=Placement(device, dtype),
+        options=LoaderOptions(backend, min(8, os.cpu_count() or 1), dali=dali),
         seed=0,
         drop_last=True,
         verbose=False,
-        **knobs,
     )
 
 

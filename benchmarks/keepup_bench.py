@@ -80,7 +80,7 @@ def measure_keepup(
     first batches in the second)."""
     import torch
 
-    from pipeline import build_loader
+    from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -90,15 +90,12 @@ def measure_keepup(
     loader = build_loader(
         data_dir,
         "train",
-        backend,
         batch_size=batch_size,
         resolution=res,
-        workers=workers,
-        device=dev,
-        dtype=resolve_precision(precision, dev).input_dtype,
+        placement=Placement(dev, resolve_precision(precision, dev).input_dtype),
+        options=LoaderOptions(backend, workers, dali=DALIOptions(source=dali_source)),
         seed=0,
         drop_last=True,
-        dali_source=dali_source,
         verbose=False,
     )
     parts, prec = make_parts(arch, loader.num_classes, precision, dev, compile_model, True)

@@ -125,7 +125,7 @@ def cpu_text(r: dict) -> str:
 
 
 def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
-    from pipeline import build_loader
+    from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
     if backend == "ffcv-plain":
         loader = plain_ffcv_loader(
@@ -134,28 +134,25 @@ def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callabl
         return lambda: normalised(loader, device, dtype)
     data_dir = args.data_dir if SOURCE[backend] == "beton" else args.image_folder
     dali = (
-        dict(
-            dali_source=SOURCE[backend],
+        DALIOptions(
+            source=SOURCE[backend],
             hw_decoder_load=args.hw_decoder_load,
-            dali_threads=args.dali_threads,
-            dali_prefetch=args.dali_prefetch,
+            threads=args.dali_threads,
+            prefetch=args.dali_prefetch,
         )
         if backend.startswith("dali")
-        else {}
+        else DALIOptions()
     )
     loader = build_loader(
         data_dir,
-        split="train",
-        backend=backend.split("-")[0],
+        "train",
         batch_size=args.batch_size,
         resolution=resolution,
-        workers=args.workers,
-        device=device,
-        dtype=dtype,
+        placement=Placement(device, dtype),
+        options=LoaderOptions(backend.split("-")[0], args.workers, dali=dali),
         seed=args.seed,
         drop_last=True,
         verbose=False,
-        **dali,
     )
     return lambda: loader
 

@@ -1,8 +1,9 @@
 """Data pipelines behind one contract: FFCV (.beton), DALI (GPU JPEG decode) and torchvision (PIL).
 
-    from pipeline import build_loader
-    loader = build_loader(data_dir, split="train", backend="auto", batch_size=256, resolution=160, workers=8,
-                          device="cuda", dtype=torch.float16, rank=0, world_size=1, seed=0, drop_last=True)
+    from pipeline import LoaderOptions, Placement, build_loader
+    loader = build_loader(data_dir, "train", batch_size=256, resolution=160, seed=0, drop_last=True,
+                          placement=Placement("cuda", torch.float16, rank=0, world_size=1),
+                          options=LoaderOptions(backend="auto", workers=8))
     for images, labels in loader: ...
 
 Importing this package is light: ffcv and DALI are imported only when their backend is built.
@@ -19,16 +20,34 @@ from pipeline.augment import (
     trivial_augment,
 )
 from pipeline.build import BACKENDS, available_backends, build_loader
-from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, Loader, denormalize, normalize_nhwc
+from pipeline.contract import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Crops,
+    DALIOptions,
+    FFCVOptions,
+    Loader,
+    LoaderOptions,
+    Placement,
+    Request,
+    denormalize,
+    normalize_nhwc,
+)
 from pipeline.order import EpochPlan, plan_epoch
 
 __all__ = [
     "BACKENDS",
+    "Crops",
+    "DALIOptions",
     "EpochPlan",
+    "FFCVOptions",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Loader",
+    "LoaderOptions",
+    "Placement",
     "Recipe",
+    "Request",
     "TRIVIAL_AUGMENT_OPS",
     "auto_augment",
     "available_backends",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from dataset_tools.files import DataFolderError
-from pipeline.contract import VAL_CROP_RATIO, Loader
+from pipeline.contract import Loader, LoaderOptions, Placement, Request, auto_workers
 from pipeline.folders import has_beton, has_folder
 
 BACKENDS = ("ffcv", "dali", "torchvision")
@@ -89,108 +91,55 @@ def choose_backend(data_dir: Path, split: str, device: torch.device) -> tuple[st
     return "torchvision", f"{why}; {missing}, so PIL decodes {split}/ on the CPU"
 
 
-def auto_workers(workers: int) -> int:
-    """workers < 0 ("auto"): this rank's share of the cores it may run on (LOCAL_WORLD_SIZE ranks per machine, set by
-    torchrun), minus one left to the training process itself (its Python loop, the kernel launches, the thread that
-    feeds the decoders); at least 1. Otherwise `workers` as given."""
-    if workers >= 0:
-        return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+# backend -> (module, class): imported only when that backend is built (ffcv takes ~10 s to import)
+_CLASSES = {
+    "ffcv": ("pipeline.ffcv_loader", "FFCVLoader"),
+    "dali": ("pipeline.dali_loader", "DALILoader"),
+    "torchvision": ("pipeline.torchvision_loader", "TorchvisionLoader"),
+}
 
 
 def build_loader(
     data_dir: str | Path,
     split: str = "train",
-    backend: str = "auto",
+    *,
     batch_size: int = 256,
     resolution: int = 160,
-    workers: int = -1,
-    device: str | torch.device = "cuda",
-    dtype: torch.dtype = torch.float16,
-    rank: int = 0,
-    world_size: int = 1,
+    placement: Placement | None = None,
+    options: LoaderOptions | None = None,
     seed: int = 0,
     drop_last: bool = True,
-    *,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    val_crop_ratio: float = VAL_CROP_RATIO,
-    os_cache: bool = True,
-    order: str = "random",
-    hw_decoder_load: float | None = None,
-    dali_threads: int = 0,
-    dali_prefetch: int = 0,
-    nvjpeg_padding_mb: int | None = None,
-    dali_source: str = "auto",
-    skip_listed_in: str | Path | None = None,
     verbose: bool = True,
 ) -> Loader:
-    """A loader yielding (images (B, 3, R, R) channels_last `dtype` normalised, labels (B,) int64) on `device`.
-
-    scale/ratio: RandomResizedCrop ranges (train). val_crop_ratio: centre crop side / shorter side (val).
-    os_cache, order: ffcv only (see pipeline.ffcv_loader). dali only (see pipeline.dali_tuning; None/0/negative:
-    the GPU kind's default): hw_decoder_load (share of JPEGs sent to the A100/H100/H200 hardware decoder),
-    dali_threads, dali_prefetch (batches queued ahead), nvjpeg_padding_mb (nvJPEG's device and host buffers);
-    dali_source: "beton" (`split`.beton), "folder" (`split`/<wnid>/) or "auto" (the beton when there is one).
-    skip_listed_in: a convert_report.json whose skipped (undecodable) files the folder backends leave out, so they
-    see the samples the beton has and DALI does not stop on them.
+    """A loader yielding (images (B, 3, R, R) channels_last `placement.dtype` normalised, labels (B,) int64) on
+    `placement.device` (default: Placement(), one CUDA process in float16), built as `options` say (default:
+    LoaderOptions(), the backend picked by `choose_backend`). See pipeline.contract for both.
     verbose: print the chosen backend (rank 0 only)."""
     data_dir = Path(data_dir)
-    device = torch.device(device)
+    placement, options = placement or Placement(), options or LoaderOptions()
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: no such folder (the data dir holds train.beton/val.beton or train/ val/)")
     if not os.access(data_dir, os.R_OK | os.X_OK):  # else every file in it looks missing
         raise DataFolderError(f"{data_dir}: cannot be read (permissions); make it readable for this user")
+    backend = options.backend
     if backend == "auto":
-        backend, why = choose_backend(data_dir, split, device)
+        backend, why = choose_backend(data_dir, split, placement.device)
     elif backend in BACKENDS:
         why = "asked for"
     else:
         raise ValueError(f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}")
-    common = dict(
-        split=split,
-        batch_size=batch_size,
-        resolution=resolution,
-        workers=auto_workers(workers),
-        device=device,
-        dtype=dtype,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        drop_last=drop_last,
-    )
-    if backend == "torchvision":
-        from pipeline.torchvision_loader import TorchvisionLoader
-
-        loader: Loader = TorchvisionLoader(
-            data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, skip_listed_in=skip_listed_in, **common
-        )
-    elif backend == "ffcv":
-        threads = torch.get_num_threads()
-        from pipeline.ffcv_loader import FFCVLoader  # importing ffcv sets torch's thread count to 1: put it back
-
+    request = Request(split, batch_size, resolution, seed, drop_last)
+    options = replace(options, backend=backend, workers=auto_workers(options.workers))
+    threads = torch.get_num_threads()
+    try:
+        module, name = _CLASSES[backend]
+        loader: Loader = getattr(importlib.import_module(module), name)(data_dir, request, placement, options)
+    finally:
+        # The one guard of torch's thread count on this thread: FFCV sets it when imported (to 1) and when it builds
+        # its loader (to the decoding threads), and the caller's count is the trainer's. (FFCV's epoch thread sets it
+        # again: pipeline.ffcv_loader puts it back there.)
         torch.set_num_threads(threads)
-        loader = FFCVLoader(
-            data_dir, scale=scale, ratio=ratio, val_crop_ratio=val_crop_ratio, os_cache=os_cache, order=order, **common
-        )
-    else:
-        from pipeline.dali_loader import DALILoader
-
-        loader = DALILoader(
-            data_dir,
-            scale=scale,
-            ratio=ratio,
-            val_crop_ratio=val_crop_ratio,
-            hw_decoder_load=hw_decoder_load,
-            dali_threads=dali_threads,
-            dali_prefetch=dali_prefetch,
-            nvjpeg_padding_mb=nvjpeg_padding_mb,
-            skip_listed_in=skip_listed_in,
-            source=dali_source,
-            **common,
-        )
-    if verbose and rank == 0:
+    if verbose and placement.rank == 0:
         if backend == "dali" and why == "asked for":
             why += f", from the {loader.source_kind}: {loader.source.describe_storage()}"
         print(f"pipeline: {split} backend {backend} ({why})", flush=True)

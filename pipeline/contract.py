@@ -1,24 +1,34 @@
-"""The one loader contract every backend honours, and the device-side normalisation they share.
+"""The one loader contract every backend honours, the objects that cross its boundary, and the device-side
+normalisation the backends share.
 
+    loader = build_loader(data_dir, "train", batch_size=256, resolution=160, placement=Placement("cuda"),
+                          options=LoaderOptions(workers=8))
     for images, labels in loader: ...
-    # images: (B, 3, R, R) on `device`, channels_last, ImageNet-normalised, `dtype`
-    # labels: (B,) int64 on `device`, class index in sorted-wnid (ImageFolder) order
+    # images: (B, 3, R, R) on placement.device, channels_last, ImageNet-normalised, placement.dtype
+    # labels: (B,) int64 on placement.device, class index in sorted-wnid (ImageFolder) order
+
+What a backend is given: a `Request` (split, batch size, resolution, seed, drop_last: what the caller wants), a
+`Placement` (device, dtype, rank, world size: where the batches go and which shard is read) and `LoaderOptions`
+(backend, workers, crops, FFCV's and DALI's own options, the skip list). `workers=-1` means this rank's share of the
+cores minus one, for every backend (`auto_workers`).
 
 Epochs: `set_epoch(e, start_batch)` chooses what the next `for` loop yields: epoch e's batches from `start_batch` on
 (no sample repeated, none skipped). When a loop runs to the end, the loader moves on to the next epoch by itself, so
-calling set_epoch every epoch is optional; breaking out of a loop does not advance it.
+calling set_epoch every epoch is optional; breaking out of a loop does not advance it. (epoch, start_batch) is the
+whole position: every backend's order, crops and flips are pure functions of (seed, epoch, sample index), so a
+mid-epoch checkpoint needs nothing else to resume exactly.
 
-Mid-epoch checkpoints: for ffcv and torchvision (epoch, start_batch) is the whole position, since their crops are
-pure functions of (seed, epoch, sample index). A backend with random state of its own (DALI) returns it from
-`position_state()` while a loop is under way (the state after the batches handed out so far); passing that back
-through `restore_position(epoch, batch, state)` before `set_epoch(epoch, batch)` makes the resumed loop yield what
-the interrupted one would have.
+`close()` frees what the loader holds (threads, worker processes, pinned and device buffers) now rather than at
+garbage collection; a later loop builds what it needs again.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +40,95 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 VAL_CROP_RATIO = 224 / 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller wants from a loader: which split, in batches of how many, at which side, with which seed;
+    drop_last: every batch full (training) or every sample once (validation)."""
+
+    split: str
+    batch_size: int
+    resolution: int
+    seed: int = 0
+    drop_last: bool = True
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the batches go and which shard this process reads: made once per process from the distributed context
+    and the precision (training.components.make_loader), the same for its train and val loaders."""
+
+    device: torch.device | str = "cuda"
+    dtype: torch.dtype = torch.float16
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        # frozen, so set through object: backends read device.type and device.index, which a string has not
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+
+
+@dataclass(frozen=True)
+class Crops:
+    """The crops every backend cuts (pipeline.crops): RandomResizedCrop's scale and ratio ranges for train; for val
+    the centre square whose side is val_crop_ratio x the shorter side."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    val_crop_ratio: float = VAL_CROP_RATIO
+
+
+@dataclass(frozen=True)
+class FFCVOptions:
+    """ffcv backend only (pipeline.ffcv_loader): os_cache maps the betons and lets the page cache hold them (False:
+    FFCV's process cache, for betons bigger than RAM); order "random" or "quasi_random" (page-grouped)."""
+
+    os_cache: bool = True
+    order: str = "random"
+
+
+@dataclass(frozen=True)
+class DALIOptions:
+    """dali backend only (pipeline.dali_loader, pipeline.dali_tuning). source: "beton" (`split`.beton), "folder"
+    (`split`/<wnid>/) or "auto" (the beton when there is one). The knobs (None, 0 or negative: the GPU kind's
+    default): hw_decoder_load (share of JPEGs sent to the A100/H100/H200 hardware decoder), threads, prefetch
+    (batches queued ahead), nvjpeg_padding_mb (nvJPEG's device and host buffers)."""
+
+    source: str = "auto"
+    hw_decoder_load: float | None = None
+    threads: int = 0
+    prefetch: int = 0
+    nvjpeg_padding_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How to load: the backend ("auto" picks one, pipeline.build.choose_backend), worker threads or processes (-1:
+    `auto_workers`), the crops, each backend's own options (a backend reads its own and no other), and
+    skip_listed_in: a convert_report.json whose skipped (undecodable) files the folder backends leave out, so they
+    see the samples the beton has and DALI does not stop on them."""
+
+    backend: str = "auto"
+    workers: int = -1
+    crops: Crops = field(default_factory=Crops)
+    ffcv: FFCVOptions = field(default_factory=FFCVOptions)
+    dali: DALIOptions = field(default_factory=DALIOptions)
+    skip_listed_in: str | Path | None = None
+
+
+def auto_workers(workers: int) -> int:
+    """workers < 0 ("auto"): this rank's share of the cores it may run on (LOCAL_WORLD_SIZE ranks per machine, set by
+    torchrun), minus one left to the training process itself (its Python loop, the kernel launches, the thread that
+    feeds the decoders); at least 1. Otherwise `workers` as given."""
+    if workers >= 0:
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 class SampleError(RuntimeError):
@@ -152,54 +251,37 @@ def _hand_over(x: torch.Tensor, y: torch.Tensor, ready: torch.cuda.Event) -> tup
 
 
 class Loader:
-    """Base of every backend. Subclasses set `backend` and implement `_batches(plan, start_batch, resolution)`,
-    which yields (images, labels) already on the device and normalised."""
+    """Base of every backend. Subclasses set `backend`, call `__init__` with what they found in the data (the sample
+    count and the class list) and implement `_batches(plan, start_batch, resolution)`, which yields (images, labels)
+    already on the device and normalised."""
 
     backend: str = "?"
     order: str = "random"  # how train epochs are shuffled; the ffcv backend also offers "quasi_random"
 
-    def __init__(
-        self,
-        *,
-        split: str,
-        batch_size: int,
-        resolution: int,
-        num_samples: int,
-        classes: list[str],
-        drop_last: bool,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.split = split
-        self.batch_size = int(batch_size)
-        self.resolution = _check_resolution(resolution)
+    def __init__(self, request: Request, placement: Placement, *, num_samples: int, classes: list[str]) -> None:
+        if request.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {request.split!r}")
+        self.request, self.placement = request, placement
+        self.split = request.split
+        self.batch_size = int(request.batch_size)
+        self.resolution = _check_resolution(request.resolution)
         self.num_samples = int(num_samples)
         self.classes = list(classes)
         self.num_classes = len(self.classes)
-        self.drop_last = bool(drop_last)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.seed = int(seed)
-        self.device = torch.device(device)
+        self.drop_last = bool(request.drop_last)
+        self.rank, self.world_size = placement.rank, placement.world_size
+        self.seed = int(request.seed)
+        self.device, self.dtype = placement.device, placement.dtype
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
-                "device is cuda but torch sees no GPU; pass device='cpu' (every backend runs on the CPU)"
+                "device is cuda but torch sees no GPU; use Placement(device='cpu') (every backend runs on the CPU)"
             )
-        self.dtype = dtype
         self.epoch = 0
         self.start_batch = 0
         self._len = batches_per_rank(self.num_samples, self.world_size, self.batch_size, self.drop_last)
         if self._len == 0:
             raise ValueError(
-                f"{self.num_samples} {split} samples cannot fill one batch of {self.batch_size} on each "
+                f"{self.num_samples} {self.split} samples cannot fill one batch of {self.batch_size} on each "
                 f"of {self.world_size} ranks with drop_last=True; lower the batch size or use "
                 "drop_last=False"
             )
@@ -217,13 +299,6 @@ class Loader:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
         self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def position_state(self) -> dict | None:
-        """Backend state beyond (epoch, batch) needed to resume the running loop exactly; None if there is none."""
-        return None
-
-    def restore_position(self, epoch: int, batch: int, state: dict | None) -> None:
-        """Use `state` (from position_state) when the loop of (epoch, batch) starts. A no-op where there is none."""
 
     def set_resolution(self, resolution: int) -> None:
         """Output side of the next epoch's images (progressive resizing). Takes effect at the next `for` loop."""
@@ -267,8 +342,7 @@ class Loader:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Free what the loader holds (a pipeline's device and pinned buffers, threads) now rather than at garbage
-        collection; a later loop builds what it needs again. Backends holding such things override it."""
+        """Free what the loader holds now (see the module's notes); backends holding such things override it."""
 
     def describe(self) -> str:
         return (

@@ -20,8 +20,8 @@ batch and the pipeline is reset for the next. A loop abandoned mid-epoch (a `bre
 batches of the old position queued: the next loop first runs them out and drops them (no rebuild).
 
 Determinism and resume: the order, the shards, the crops and the flips are pure functions of (seed, epoch, sample
-index), so `set_epoch(e, k)` is an exact mid-epoch resume and no DALI state needs checkpointing (`position_state`
-is None). DALI's own random operators are not used.
+index), so `set_epoch(e, k)` is an exact mid-epoch resume and no DALI state needs checkpointing. DALI's own random
+operators are not used.
 
 Damaged data: each JPEG sample's start and end markers are checked before DALI sees the batch, and if DALI still
 fails on a batch, its samples are decoded with PIL to name the one that breaks: a `SampleError` (one line: file,
@@ -40,7 +40,16 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from dataset_tools.beton_format import RAW_MODE
-from pipeline.contract import IMAGENET_MEAN, IMAGENET_STD, VAL_CROP_RATIO, Loader, error_chain
+from pipeline.contract import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Crops,
+    Loader,
+    LoaderOptions,
+    Placement,
+    Request,
+    error_chain,
+)
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.dali_sources import BetonSource, FolderSource
 from pipeline.dali_tuning import MIB, DaliTuning, resolve_tuning
@@ -97,18 +106,9 @@ class _Feeder:
     forked meanwhile -- rn50 convert's writers are forked -- where DALI's destructor waits forever for threads the
     child does not have.)"""
 
-    def __init__(
-        self,
-        source,
-        *,
-        shuffle: bool,
-        seed: int,
-        scale: tuple[float, float],
-        ratio: tuple[float, float],
-        val_crop_ratio: float,
-    ) -> None:
+    def __init__(self, source, *, shuffle: bool, seed: int, crops: Crops) -> None:
         self.source, self.shuffle, self.seed = source, shuffle, seed
-        self.scale, self.ratio, self.val_crop_ratio = scale, ratio, val_crop_ratio
+        self.scale, self.ratio, self.val_crop_ratio = tuple(crops.scale), tuple(crops.ratio), crops.val_crop_ratio
         self.feed: _Feed | None = None
         self.pending: deque[tuple[int, np.ndarray]] = deque()  # batches handed to DALI, not yet handed out
 
@@ -145,33 +145,10 @@ class _Feeder:
 class DALILoader(Loader):
     backend = "dali"
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        *,
-        split: str,
-        batch_size: int,
-        resolution: int,
-        workers: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        rank: int,
-        world_size: int,
-        seed: int,
-        drop_last: bool,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        val_crop_ratio: float = VAL_CROP_RATIO,
-        hw_decoder_load: float | None = None,
-        dali_threads: int = 0,
-        dali_prefetch: int = 0,
-        nvjpeg_padding_mb: int | None = None,
-        skip_listed_in: str | Path | None = None,
-        source: str = "auto",
-    ) -> None:
+    def __init__(self, data_dir: str | Path, request: Request, placement: Placement, options: LoaderOptions) -> None:
         from pipeline.folders import beton_classes, has_beton
 
-        data_dir = Path(data_dir)
+        data_dir, split, source, dali = Path(data_dir), request.split, options.dali.source, options.dali
         if source not in SOURCES:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         if source == "auto":
@@ -180,42 +157,22 @@ class DALILoader(Loader):
             self.source = BetonSource(data_dir / f"{split}.beton")
             classes = beton_classes(data_dir)
         else:
-            self.source = FolderSource(data_dir, split, skip_listed_in, max(1, int(workers)))
+            self.source = FolderSource(data_dir, split, options.skip_listed_in, max(1, int(options.workers)))
             classes = self.source.classes
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            resolution=resolution,
-            num_samples=self.source.num_samples,
-            classes=classes,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
-        self.data_dir = data_dir
-        self.scale, self.ratio, self.val_crop_ratio = tuple(scale), tuple(ratio), float(val_crop_ratio)
+        super().__init__(request, placement, num_samples=self.source.num_samples, classes=classes)
+        self.data_dir, self.crops = data_dir, options.crops
         self.tuning: DaliTuning = resolve_tuning(
             self.device,
-            workers,
+            options.workers,
             self.source.size_hint,
-            hw_decoder_load=hw_decoder_load,
-            threads=dali_threads,
-            prefetch=dali_prefetch,
-            nvjpeg_padding_mb=nvjpeg_padding_mb,
+            hw_decoder_load=dali.hw_decoder_load,
+            threads=dali.threads,
+            prefetch=dali.prefetch,
+            nvjpeg_padding_mb=dali.nvjpeg_padding_mb,
         )
         self.builds = 0  # pipelines built by this loader: 1 for its whole life, unless a DALI error forced another
         self._pipe = None
-        self._feeder = _Feeder(
-            self.source,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            scale=self.scale,
-            ratio=self.ratio,
-            val_crop_ratio=self.val_crop_ratio,
-        )
+        self._feeder = _Feeder(self.source, shuffle=self.shuffle, seed=self.seed, crops=self.crops)
         self._owner: object | None = None  # the loop that owns the pipeline's current DALI epoch
         self._unfinished = False  # a DALI epoch was left with batches queued (an abandoned loop)
 

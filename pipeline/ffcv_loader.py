@@ -31,15 +31,15 @@ next and allocates only those whose size changed (the output after `set_resoluti
 Threads: `workers` decoding threads (0: this process's share of the cores, minus one for the training process, see
 `decode_threads`). A batch's samples are handed out one at a time from an atomic counter, so the threads finish a
 batch together under any numba threading layer (numba's own chunk size rebalances only under TBB; workqueue and
-OpenMP split a batch into fixed equal shares). FFCV sets torch's intra-op thread count to `workers` as well
-(ffcv.pipeline.Compiler.set_num_threads); the loader puts back the count the caller had.
+OpenMP split a batch into fixed equal shares). FFCV sets torch's intra-op thread count as well
+(ffcv.pipeline.Compiler.set_num_threads): on import and when its loader is built (build_loader puts the caller's
+count back), and at the start of every epoch in its own thread (`_ParamsEpochIterator` puts it back there).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from queue import Empty, Queue
@@ -62,7 +62,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from numba import types
 from numba.extending import intrinsic
 
-from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
+from pipeline.contract import Loader, LoaderOptions, Placement, Request, auto_workers, device_batches
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.folders import beton_classes
 from pipeline.order import EpochPlan, page_grouped_order
@@ -72,20 +72,8 @@ PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, le
 
 def decode_threads(workers: int) -> int:
     """FFCV decoding threads for a `workers` setting: >= 1 is taken as is; 0 or less means this process's share of
-    the cores minus one (pipeline.build.auto_workers); FFCV itself would take every core."""
-    from pipeline.build import auto_workers
-
+    the cores minus one (pipeline.contract.auto_workers); FFCV itself would take every core."""
     return int(workers) if workers >= 1 else auto_workers(-1)
-
-
-@contextmanager
-def _torch_threads_kept() -> Iterator[None]:
-    """FFCV's Compiler.set_num_threads also calls torch.set_num_threads: put back the caller's count."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @intrinsic
@@ -280,10 +268,7 @@ class _FFCVLoader(_FFCVBaseLoader):
         self._holder: EpochIterator | None = None  # the last iterator given the kept buffers
 
     def epoch_iterator(self, order: np.ndarray, node_id: int | None, fill) -> EpochIterator:
-        if self.code is None or self.recompile:
-            with _torch_threads_kept():
-                Compiler.set_num_threads(self.num_workers)  # generate_code reads Compiler.num_threads
-                self.generate_code()
+        # FFCV's Loader.__init__ generated the code (and we never ask it to recompile), so an epoch only starts
         self.buffers.reuse = self._holder_done()
         it = _ParamsEpochIterator(self, order, node_id, fill)
         if self.buffers.reuse:
@@ -311,31 +296,12 @@ class _FFCVLoader(_FFCVBaseLoader):
 
 class FFCVLoader(Loader):
     backend = "ffcv"
+    batches_ahead = 3  # FFCV's default: batches decoded ahead of the one handed out
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        *,
-        split: str,
-        batch_size: int,
-        resolution: int,
-        workers: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        rank: int,
-        world_size: int,
-        seed: int,
-        drop_last: bool,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        val_crop_ratio: float = VAL_CROP_RATIO,
-        os_cache: bool = True,
-        order: str = "random",
-        batches_ahead: int = 3,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, request: Request, placement: Placement, options: LoaderOptions) -> None:
         from dataset_tools.beton_format import read_index
 
-        data_dir = Path(data_dir)
+        data_dir, split, order = Path(data_dir), request.split, options.ffcv.order
         path = data_dir / f"{split}.beton"
         if not path.is_file():
             raise FileNotFoundError(
@@ -346,26 +312,15 @@ class FFCVLoader(Loader):
         index = read_index(path)
         if "image" not in index.field_names or "label" not in index.field_names:
             raise ValueError(f"{path}: fields {index.field_names}, expected 'image' and 'label' (rn50 convert)")
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            resolution=resolution,
-            num_samples=index.num_samples,
-            classes=beton_classes(data_dir),
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
-        self.path, self.workers, self.os_cache, self.order = path, decode_threads(workers), bool(os_cache), order
+        super().__init__(request, placement, num_samples=index.num_samples, classes=beton_classes(data_dir))
+        os_cache, crops = bool(options.ffcv.os_cache), options.crops
+        self.path, self.workers, self.os_cache, self.order = path, decode_threads(options.workers), os_cache, order
         if self.workers > numba.config.NUMBA_NUM_THREADS:
             raise ValueError(
                 f"workers={self.workers}, but numba runs at most {numba.config.NUMBA_NUM_THREADS} threads "
                 "here (NUMBA_NUM_THREADS, by default the number of cores); lower workers"
             )
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.scale, self.ratio = tuple(crops.scale), tuple(crops.ratio)
         image_meta = index.metadata[f"f{index.field_names.index('image')}"]
         self._heights = image_meta["height"].astype(np.int64)
         self._widths = image_meta["width"].astype(np.int64)
@@ -380,24 +335,31 @@ class FFCVLoader(Loader):
             self._sample_pages = pages
 
         size = (self.resolution, self.resolution)
-        self._decoder = KeyedResizedCrop(size) if self.shuffle else CenterCropRGBImageDecoder(size, val_crop_ratio)
+        self._decoder = (
+            KeyedResizedCrop(size) if self.shuffle else CenterCropRGBImageDecoder(size, crops.val_crop_ratio)
+        )
         pipelines = {name: None for name in index.field_names}
         pipelines["image"] = PipelineSpec("image", decoder=self._decoder, transforms=[ToTensor()])
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
-        with _torch_threads_kept():
-            self._ffcv = _FFCVLoader(
-                str(path),
-                batch_size=self.batch_size,
-                num_workers=self.workers,
-                os_cache=os_cache,
-                order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
-                drop_last=False,
-                seed=self.seed,
-                pipelines=pipelines,
-                batches_ahead=batches_ahead,
-            )
+        self._ffcv = _FFCVLoader(  # sets torch's thread count: build_loader puts it back
+            str(path),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            os_cache=os_cache,
+            order=PlannedOrder(lambda epoch: self.plan(epoch).indices),
+            drop_last=False,
+            seed=self.seed,
+            pipelines=pipelines,
+            batches_ahead=self.batches_ahead,
+        )
         self._fields = list(self._ffcv.pipeline_specs)  # output order of FFCV's batches
         self._node_id = self._ffcv.graph.operation_to_node[self._decoder][0].id
+
+    def close(self) -> None:
+        """Let go of the batch buffers kept for the next epoch (pinned when CUDA is there); the next loop allocates
+        new ones. An epoch still running keeps its own until it ends."""
+        self._ffcv.buffers.forget()
+        self._ffcv._holder = None
 
     def describe(self) -> str:
         # FFCV's Loader has started numba's threads, so the threading layer is known

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dataset_tools.files import DataFolderError
-from pipeline.contract import VAL_CROP_RATIO, Loader, device_batches
+from pipeline.contract import Loader, LoaderOptions, Placement, Request, device_batches
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.order import EpochPlan
 
@@ -187,46 +187,19 @@ class _PlannedBatches:
 
 class TorchvisionLoader(Loader):
     backend = "torchvision"
+    prefetch_factor = 2  # DataLoader's default: batches each worker prepares ahead
 
-    def __init__(
-        self,
-        data_dir: str | Path,
-        *,
-        split: str,
-        batch_size: int,
-        resolution: int,
-        workers: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        rank: int,
-        world_size: int,
-        seed: int,
-        drop_last: bool,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        val_crop_ratio: float = VAL_CROP_RATIO,
-        prefetch_factor: int = 2,
-        skip_listed_in: str | Path | None = None,
-    ) -> None:
+    def __init__(self, data_dir: str | Path, request: Request, placement: Placement, options: LoaderOptions) -> None:
         from pipeline.folders import loader_listing
 
-        classes, files = loader_listing(data_dir, split, skip_listed_in)
-        super().__init__(
-            split=split,
-            batch_size=batch_size,
-            resolution=resolution,
-            num_samples=len(files),
-            classes=classes,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            seed=seed,
-            device=device,
-            dtype=dtype,
-        )
+        classes, files = loader_listing(data_dir, request.split, options.skip_listed_in)
+        super().__init__(request, placement, num_samples=len(files), classes=classes)
         self.data_dir = Path(data_dir)
-        self.workers = int(workers)
-        self.dataset = FolderCrops(files, split == "train", self.seed, tuple(scale), tuple(ratio), val_crop_ratio)
+        self.workers = int(options.workers)
+        crops = options.crops
+        self.dataset = FolderCrops(
+            files, self.split == "train", self.seed, tuple(crops.scale), tuple(crops.ratio), crops.val_crop_ratio
+        )
         self._sampler = _PlannedBatches()
         self._dataloader = DataLoader(
             self.dataset,
@@ -236,7 +209,7 @@ class TorchvisionLoader(Loader):
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.workers > 0,
             worker_init_fn=functools.partial(_start_worker, None),
-            prefetch_factor=prefetch_factor if self.workers > 0 else None,
+            prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
         )
         self.skipped: dict[str, str] = {}  # undecodable files met so far: path -> reason
         if self.workers > 0:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.contract import denormalize
+from pipeline.contract import Placement, denormalize
+
+CPU = Placement("cpu", torch.float32)  # where the tests' batches go: the CPU, in float32
 
 
 def sample_ids(images: torch.Tensor) -> list[tuple[int, int]]:

@@ -97,21 +97,19 @@ def test_damaged_or_replaced_betons_are_one_line_before_torch(betons, coded_beto
 
 @requires_ffcv
 def test_damaged_beton_at_loader_build_is_a_value_error(betons):
-    import torch
+    from _pipeline_helpers import CPU
 
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, build_loader
 
     (betons / "val.beton").write_bytes((betons / "val.beton").read_bytes()[:1000])
     with pytest.raises(ValueError, match="val.beton") as caught:
         build_loader(
             betons,
             split="val",
-            backend="ffcv",
             batch_size=4,
             resolution=32,
-            workers=1,
-            device="cpu",
-            dtype=torch.float32,
+            placement=CPU,
+            options=LoaderOptions("ffcv", workers=1),
             verbose=False,
         )
     assert "\n" not in str(caught.value)
@@ -137,9 +135,9 @@ def _ffcv_written(tmp_path: Path, labels: list[int], name: str) -> Path:
 
 @requires_ffcv
 def test_betons_of_ffcvs_own_writer_load_with_their_label_count(tmp_path, capsys):
-    import torch
+    from _pipeline_helpers import CPU
 
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, build_loader
 
     data = tmp_path / "ffcv"
     data.mkdir()
@@ -153,12 +151,10 @@ def test_betons_of_ffcvs_own_writer_load_with_their_label_count(tmp_path, capsys
     loader = build_loader(
         data,
         split="val",
-        backend="ffcv",
         batch_size=2,
         resolution=16,
-        workers=1,
-        device="cpu",
-        dtype=torch.float32,
+        placement=CPU,
+        options=LoaderOptions("ffcv", workers=1),
         verbose=False,
     )
     assert loader.num_classes == 3 and loader.classes == folder.classes

@@ -299,10 +299,18 @@ def test_the_loaders_part_lands_at_most_8_files_in_OUT(tmp_path):
 
 @requires_dali
 def test_a_dali_failure_keeps_dalis_own_message(coded_betons_jpeg, monkeypatch):
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, Placement, build_loader
     from pipeline.contract import SampleError
 
-    loader = build_loader(coded_betons_jpeg, "train", "dali", batch_size=4, resolution=32, device="cpu", verbose=False)
+    loader = build_loader(
+        coded_betons_jpeg,
+        "train",
+        batch_size=4,
+        resolution=32,
+        placement=Placement("cpu"),
+        options=LoaderOptions("dali"),
+        verbose=False,
+    )
     feeder = loader._feeder
 
     class FailingPipeline:

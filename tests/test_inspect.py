@@ -43,7 +43,7 @@ def test_a_beton_with_an_extra_field_is_read(tmp_path):
     from ffcv.writer import DatasetWriter
 
     from dataset_tools.inspect_beton import main
-    from pipeline import build_loader
+    from pipeline import LoaderOptions, Placement, build_loader
 
     class Dataset:
         def __len__(self):
@@ -58,7 +58,15 @@ def test_a_beton_with_an_extra_field_is_read(tmp_path):
     for backend in ("ffcv", "dali"):
         if backend == "dali":
             pytest.importorskip("nvidia.dali")
-        loader = build_loader(tmp_path, "train", backend, batch_size=4, resolution=32, device="cpu", verbose=False)
+        loader = build_loader(
+            tmp_path,
+            "train",
+            batch_size=4,
+            resolution=32,
+            placement=Placement("cpu"),
+            options=LoaderOptions(backend),
+            verbose=False,
+        )
         images, labels = next(iter(loader))
         assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
 

@@ -9,7 +9,7 @@ import torch
 from _pipeline_helpers import colour_error, epoch_ids, sample_ids
 from conftest import CODED_CLASSES, CODED_TRAIN_PER_CLASS, CODED_VAL_PER_CLASS, requires_dali, requires_ffcv
 
-from pipeline import build_loader
+from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
 N_TRAIN = CODED_CLASSES * CODED_TRAIN_PER_CLASS  # 48
 N_VAL = CODED_CLASSES * CODED_VAL_PER_CLASS  # 16
@@ -20,13 +20,13 @@ BACKENDS = [
     pytest.param("dali-beton", marks=[requires_dali, requires_ffcv]),  # half the samples raw (the default)
     pytest.param("dali-beton-jpeg", marks=[requires_dali, requires_ffcv]),
 ]  # all JPEG (--compress-prob 1)
-# which data each parameter reads, and how it is asked for
+# which data each parameter reads, and the backend and DALI source it asks for
 DATA = {
-    "torchvision": ("coded_root", {}),
-    "ffcv": ("coded_betons", {}),
-    "dali": ("coded_root", {}),
-    "dali-beton": ("coded_betons", {"backend": "dali", "dali_source": "beton"}),
-    "dali-beton-jpeg": ("coded_betons_jpeg", {"backend": "dali", "dali_source": "beton"}),
+    "torchvision": ("coded_root", "torchvision", "auto"),
+    "ffcv": ("coded_betons", "ffcv", "auto"),
+    "dali": ("coded_root", "dali", "auto"),
+    "dali-beton": ("coded_betons", "dali", "beton"),
+    "dali-beton-jpeg": ("coded_betons_jpeg", "dali", "beton"),
 }
 
 
@@ -40,33 +40,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in.*finalize:p
 
 @pytest.fixture(params=BACKENDS)
 def make(request):
-    backend = request.param
-    fixture, how = DATA[backend]
+    fixture, backend, source = DATA[request.param]
     data_dir = request.getfixturevalue(fixture)
+    options = LoaderOptions(backend, workers=0 if backend == "torchvision" else 2, dali=DALIOptions(source=source))
 
-    def make_loader(copy: int = 0, **kw):
-        args = dict(
-            split="train",
-            backend=backend,
-            batch_size=8,
-            resolution=32,
-            workers=0 if backend == "torchvision" else 2,
-            device="cpu",
-            dtype=torch.float32,
-            seed=0,
-            verbose=False,
-        )
-        args.update(how)
+    def make_loader(copy: int = 0, dtype=torch.float32, rank: int = 0, world_size: int = 1, **kw):
+        args = dict(split="train", batch_size=8, resolution=32, seed=0, verbose=False)
         args.update(kw)
-        key = (str(data_dir), copy, tuple(sorted((k, str(v)) for k, v in args.items())))
+        placement = Placement("cpu", dtype, rank, world_size)
+        key = (str(data_dir), copy, placement, options, tuple(sorted((k, str(v)) for k, v in args.items())))
         if key not in _LOADERS:
-            _LOADERS[key] = build_loader(data_dir, **args)
+            _LOADERS[key] = build_loader(data_dir, placement=placement, options=options, **args)
         loader = _LOADERS[key]
         loader.set_epoch(0)
         loader.set_resolution(args["resolution"])
         return loader
 
-    make_loader.backend = how.get("backend", backend)
+    make_loader.backend = backend
     return make_loader
 
 

@@ -13,19 +13,20 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids
+from _pipeline_helpers import CPU, epoch_ids
 from conftest import REPO, requires_dali
 from PIL import Image
 
-from pipeline import build_loader, denormalize
+from pipeline import LoaderOptions, Placement, build_loader, denormalize
 
 pytestmark = requires_dali
-KW = dict(batch_size=8, resolution=24, device="cpu", dtype=torch.float32, verbose=False)
+KW = dict(batch_size=8, resolution=24, placement=CPU, verbose=False)
 
 
 def test_same_order_as_the_torchvision_backend_and_seeded_pixels(coded_root):
-    dali = build_loader(coded_root, backend="dali", workers=2, seed=4, rank=0, world_size=2, **KW)
-    tv = build_loader(coded_root, backend="torchvision", workers=0, seed=4, rank=0, world_size=2, **KW)
+    kw = dict(KW, placement=Placement("cpu", torch.float32, rank=0, world_size=2), seed=4)
+    dali = build_loader(coded_root, options=LoaderOptions("dali", workers=2), **kw)
+    tv = build_loader(coded_root, options=LoaderOptions("torchvision", workers=0), **kw)
     assert dali.source_kind == "folder"
     for epoch in (0, 1):
         dali.set_epoch(epoch)
@@ -52,12 +53,15 @@ def test_same_regions_as_the_torchvision_backend(tmp_path):
         )
     kw = dict(KW, resolution=32, seed=7)
     a = np.concatenate(
-        [denormalize(x).permute(0, 2, 3, 1).numpy() for x, _ in build_loader(tmp_path, backend="dali", workers=2, **kw)]
+        [
+            denormalize(x).permute(0, 2, 3, 1).numpy()
+            for x, _ in build_loader(tmp_path, options=LoaderOptions("dali", workers=2), **kw)
+        ]
     )
     b = np.concatenate(
         [
             denormalize(x).permute(0, 2, 3, 1).numpy()
-            for x, _ in build_loader(tmp_path, backend="torchvision", workers=0, **kw)
+            for x, _ in build_loader(tmp_path, options=LoaderOptions("torchvision", workers=0), **kw)
         ]
     )
     err = np.abs(a[..., :2] - b[..., :2]).mean(axis=(1, 2)).max(axis=1)
@@ -68,13 +72,15 @@ def test_same_regions_as_the_torchvision_backend(tmp_path):
 
 def test_float16_comes_from_dali_and_bfloat16_is_converted(coded_root):
     for dtype in (torch.float16, torch.bfloat16):
-        loader = build_loader(coded_root, backend="dali", workers=1, **{**KW, "dtype": dtype})
+        loader = build_loader(
+            coded_root, options=LoaderOptions("dali", workers=1), **{**KW, "placement": Placement("cpu", dtype)}
+        )
         images, _ = next(iter(loader))
         assert images.dtype == dtype and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_resolution_changes_and_epochs_reuse_the_pipeline(coded_root):
-    loader = build_loader(coded_root, backend="dali", workers=1, **KW)
+    loader = build_loader(coded_root, options=LoaderOptions("dali", workers=1), **KW)
     for res in (24, 40, 24):
         loader.set_resolution(res)
         assert {tuple(x.shape[-2:]) for x, _ in loader} == {(res, res)}
@@ -104,8 +110,10 @@ def root_with_corrupt_file(tmp_path, coded_root):
 
 def test_the_conversion_report_leaves_undecodable_files_out(root_with_corrupt_file):
     root, report = root_with_corrupt_file
-    assert build_loader(root, backend="torchvision", workers=0, **KW).num_samples == 49
-    loader = build_loader(root, backend="dali", workers=1, skip_listed_in=report, **{**KW, "batch_size": 48})
+    assert build_loader(root, options=LoaderOptions("torchvision", workers=0), **KW).num_samples == 49
+    loader = build_loader(
+        root, options=LoaderOptions("dali", workers=1, skip_listed_in=report), **{**KW, "batch_size": 48}
+    )
     assert loader.num_samples == 48
     assert len(sum(epoch_ids(loader), [])) == 48
 
@@ -115,9 +123,9 @@ def test_a_corrupt_file_stops_dali_with_a_line_naming_it(root_with_corrupt_file)
     # header check stops the batch before DALI sees it.
     root, _ = root_with_corrupt_file
     script = (
-        "import torch; from pipeline import build_loader\n"
-        f"loader = build_loader({str(root)!r}, backend='dali', batch_size=49, resolution=24, workers=1, "
-        "device='cpu', dtype=torch.float32, verbose=False)\n"
+        "import torch; from pipeline import LoaderOptions, Placement, build_loader\n"
+        f"loader = build_loader({str(root)!r}, batch_size=49, resolution=24, placement=Placement('cpu', torch.float32), "
+        "options=LoaderOptions('dali', workers=1), verbose=False)\n"
         "for _ in loader: pass\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)

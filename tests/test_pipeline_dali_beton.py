@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids
+from _pipeline_helpers import CPU, epoch_ids
 from conftest import REPO, requires_dali, requires_ffcv
 from PIL import Image
 
-from pipeline import build_loader, denormalize
+from pipeline import LoaderOptions, Placement, build_loader, denormalize
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 
 pytestmark = [
@@ -25,7 +25,8 @@ pytestmark = [
 ]
 
 RAMP_H, RAMP_W, RAMP_N = 200, 250, 24
-KW = dict(batch_size=8, device="cpu", dtype=torch.float32, verbose=False)
+KW = dict(batch_size=8, placement=CPU, verbose=False)
+CPU_TWO_RANKS = Placement("cpu", torch.float32, rank=1, world_size=2)  # rank 1 of 2
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,9 @@ def test_same_labels_and_regions_as_the_ffcv_backend(ramp_betons, stored):
     missing flip, moves whole rows of the ramp (20 levels and more, measured), and the test checks that the other
     flip would be caught."""
     res, data = 40, ramp_betons[stored]
-    kw = dict(KW, resolution=res, seed=11, rank=1, world_size=2, batch_size=4)
-    dali = build_loader(data, backend="dali", workers=2, **kw)
-    ffcv = build_loader(data, backend="ffcv", workers=2, **kw)
+    kw = dict(KW, resolution=res, seed=11, placement=CPU_TWO_RANKS, batch_size=4)
+    dali = build_loader(data, options=LoaderOptions("dali", workers=2), **kw)
+    ffcv = build_loader(data, options=LoaderOptions("ffcv", workers=2), **kw)
     for loader in (dali, ffcv):
         loader.set_epoch(3)
     ours, labels_dali = zip(*[(denormalize(x), y) for x, y in dali])
@@ -97,8 +98,8 @@ def test_same_labels_and_regions_as_the_ffcv_backend(ramp_betons, stored):
 def test_val_is_the_ffcv_centre_crop(ramp_betons, stored):
     res, data = 35, ramp_betons[stored]
     kw = dict(KW, split="val", resolution=res, drop_last=False)
-    a = pixels(build_loader(data, backend="dali", workers=1, **kw))
-    b = pixels(build_loader(data, backend="ffcv", workers=1, **kw))
+    a = pixels(build_loader(data, options=LoaderOptions("dali", workers=1), **kw))
+    b = pixels(build_loader(data, options=LoaderOptions("ffcv", workers=1), **kw))
     top, left, side, _ = center_crop_boxes([RAMP_H], [RAMP_W])[0]
     assert len(a) == len(b) == RAMP_N
     assert np.abs(a[..., :2] - b[..., :2]).mean(axis=(1, 2)).max() < 3
@@ -107,19 +108,18 @@ def test_val_is_the_ffcv_centre_crop(ramp_betons, stored):
 
 
 def test_pixels_are_deterministic_and_resume_is_the_tail(ramp_betons):
-    loader = build_loader(ramp_betons["mixed"], backend="dali", resolution=32, workers=2, seed=5, **KW)
+    loader = build_loader(ramp_betons["mixed"], options=LoaderOptions("dali", workers=2), resolution=32, seed=5, **KW)
     loader.set_epoch(2)
     full = pixels(loader)
-    other = build_loader(ramp_betons["mixed"], backend="dali", resolution=32, workers=1, seed=5, **KW)
+    other = build_loader(ramp_betons["mixed"], options=LoaderOptions("dali", workers=1), resolution=32, seed=5, **KW)
     other.set_epoch(2)
     assert np.array_equal(pixels(other), full)  # another loader, another thread count: the same bytes
     loader.set_epoch(2, start_batch=1)
     assert np.array_equal(pixels(loader), full[8:])
-    assert loader.position_state() is None  # nothing beyond (epoch, batch) to save
 
 
 def test_one_pipeline_across_epochs_resolutions_and_an_abandoned_loop(ramp_betons):
-    loader = build_loader(ramp_betons["mixed"], backend="dali", resolution=24, workers=2, seed=1, **KW)
+    loader = build_loader(ramp_betons["mixed"], options=LoaderOptions("dali", workers=2), resolution=24, seed=1, **KW)
     assert loader.builds == 0  # built by the first loop
     first = [(x.clone(), y.clone()) for x, y in loader]
     assert loader.builds == 1 and loader.epoch == 1
@@ -145,10 +145,14 @@ def test_one_pipeline_across_epochs_resolutions_and_an_abandoned_loop(ramp_beton
 
 def test_half_precision_comes_from_dali_and_bfloat16_without_a_float32_batch(ramp_betons):
     kw = dict(KW, resolution=32, seed=2)
-    reference = build_loader(ramp_betons["jpeg"], backend="dali", workers=1, **kw)
+    reference = build_loader(ramp_betons["jpeg"], options=LoaderOptions("dali", workers=1), **kw)
     x32 = next(iter(reference))[0]
     for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)):
-        loader = build_loader(ramp_betons["jpeg"], backend="dali", workers=1, **{**kw, "dtype": dtype})
+        loader = build_loader(
+            ramp_betons["jpeg"],
+            options=LoaderOptions("dali", workers=1),
+            **{**kw, "placement": Placement("cpu", dtype)},
+        )
         x = next(iter(loader))[0]
         assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(x.float(), x32, rtol=tol, atol=tol)
@@ -218,9 +222,9 @@ def test_damaged_jpeg_bytes_stop_with_a_line_naming_the_sample(ramp_betons, tmp_
     # Run apart: on some bad JPEGs DALI 2.4's CPU decoder crashes the process instead of raising.
     sample, label = _damage(ramp_betons["jpeg"], tmp_path / "betons", how, sample=13)
     script = (
-        "import torch; from pipeline import build_loader\n"
-        f"loader = build_loader({str(tmp_path / 'betons')!r}, backend='dali', batch_size=8, resolution=24, "
-        "workers=1, device='cpu', dtype=torch.float32, verbose=False)\n"
+        "import torch; from pipeline import LoaderOptions, Placement, build_loader\n"
+        f"loader = build_loader({str(tmp_path / 'betons')!r}, batch_size=8, resolution=24, "
+        "placement=Placement('cpu', torch.float32), options=LoaderOptions('dali', workers=1), verbose=False)\n"
         "for _ in loader: pass\n"
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -279,9 +283,9 @@ def test_knobs_default_per_gpu_kind(monkeypatch):
 
 def test_contract_order_matches_ffcv_on_the_coded_betons(coded_betons):
     """The coded betons hold raw and JPEG samples of four classes: the same sample ids as ffcv, epoch by epoch."""
-    kw = dict(KW, resolution=24, seed=2, rank=1, world_size=2)
-    dali = build_loader(coded_betons, backend="dali", workers=2, **kw)
-    ffcv = build_loader(coded_betons, backend="ffcv", workers=2, **kw)
+    kw = dict(KW, resolution=24, seed=2, placement=CPU_TWO_RANKS)
+    dali = build_loader(coded_betons, options=LoaderOptions("dali", workers=2), **kw)
+    ffcv = build_loader(coded_betons, options=LoaderOptions("ffcv", workers=2), **kw)
     for epoch in (0, 1):
         dali.set_epoch(epoch)
         ffcv.set_epoch(epoch)
@@ -296,7 +300,7 @@ def test_a_dropped_loader_frees_its_pipeline_without_the_garbage_collector(ramp_
     import gc
     import weakref
 
-    loader = build_loader(ramp_betons[stored], backend="dali", resolution=24, workers=2, **KW)
+    loader = build_loader(ramp_betons[stored], options=LoaderOptions("dali", workers=2), resolution=24, **KW)
     it = iter(loader)
     next(it)  # an abandoned loop, with batches still queued
     del it

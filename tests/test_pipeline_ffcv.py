@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids, sample_ids
+from _pipeline_helpers import CPU, epoch_ids, sample_ids
 from conftest import requires_ffcv
 from PIL import Image
 
-from pipeline import build_loader, denormalize
+from pipeline import FFCVOptions, LoaderOptions, Placement, build_loader, denormalize
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 
 pytestmark = [
@@ -52,9 +52,8 @@ def test_train_crops_are_cut_at_the_keyed_boxes_and_flipped(ramp_betons, batch_s
         ramp_betons,
         batch_size=batch_size,
         resolution=res,
-        workers=2,
-        device="cpu",
-        dtype=torch.float32,
+        placement=CPU,
+        options=LoaderOptions(workers=2),
         seed=11,
         verbose=False,
     )
@@ -86,9 +85,8 @@ def test_val_is_the_centre_crop(ramp_betons):
         split="val",
         batch_size=8,
         resolution=35,
-        workers=1,
-        device="cpu",
-        dtype=torch.float32,
+        placement=CPU,
+        options=LoaderOptions(workers=1),
         drop_last=False,
         verbose=False,
     )
@@ -101,11 +99,9 @@ def test_val_is_the_centre_crop(ramp_betons):
 
 
 def test_same_order_as_the_torchvision_backend(coded_root, coded_betons):
-    kw = dict(
-        batch_size=8, resolution=24, device="cpu", dtype=torch.float32, seed=2, rank=1, world_size=2, verbose=False
-    )
-    ffcv = build_loader(coded_betons, backend="ffcv", workers=2, **kw)
-    tv = build_loader(coded_root, backend="torchvision", workers=0, **kw)
+    kw = dict(batch_size=8, resolution=24, placement=Placement("cpu", torch.float32, rank=1, world_size=2), seed=2)
+    ffcv = build_loader(coded_betons, options=LoaderOptions("ffcv", workers=2), verbose=False, **kw)
+    tv = build_loader(coded_root, options=LoaderOptions("torchvision", workers=0), verbose=False, **kw)
     ffcv.set_epoch(3)
     tv.set_epoch(3)
     assert epoch_ids(ffcv) == epoch_ids(tv)
@@ -113,7 +109,7 @@ def test_same_order_as_the_torchvision_backend(coded_root, coded_betons):
 
 def test_resolution_change_reuses_the_compiled_pipeline(coded_betons):
     loader = build_loader(
-        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+        coded_betons, batch_size=8, resolution=24, placement=CPU, options=LoaderOptions(workers=2), verbose=False
     )
     assert next(iter(loader))[0].shape[-1] == 24
     code = loader._ffcv.code
@@ -129,13 +125,8 @@ def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
             coded_betons,
             batch_size=6,
             resolution=24,
-            workers=2,
-            device="cpu",
-            dtype=torch.float32,
-            rank=rank,
-            world_size=2,
-            os_cache=False,
-            order="quasi_random",
+            placement=Placement("cpu", torch.float32, rank=rank, world_size=2),
+            options=LoaderOptions(workers=2, ffcv=FFCVOptions(os_cache=False, order="quasi_random")),
             verbose=False,
         )
         assert len(loader) == 4
@@ -150,7 +141,13 @@ def test_process_cache_with_page_grouped_order_on_two_ranks(coded_betons):
 
 def test_batch_buffers_are_allocated_once_per_resolution(coded_betons):
     loader = build_loader(
-        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, seed=5, verbose=False
+        coded_betons,
+        batch_size=8,
+        resolution=24,
+        placement=CPU,
+        options=LoaderOptions(workers=2),
+        seed=5,
+        verbose=False,
     )
     buffers = loader._ffcv.buffers
     first = epoch_ids(loader)
@@ -171,7 +168,13 @@ def test_batch_buffers_are_allocated_once_per_resolution(coded_betons):
 
 def test_abandoned_and_overlapping_loops_keep_their_batches(coded_betons):
     loader = build_loader(
-        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, seed=6, verbose=False
+        coded_betons,
+        batch_size=8,
+        resolution=24,
+        placement=CPU,
+        options=LoaderOptions(workers=2),
+        seed=6,
+        verbose=False,
     )
     loader.set_epoch(2)
     full = {2: epoch_ids(loader), 3: epoch_ids(loader)}
@@ -194,7 +197,7 @@ def test_building_and_running_a_loader_keeps_torch_thread_count(coded_betons):
     torch.set_num_threads(1)
     try:
         loader = build_loader(
-            coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+            coded_betons, batch_size=8, resolution=24, placement=CPU, options=LoaderOptions(workers=2), verbose=False
         )
         assert torch.get_num_threads() == 1
         epoch_ids(loader)
@@ -210,7 +213,7 @@ def test_building_and_running_a_loader_keeps_torch_thread_count(coded_betons):
 
 def test_loader_names_its_threads_and_threading_layer(coded_betons):
     loader = build_loader(
-        coded_betons, batch_size=8, resolution=24, workers=2, device="cpu", dtype=torch.float32, verbose=False
+        coded_betons, batch_size=8, resolution=24, placement=CPU, options=LoaderOptions(workers=2), verbose=False
     )
     assert re.search(r"; 2 decoding threads, numba (tbb|omp|workqueue) layer$", loader.describe())
 
@@ -273,9 +276,9 @@ def test_the_first_ffcv_loader_keeps_torch_thread_count(coded_betons):
     from conftest import REPO
 
     code = (
-        "import torch\ntorch.set_num_threads(2)\nfrom pipeline import build_loader\n"
-        f"build_loader({str(coded_betons)!r}, backend='ffcv', batch_size=8, resolution=16, workers=1, "
-        "device='cpu', dtype=torch.float32, verbose=False)\nprint(torch.get_num_threads())\n"
+        "import torch\ntorch.set_num_threads(2)\nfrom pipeline import LoaderOptions, Placement, build_loader\n"
+        f"build_loader({str(coded_betons)!r}, batch_size=8, resolution=16, placement=Placement('cpu', torch.float32), "
+        "options=LoaderOptions('ffcv', workers=1), verbose=False)\nprint(torch.get_num_threads())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.stdout.split()[-1:] == ["2"], done.stdout + done.stderr
@@ -283,7 +286,7 @@ def test_the_first_ffcv_loader_keeps_torch_thread_count(coded_betons):
 
 def test_auto_workers_for_every_backend(monkeypatch):
     """--workers -1 (the trainer's default): each rank's share of the cores minus one, for any backend."""
-    from pipeline.build import auto_workers
+    from pipeline.contract import auto_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

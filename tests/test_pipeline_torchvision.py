@@ -9,28 +9,20 @@ import time
 import numpy as np
 import pytest
 import torch
-from _pipeline_helpers import epoch_ids, sample_ids
+from _pipeline_helpers import CPU, epoch_ids, sample_ids
 from conftest import REPO
 from PIL import Image
 
 from dataset_tools.files import DataFolderError
-from pipeline import build_loader
+from pipeline import LoaderOptions, Placement, build_loader
 from pipeline.crops import random_resized_crop_boxes, sample_keys
 from pipeline.torchvision_loader import FolderCrops
 
 
 def test_worker_processes_give_the_same_batches_as_the_main_process(synth_root):
-    kw = dict(
-        split="train",
-        backend="torchvision",
-        batch_size=8,
-        resolution=32,
-        device="cpu",
-        dtype=torch.float32,
-        seed=1,
-        verbose=False,
-    )
-    in_process, workers = build_loader(synth_root, workers=0, **kw), build_loader(synth_root, workers=2, **kw)
+    kw = dict(split="train", batch_size=8, resolution=32, placement=CPU, seed=1, verbose=False)
+    in_process = build_loader(synth_root, options=LoaderOptions("torchvision", workers=0), **kw)
+    workers = build_loader(synth_root, options=LoaderOptions("torchvision", workers=2), **kw)
     for epoch in (0, 1):  # the second epoch runs on the same persistent workers
         in_process.set_epoch(epoch)
         workers.set_epoch(epoch)
@@ -78,12 +70,10 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     loader = build_loader(
         tmp_path,
-        backend="torchvision",
         batch_size=1,
         resolution=16,
-        workers=0,
-        device="cpu",
-        dtype=torch.float32,
+        placement=CPU,
+        options=LoaderOptions("torchvision", workers=0),
         verbose=False,
     )
     with pytest.raises(DataFolderError, match="broken.JPEG: cannot be decoded"):
@@ -93,12 +83,12 @@ def test_unreadable_image_error_names_the_file(tmp_path, coded_root):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(coded_root):
     with pytest.raises(RuntimeError, match="device is cuda but torch sees no GPU"):
-        build_loader(coded_root, backend="torchvision", device="cuda", verbose=False)
+        build_loader(coded_root, placement=Placement("cuda"), options=LoaderOptions("torchvision"), verbose=False)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither train.beton nor a train/ image folder"):
-        build_loader(tmp_path, device="cpu", verbose=False)
+        build_loader(tmp_path, placement=CPU, verbose=False)
 
 
 def _coded_copy(tmp_path, **kw):
@@ -113,17 +103,9 @@ def test_undecodable_image_is_replaced_by_the_next_file_and_named_once(tmp_path,
     root = _coded_copy(tmp_path, classes=2, train_per_class=6, val_per_class=2)
     (root / "train" / "n00000000" / "img_0002.JPEG").write_bytes(b"")  # index 2: replaced by index 3 (class 0)
     (root / "train" / "n00000000" / "img_0005.JPEG").write_bytes(b"<html>404</html>")  # index 5: by class 1's first
-    kw = dict(
-        split="train",
-        backend="torchvision",
-        batch_size=4,
-        resolution=16,
-        device="cpu",
-        dtype=torch.float32,
-        seed=3,
-        verbose=False,
-    )
-    in_process, workers = build_loader(root, workers=0, **kw), build_loader(root, workers=2, **kw)
+    kw = dict(split="train", batch_size=4, resolution=16, placement=CPU, seed=3, verbose=False)
+    in_process = build_loader(root, options=LoaderOptions("torchvision", workers=0), **kw)
+    workers = build_loader(root, options=LoaderOptions("torchvision", workers=2), **kw)
     expected_id = {2: (0, 3), 5: (1, 0)}
     for epoch in (0, 1):
         in_process.set_epoch(epoch)
@@ -149,12 +131,10 @@ def test_a_split_of_undecodable_files_stops_with_one_line(tmp_path):
         p.write_bytes(b"")
     loader = build_loader(
         root,
-        backend="torchvision",
         batch_size=2,
         resolution=16,
-        workers=1,
-        device="cpu",
-        dtype=torch.float32,
+        placement=CPU,
+        options=LoaderOptions("torchvision", workers=1),
         verbose=False,
     )
     with pytest.raises(DataFolderError, match=r"img_000\d.JPEG: cannot be decoded .* no file of .* can be decoded"):
@@ -163,9 +143,9 @@ def test_a_split_of_undecodable_files_stops_with_one_line(tmp_path):
 
 _EXIT_PROBE = """
 import sys, torch
-from pipeline import build_loader
-loader = build_loader(sys.argv[1], backend="torchvision", batch_size=4, resolution=16, workers=1, device="cpu",
-                      dtype=torch.float32, verbose=False)
+from pipeline import LoaderOptions, Placement, build_loader
+loader = build_loader(sys.argv[1], batch_size=4, resolution=16, placement=Placement("cpu", torch.float32),
+                      options=LoaderOptions("torchvision", workers=1), verbose=False)
 next(iter(loader))
 if sys.argv[2] == "raise":
     raise RuntimeError("an error anywhere after the workers started")
@@ -185,9 +165,9 @@ def test_process_with_live_workers_exits(tmp_path, coded_root, how):
 
 _ORPHAN_PROBE = """
 import os, sys, time, torch
-from pipeline import build_loader
-loader = build_loader(sys.argv[1], backend="torchvision", batch_size=4, resolution=16, workers=2, device="cpu",
-                      dtype=torch.float32, verbose=False)
+from pipeline import LoaderOptions, Placement, build_loader
+loader = build_loader(sys.argv[1], batch_size=4, resolution=16, placement=Placement("cpu", torch.float32),
+                      options=LoaderOptions("torchvision", workers=2), verbose=False)
 it = iter(loader)
 next(it)
 print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
@@ -304,7 +284,7 @@ def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
         return real_scandir(path)
 
     kw = dict(
-        backend="torchvision", batch_size=4, resolution=16, workers=0, device="cpu", dtype=torch.float32, verbose=False
+        batch_size=4, resolution=16, placement=CPU, options=LoaderOptions("torchvision", workers=0), verbose=False
     )
     monkeypatch.setattr(files.os, "scandir", scandir)
     with pytest.raises(DataFolderError, match="n00000001: cannot be listed .Permission denied.; check its perm"):

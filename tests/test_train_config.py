@@ -209,24 +209,19 @@ def test_loader_options_are_flags_and_are_checked(tmp_path):
         "--skip-listed-in",
         str(report),
     )
-    assert cfg.loader_options() == {
-        "os_cache": False,
-        "order": "quasi_random",
-        "hw_decoder_load": 0.3,
-        "dali_threads": 4,
-        "dali_prefetch": 3,
-        "nvjpeg_padding_mb": 64,
-        "skip_listed_in": str(report),
-    }
-    assert parse("--data-dir", str(data)).loader_options() == {
-        "os_cache": True,
-        "order": "random",
-        "hw_decoder_load": -1.0,
-        "dali_threads": 0,
-        "dali_prefetch": 0,
-        "nvjpeg_padding_mb": -1,
-        "skip_listed_in": None,
-    }  # -1 and 0: the GPU kind's defaults (pipeline.dali_tuning)
+    from pipeline import DALIOptions, FFCVOptions, LoaderOptions
+    from training.components import loader_options
+
+    assert loader_options(cfg) == LoaderOptions(
+        backend="auto",
+        workers=-1,
+        ffcv=FFCVOptions(os_cache=False, order="quasi_random"),
+        dali=DALIOptions(hw_decoder_load=0.3, threads=4, prefetch=3, nvjpeg_padding_mb=64),
+        skip_listed_in=str(report),
+    )
+    assert loader_options(parse("--data-dir", str(data))) == LoaderOptions(
+        dali=DALIOptions(hw_decoder_load=-1.0, threads=0, prefetch=0, nvjpeg_padding_mb=-1)
+    )  # -1 and 0: the GPU kind's defaults (pipeline.dali_tuning)
     with pytest.raises(ValueError, match="--skip-listed-in .*missing.json: no such file"):
         parse("--data-dir", str(data), "--skip-listed-in", str(tmp_path / "missing.json"))
     assert (

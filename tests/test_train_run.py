@@ -195,16 +195,11 @@ def test_loader_flags_reach_the_loader_and_a_process_cache_run_trains(coded_beto
     seen = []
     real = components.build_loader
 
-    def spy(*args, **kwargs):
-        loader = real(*args, **kwargs)
+    def spy(data_dir, split, **kwargs):
+        loader = real(data_dir, split, **kwargs)
+        ffcv = kwargs["options"].ffcv
         seen.append(
-            (
-                kwargs["split"],
-                kwargs["os_cache"],
-                kwargs["order"],
-                loader.backend,
-                getattr(loader, "_sample_pages", None) is not None,
-            )
+            (split, ffcv.os_cache, ffcv.order, loader.backend, getattr(loader, "_sample_pages", None) is not None)
         )
         return loader
 

@@ -12,9 +12,10 @@ Layout under `<output_dir>/checkpoints/<run>/`:
 
 A checkpoint is a dict of plain containers and tensors only (no pickled classes), so `torch.load(weights_only=True)`
 reads it: model (unwrapped, uncompiled state_dict), optimizer, scheduler (step bookkeeping), scaler, ema, epoch and
-step counters, the loader position (epoch, batch, seed, resolution, ranks, batch size), the phase (`Position`) with
-the epoch's running sums, the loaders' own states where a backend has one (DALI), the RNG states of every rank, the
-last epoch's log record, and the config. The RNG states are gathered to rank 0 into this one file rather than
+step counters, the loader position (epoch, batch, seed, resolution, ranks, batch size: every backend's order and
+crops are pure functions of these, so no loader state is kept), the phase (`Position`) with the epoch's running sums,
+the RNG states of every rank, the last epoch's log record, and the config. (Checkpoints written before this carry a
+"loader_states" entry of Nones; it is ignored.) The RNG states are gathered to rank 0 into this one file rather than
 written one file per rank: a single os.replace then commits the whole run's state at once, with no moment where
 ranks' files disagree, and they are small (a few kB per rank).
 """
@@ -171,7 +172,6 @@ def pack(
     scaler: dict,
     ema: dict | None,
     loader: dict,
-    loader_states: list | None,
     rng: list[dict],
     config: dict,
     classes: list[str],
@@ -181,8 +181,7 @@ def pack(
     **extra,
 ) -> dict:
     """The checkpoint of a run at `at`. loader: the loader's setting (seed, resolution, ranks, batch size, ...; the
-    position is added from `at`); loader_states: each rank's backend state (DALI) or None; rng: each rank's RNG
-    states; threads: the CPU thread count of a --deterministic run, else None; metrics: the last logged epoch record
+    position is added from `at`); rng: each rank's RNG states; threads: the CPU thread count of a --deterministic run, else None; metrics: the last logged epoch record
     (so a kill between the checkpoint and the log write loses no log line); extra: entries such as
     rank_weight_fingerprints."""
     state = {
@@ -198,7 +197,6 @@ def pack(
         "next_epoch": at.epoch,
         "step": at.step,
         "loader": {"epoch": at.epoch, "batch": at.batch, **loader},
-        "loader_states": loader_states if at.phase == "mid_epoch" else None,
         "rng": rng,
         "config": config,
         "classes": classes,
@@ -290,11 +288,6 @@ class Checkpoint:
         """The loader's position and setting: epoch, batch, seed, resolution, world_size, batch_size, grad_accum,
         num_samples, backend, order."""
         return self.state.get("loader") or {}
-
-    def loader_state(self, rank: int, world_size: int) -> dict | None:
-        """This rank's backend state of a mid-epoch checkpoint written by as many ranks, else None."""
-        states = self.state.get("loader_states") or []
-        return states[rank] if len(states) == world_size else None
 
     def rng(self, rank: int, world_size: int) -> dict | None:
         """This rank's RNG states if the checkpoint was written by as many ranks, else None."""

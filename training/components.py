@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import Loader, Recipe, build_loader
+from pipeline import Crops, DALIOptions, FFCVOptions, Loader, LoaderOptions, Placement, Recipe, build_loader
 from training.config import TrainConfig
 from training.distributed import DistContext
 from training.ema import ModelEMA
@@ -41,24 +41,34 @@ def make_loader(
     batches of --val-batch-size (default --batch-size) without it (every image counted once). val_crop_ratio: the
     centre crop's side / shorter side (None: the loaders' 224/256; `rn50 eval --crop-ratio`)."""
     train = split == "train"
-    batch = batch_size or (cfg.batch_size if train else cfg.val_batch_size or cfg.batch_size)
-    crop = {} if val_crop_ratio is None else {"val_crop_ratio": val_crop_ratio}
     return build_loader(
         cfg.data_dir,
-        split=split,
-        backend=cfg.loader,
-        batch_size=batch,
+        split,
+        batch_size=batch_size or (cfg.batch_size if train else cfg.val_batch_size or cfg.batch_size),
         resolution=resolution,
-        workers=cfg.workers,
-        device=ctx.device,
-        dtype=dtype,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
+        placement=Placement(ctx.device, dtype, ctx.rank, ctx.world_size),
+        options=loader_options(cfg, val_crop_ratio),
         seed=cfg.seed,
         drop_last=train,
         verbose=ctx.is_main,
-        **crop,
-        **cfg.loader_options(),
+    )
+
+
+def loader_options(cfg: TrainConfig, val_crop_ratio: float | None = None) -> LoaderOptions:
+    """The config's loader flags as build_loader's options; the trainer never picks DALI's source (it reads the
+    beton when there is one). DALI's -1 and 0 stand for the GPU kind's defaults (pipeline.dali_tuning)."""
+    return LoaderOptions(
+        backend=cfg.loader,
+        workers=cfg.workers,
+        crops=Crops() if val_crop_ratio is None else Crops(val_crop_ratio=val_crop_ratio),
+        ffcv=FFCVOptions(os_cache=cfg.os_cache, order=cfg.loader_order),
+        dali=DALIOptions(
+            hw_decoder_load=cfg.hw_decoder_load,
+            threads=cfg.dali_threads,
+            prefetch=cfg.dali_prefetch,
+            nvjpeg_padding_mb=cfg.nvjpeg_padding_mb,
+        ),
+        skip_listed_in=cfg.skip_listed_in or None,
     )
 
 

@@ -215,18 +215,6 @@ class TrainConfig:
     def progressive(self) -> bool:
         return self.min_res > 0 and self.max_res > 0
 
-    def loader_options(self) -> dict[str, Any]:
-        """build_loader's backend options; each backend takes its own and ignores the rest."""
-        return dict(
-            os_cache=self.os_cache,
-            order=self.loader_order,
-            hw_decoder_load=self.hw_decoder_load,
-            dali_threads=self.dali_threads,
-            dali_prefetch=self.dali_prefetch,
-            nvjpeg_padding_mb=self.nvjpeg_padding_mb,
-            skip_listed_in=self.skip_listed_in or None,
-        )
-
     def validate(self) -> list[str]:
         """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
         problems = []

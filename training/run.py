@@ -121,9 +121,8 @@ class Run:
     # ---- checkpoints
 
     def pack(self, at: Position, **extra) -> dict | None:
-        """The run's checkpoint at `at` on rank 0, None elsewhere. Every rank must call it (it gathers RNG states
-        and loader states)."""
-        gathered = all_gather_object((ckpt.rng_state(), self.train_loader.position_state()), self.ctx, self.group)
+        """The run's checkpoint at `at` on rank 0, None elsewhere. Every rank must call it (it gathers RNG states)."""
+        rng = all_gather_object(ckpt.rng_state(), self.ctx, self.group)
         if not self.ctx.is_main:
             return None
         cfg, p = self.cfg, self.parts
@@ -146,8 +145,7 @@ class Run:
             scaler=p.scaler.state_dict(),
             ema=p.ema.state_dict() if p.ema else None,
             loader=loader,
-            loader_states=[g[1] for g in gathered],
-            rng=[g[0] for g in gathered],
+            rng=rng,
             config=to_dict(cfg),
             classes=self.train_loader.classes,
             best_top1=self.best_top1,
@@ -446,8 +444,7 @@ def restore(run: Run, saved: Checkpoint) -> None:
         log0(ctx, f"--deterministic: {saved.threads} CPU threads as in the saved run (not {torch.get_num_threads()})")
         torch.set_num_threads(saved.threads)
         run.threads = saved.threads
-    if pos.phase == "mid_epoch":  # the loader continues inside an epoch: its own state, and what changed
-        loader.restore_position(pos.epoch, pos.batch, saved.loader_state(ctx.rank, ctx.world_size))
+    if pos.phase == "mid_epoch":  # the loader continues inside an epoch: say what changed
         backend = saved.loader.get("backend", loader.backend)
         if backend != loader.backend:
             log0(
