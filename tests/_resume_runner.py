@@ -53,7 +53,7 @@ def main() -> int:
 
     import torch
 
-    from training import checkpoint, engine, trainer
+    from training import checkpoint, trainer
 
     counts = {"step": 0, "val": 0, "write": 0, "epoch_end": 0}
 
@@ -65,7 +65,7 @@ def main() -> int:
             sys.stdout.flush()
             os.kill(os.getpid(), signum)
 
-    train_step = engine.train_step
+    train_step = trainer.train_step  # the epoch loop's step (training.engine.train_step)
 
     def counted_step(*args, **kwargs):
         out = train_step(*args, **kwargs)
@@ -73,7 +73,7 @@ def main() -> int:
         hit("step")
         return out
 
-    engine.train_step = counted_step
+    trainer.train_step = counted_step
 
     evaluate = trainer.evaluate
 

@@ -104,12 +104,12 @@ def test_dali_resumes_mid_epoch_bit_identical(synth_root, tmp_path_factory, monk
     """DALI cuts the crops our callback computes from (seed, epoch, index), so a resumed epoch cuts the same crops
     with no DALI state saved. Checked on the CPU pipeline from the image folders; a
     SIGTERM (in-process) stops the first try."""
-    from training import engine
+    from training import trainer
 
     kw = dict(loader="dali", workers=2, device="cpu", epochs=1)
     expected = reference("dali", synth_root, tmp_path_factory, **kw)
     out = tmp_path_factory.mktemp("stopped_dali")
-    train_step, steps = engine.train_step, []
+    train_step, steps = trainer.train_step, []
 
     def step_then_sigterm(*args, **kwargs):
         result = train_step(*args, **kwargs)
@@ -118,13 +118,39 @@ def test_dali_resumes_mid_epoch_bit_identical(synth_root, tmp_path_factory, monk
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(engine, "train_step", step_then_sigterm)
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
     assert run_in_process(flags(synth_root, out, checkpoint_every=0, **kw)) == 143
     state = latest(out)
     assert state["phase"] == "mid_epoch" and state["loader"]["batch"] == 4
     assert "loader_states" not in state  # nothing but (epoch, batch) to save
-    monkeypatch.setattr(engine, "train_step", train_step)
+    monkeypatch.setattr(trainer, "train_step", train_step)
     assert run_in_process(flags(synth_root, out, checkpoint_every=0, resume="yes", **kw)) == 0
+    assert_same_final_state(expected, out)
+
+
+def test_a_checkpoint_with_the_old_loader_states_entry_resumes_bit_identical(synth_root, tmp_path_factory, monkeypatch):
+    """Checkpoints written while loaders still had a state hook carry "loader_states": [None] (one None per rank);
+    such a mid-epoch checkpoint loads and resumes like any other: the entry is ignored."""
+    from training import trainer
+
+    expected = reference("torchvision", synth_root, tmp_path_factory)
+    out = tmp_path_factory.mktemp("old_entry")
+    train_step, steps = trainer.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_sigterm)
+    assert run_in_process(flags(synth_root, out)) == 143
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    state = latest(out)
+    assert (state["phase"], state["step"]) == ("mid_epoch", 3)
+    atomic_save({**state, "loader_states": [None]}, out / "checkpoints" / "r" / "checkpoint.pt")
+    assert run_in_process(flags(synth_root, out, resume="yes")) == 0
     assert_same_final_state(expected, out)
 
 

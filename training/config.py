@@ -1,7 +1,7 @@
 """The one training config: a typed dataclass, YAML presets and command-line flags built from the same fields.
 
 Precedence, lowest first: the dataclass defaults, then (on `--resume`) the config saved with the run, then the
-`--config` preset, then the flags given on the command line. Every field is a flag (`max_lr` -> `--max-lr`) and a
+`--config` preset, then the flags given on the command line (`resolve`, all four layers). Every field is a flag (`max_lr` -> `--max-lr`) and a
 YAML key (`max_lr: 0.4`); an unknown YAML key is an error naming the key and the file. This module imports no torch,
 so bad flags and a missing data folder fail in well under a second.
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from training.layout import RunPaths
+
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -46,7 +48,7 @@ class ConfigError(ValueError):
     """A bad key, value or file; the message names it and says what would be accepted."""
 
 
-def _f(
+def option(
     default: Any,
     help: str,
     choices: tuple[str, ...] | None = None,
@@ -65,69 +67,69 @@ def _f(
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data ---
-    data_dir: str = _f("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
-    loader: str = _f(
+    data_dir: str = option("", "folder with train.beton/val.beton (ffcv) or train/ and val/ class folders")
+    loader: str = option(
         "auto",
         "data loader backend (auto: an all-JPEG beton + DALI + GPU -> dali; other betons -> ffcv; "
         "image folders: DALI + GPU -> dali, else torchvision)",
         LOADERS,
     )
-    workers: int = _f(
+    workers: int = option(
         -1,
         "loader worker threads/processes per GPU; -1: this GPU's share of the cores minus one, left "
         "to the training process",
     )
-    batch_size: int = _f(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
-    val_batch_size: int = _f(0, "validation batch per GPU (0: same as --batch-size)")
-    num_classes: int = _f(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
-    os_cache: bool = _f(
+    batch_size: int = option(256, "images per GPU per step (global batch = batch_size x GPUs x grad_accum)")
+    val_batch_size: int = option(0, "validation batch per GPU (0: same as --batch-size)")
+    num_classes: int = option(0, "expected number of classes; 0 takes it from the dataset, else a mismatch is an error")
+    os_cache: bool = option(
         True,
         "ffcv: map the betons and let the OS page cache hold them (best when they fit in RAM); "
         "--no-os-cache: FFCV's process cache, for betons bigger than RAM (with --loader-order "
         "quasi_random)",
     )
-    loader_order: str = _f(
+    loader_order: str = option(
         "random",
         "ffcv train order: random, or quasi_random (shuffles pages, then samples within "
         "a window of them: far fewer pages read at a time; less random batches)",
         LOADER_ORDERS,
     )
-    hw_decoder_load: float = _f(
+    hw_decoder_load: float = option(
         -1.0,
         "dali: share of the JPEGs sent to the A100/H100/H200 hardware JPEG decoder; -1: "
         "the GPU's default (0.99 on H100/H200, NVIDIA's MLPerf setting; DALI's 0.65 "
         "elsewhere)",
     )
-    dali_threads: int = _f(
+    dali_threads: int = option(
         0, "dali: CPU threads of each DALI pipeline; 0: 6 on H100/H200 (NVIDIA's MLPerf setting), else --workers"
     )
-    dali_prefetch: int = _f(
+    dali_prefetch: int = option(
         0, "dali: batches each DALI pipeline prepares ahead; 0: 5 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 2"
     )
-    nvjpeg_padding_mb: int = _f(
+    nvjpeg_padding_mb: int = option(
         -1,
         "dali: nvJPEG device and host buffer padding in MiB, so it never reallocates; -1: "
         "256 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 16 device / 8 host",
     )
-    skip_listed_in: str = _f(
+    skip_listed_in: str = option(
         "",
         "dali/torchvision: a convert_report.json; the files it lists as skipped "
         "(undecodable) are left out, so DALI does not stop on them",
     )
     # --- resolution: fixed --res, or progressive min_res -> max_res between start_ramp and end_ramp ---
-    res: int = _f(224, "training resolution when no progressive schedule is set")
-    val_res: int = _f(224, "validation resolution (centre crop of ratio 224/256, then resized to this)")
-    min_res: int = _f(0, "progressive resizing: resolution up to --start-ramp (0: off, use --res)")
-    max_res: int = _f(0, "progressive resizing: resolution from --end-ramp on")
-    start_ramp: int = _f(0, "progressive resizing: last epoch (0-based) at --min-res")
-    end_ramp: int = _f(0, "progressive resizing: first epoch at --max-res")
-    res_step: int = _f(32, "progressive resizing: resolutions in between are rounded to multiples of this")
+    res: int = option(224, "training resolution when no progressive schedule is set")
+    val_res: int = option(224, "validation resolution (centre crop of ratio 224/256, then resized to this)")
+    min_res: int = option(0, "progressive resizing: resolution up to --start-ramp (0: off, use --res)")
+    max_res: int = option(0, "progressive resizing: resolution from --end-ramp on")
+    start_ramp: int = option(0, "progressive resizing: last epoch (0-based) at --min-res")
+    end_ramp: int = option(0, "progressive resizing: first epoch at --max-res")
+    res_step: int = option(32, "progressive resizing: resolutions in between are rounded to multiples of this")
     # --- model ---
-    arch: str = _f("resnet50", "torchvision ResNet (weights=None)", ARCHS)
-    zero_init_residual: bool = _f(False, "zero-init the last BN of each residual block")
-    blurpool: bool = _f(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
-    channels_last: bool = _f(True, "channels_last memory format for model and inputs")
-    step: str = _f(
+    arch: str = option("resnet50", "torchvision ResNet (weights=None)", ARCHS)
+    zero_init_residual: bool = option(False, "zero-init the last BN of each residual block")
+    blurpool: bool = option(False, "3x3 binomial blur before every strided conv with >= 16 input channels")
+    channels_last: bool = option(True, "channels_last memory format for model and inputs")
+    step: str = option(
         "auto",
         "the train step: eager; compile (torch.compile, once per resolution; checkpoints hold the "
         "plain module); graphs (compile, then forward, backward and SGD update captured as one CUDA "
@@ -135,80 +137,80 @@ class TrainConfig:
         "the CPU and with --deterministic. --compile = --step compile, --no-compile = --step eager",
         STEPS,
     )
-    sgd: str = _f(
+    sgd: str = option(
         "auto",
         "SGD kernels: fused (one kernel; with fp16's GradScaler no host sync per step), foreach; "
         "auto: fused on a GPU, torch's default on the CPU",
         SGD_IMPLS,
     )
     # --- optimisation ---
-    epochs: int = _f(16, "epochs to train")
-    max_lr: float = _f(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
-    lr_ref_batch: int = _f(0, "if > 0, scale max_lr linearly by global_batch / lr_ref_batch")
-    lr_schedule: str = _f("onecycle", "per-step LR schedule", SCHEDULES)
-    pct_start: float = _f(0.3, "onecycle: share of steps spent increasing the LR")
-    div_factor: float = _f(25.0, "onecycle: initial LR = max_lr / div_factor (also cosine/step warm-up start)")
-    final_div_factor: float = _f(1e4, "onecycle: final LR = initial LR / final_div_factor")
-    cycle_momentum: bool = _f(True, "onecycle: cycle momentum inversely to the LR (torch's OneCycleLR default)")
-    base_momentum: float = _f(0.85, "onecycle: momentum at the LR peak")
-    max_momentum: float = _f(0.95, "onecycle: momentum at the start and end")
-    lr_peak_epoch: float = _f(2.0, "triangular: epoch where the linear warm-up peaks (then linear decay to 0)")
-    warmup_epochs: float = _f(0.0, "cosine/step: linear warm-up epochs from max_lr/div_factor")
-    step_epochs: list[int] = _f([30, 60, 80], "step: epochs at which the LR is multiplied by --step-gamma")
-    step_gamma: float = _f(0.1, "step: LR factor at each of --step-epochs")
-    momentum: float = _f(0.9, "SGD momentum (ignored for onecycle with cycle_momentum)")
-    nesterov: bool = _f(False, "Nesterov momentum")
-    weight_decay: float = _f(5e-5, "L2 weight decay; never on BatchNorm parameters or biases")
-    label_smoothing: float = _f(0.1, "label smoothing of the training loss")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    precision: str = _f(
+    epochs: int = option(16, "epochs to train")
+    max_lr: float = option(0.5, "peak learning rate of every schedule, for the global batch (see lr_ref_batch)")
+    lr_ref_batch: int = option(0, "if > 0, scale max_lr linearly by global_batch / lr_ref_batch")
+    lr_schedule: str = option("onecycle", "per-step LR schedule", SCHEDULES)
+    pct_start: float = option(0.3, "onecycle: share of steps spent increasing the LR")
+    div_factor: float = option(25.0, "onecycle: initial LR = max_lr / div_factor (also cosine/step warm-up start)")
+    final_div_factor: float = option(1e4, "onecycle: final LR = initial LR / final_div_factor")
+    cycle_momentum: bool = option(True, "onecycle: cycle momentum inversely to the LR (torch's OneCycleLR default)")
+    base_momentum: float = option(0.85, "onecycle: momentum at the LR peak")
+    max_momentum: float = option(0.95, "onecycle: momentum at the start and end")
+    lr_peak_epoch: float = option(2.0, "triangular: epoch where the linear warm-up peaks (then linear decay to 0)")
+    warmup_epochs: float = option(0.0, "cosine/step: linear warm-up epochs from max_lr/div_factor")
+    step_epochs: list[int] = option([30, 60, 80], "step: epochs at which the LR is multiplied by --step-gamma")
+    step_gamma: float = option(0.1, "step: LR factor at each of --step-epochs")
+    momentum: float = option(0.9, "SGD momentum (ignored for onecycle with cycle_momentum)")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(5e-5, "L2 weight decay; never on BatchNorm parameters or biases")
+    label_smoothing: float = option(0.1, "label smoothing of the training loss")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    precision: str = option(
         "auto", "auto: bf16 where the GPU has it, fp16 + GradScaler on T4/V100, fp32 on CPU", PRECISIONS
     )
     # --- regularisation on the batch (pipeline.augment) and EMA ---
-    mixup: float = _f(0.0, "mixup alpha (0: off)")
-    cutmix: float = _f(0.0, "cutmix alpha (0: off)")
-    mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
-    mix_switch_prob: float = _f(0.5, "with both on, probability of cutmix instead of mixup for a batch")
-    random_erase: float = _f(0.0, "random erasing probability per image (0: off)")
-    auto_augment: str = _f(
+    mixup: float = option(0.0, "mixup alpha (0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (0: off)")
+    mix_prob: float = option(1.0, "probability of applying mixup/cutmix to a batch")
+    mix_switch_prob: float = option(0.5, "with both on, probability of cutmix instead of mixup for a batch")
+    random_erase: float = option(0.0, "random erasing probability per image (0: off)")
+    auto_augment: str = option(
         "none",
         "per-sample policy on the device: autoaugment (AutoAugment's ImageNet policy, the "
         "reference README's) or trivialaugment (TrivialAugmentWide)",
         AUTO_AUGMENT,
     )
-    ema: bool = _f(False, "keep an exponential moving average of the weights, evaluated each epoch")
-    ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
+    ema: bool = option(False, "keep an exponential moving average of the weights, evaluated each epoch")
+    ema_decay: float = option(0.9998, "EMA decay per optimizer step")
     # --- evaluation ---
-    tta: bool = _f(False, "validation adds the logits of the horizontally flipped image")
+    tta: bool = option(False, "validation adds the logits of the horizontally flipped image")
     # --- run, logs, checkpoints ---
-    run_name: str = _f("", "name of the run's folders under logs/, runs/ and checkpoints/ (default: arch-time)")
-    output_dir: str = _f(".", "root of logs/, runs/ and checkpoints/")
-    resume: str = _f(
+    run_name: str = option("", "name of the run's folders under logs/, runs/ and checkpoints/ (default: arch-time)")
+    output_dir: str = option(".", "root of logs/, runs/ and checkpoints/")
+    resume: str = option(
         "no",
         "continue run --run-name from checkpoints/<run>/checkpoint.pt; 'auto': if that file exists, "
         "else start the run (for restarts under torchrun --max-restarts or a job scheduler)",
         RESUME,
         const="yes",
     )
-    checkpoint_every: int = _f(
+    checkpoint_every: int = option(
         0,
         "also write checkpoint.pt every this many optimizer steps inside an epoch, with the "
         "loader position, so a kill costs at most that many steps (0: at epoch ends only)",
     )
-    checkpoint_minutes: float = _f(
+    checkpoint_minutes: float = option(
         0.0, "also write checkpoint.pt when this many minutes passed since the last one (rank 0's clock; 0: off)"
     )
-    deterministic: bool = _f(
+    deterministic: bool = option(
         False,
         "deterministic kernels, no cuDNN autotuning: a killed and resumed run ends "
         "bit-identical to an uninterrupted one on the CPU (GPUs: see README)",
     )
-    keep_last: int = _f(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
-    stop_after_epoch: int = _f(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
-    log_every: int = _f(50, "optimizer steps between TensorBoard points and progress-bar updates")
-    progress: bool = _f(True, "tqdm progress bar per epoch")
-    device: str = _f("auto", "auto: cuda if available, else cpu", DEVICES)
-    seed: int = _f(0, "seed of data order, augmentation and init")
+    keep_last: int = option(0, "keep only the last K per-epoch model_XXX.pt files (0: keep all)")
+    stop_after_epoch: int = option(-1, "stop cleanly after this epoch (0-based) ends, checkpoint written (-1: off)")
+    log_every: int = option(50, "optimizer steps between TensorBoard points and progress-bar updates")
+    progress: bool = option(True, "tqdm progress bar per epoch")
+    device: str = option("auto", "auto: cuda if available, else cpu", DEVICES)
+    seed: int = option(0, "seed of data order, augmentation and init")
 
     # ---- derived values ----
     @property
@@ -217,6 +219,10 @@ class TrainConfig:
 
     def validate(self) -> list[str]:
         """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
+        return self._value_problems() + self._combination_problems()
+
+    def _value_problems(self) -> list[str]:
+        """Each value on its own: choices and ranges."""
         problems = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -261,6 +267,11 @@ class TrainConfig:
                 problems.append(f"--{flag_name(n)} must be in [0, 1]")
         if self.mixup < 0 or self.cutmix < 0:
             problems.append("--mixup and --cutmix are Beta alphas and must be >= 0")
+        return problems
+
+    def _combination_problems(self) -> list[str]:
+        """Values that must fit each other: the resolution ramp, the schedule's epochs, the run to resume."""
+        problems = []
         if (self.min_res > 0) != (self.max_res > 0):
             problems.append("progressive resizing needs both --min-res and --max-res (or neither)")
         if self.progressive:
@@ -440,9 +451,39 @@ def add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> 
         )
 
 
-def resolve(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-    """defaults (or `base`, e.g. a resumed run's config) < --config preset < flags typed on the command line."""
-    cfg = base or TrainConfig()
+def resumed_config(args: argparse.Namespace) -> TrainConfig | None:
+    """The config saved with the run that --resume continues (checkpoints/<run>/config.yaml), or None: no --resume,
+    or --resume auto before the run's first checkpoint. --resume auto continues the run when its checkpoint.pt
+    exists and starts it otherwise, so the same command line serves the first launch and every restart (torchrun
+    --max-restarts, a spot job re-queued). Commands without --resume (lr-find, show-batch) get None."""
+    mode = getattr(args, "resume", "no")
+    if mode == "no":
+        return None
+    if not getattr(args, "run_name", ""):
+        raise ConfigError(f"--resume {mode} needs --run-name (the run to continue)")
+    if run_name_problem(args.run_name):
+        raise ConfigError(run_name_problem(args.run_name))
+    paths = RunPaths(getattr(args, "output_dir", "."), args.run_name)
+    saved, latest = paths.config, paths.latest
+    if mode == "auto" and not latest.is_file():
+        return None
+    if not saved.is_file():
+        raise ConfigError(
+            f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
+            f"{', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})"
+        )
+    if not latest.is_file():
+        raise ConfigError(
+            f"--resume: {latest} not found: run {args.run_name!r} stopped before its first "
+            "checkpoint; start it again with --resume auto (or without --resume)"
+        )
+    return from_dict(load_yaml(saved), str(saved))
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """defaults < the saved config of a run to resume (`resumed_config`) < --config preset < flags typed on the
+    command line."""
+    cfg = resumed_config(args) or TrainConfig()
     if getattr(args, "config", None):
         path = preset_path(args.config)
         cfg = apply_overrides(cfg, load_yaml(path), str(path))

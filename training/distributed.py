@@ -8,6 +8,7 @@ rn50 train ...                                                       no torchrun
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,29 @@ def broadcast_object(obj, ctx: DistContext):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(
+    ctx: DistContext,
+    action: Callable[[], object],
+    failure: Callable[[Exception], str | None],
+    error: type[Exception],
+) -> None:
+    """Rank 0 runs `action` (the others do not); when it raises an exception that `failure` turns into a one-line
+    message, every rank raises `error(message)` together. For what only rank 0 does but every rank must stop on
+    (writing a checkpoint, taking the run's lock, opening the logs): the others would otherwise wait for rank 0 in
+    their next collective. An exception `failure` does not describe (None) propagates on rank 0 as it is."""
+    message = None
+    if ctx.is_main:
+        try:
+            action()
+        except Exception as e:
+            message = failure(e)
+            if message is None:
+                raise
+    message = broadcast_object(message, ctx)
+    if message:
+        raise error(message)
 
 
 def all_gather_object(obj, ctx: DistContext, group=None) -> list:

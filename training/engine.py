@@ -1,8 +1,9 @@
-"""The training step, one epoch of it, and evaluation. Plain functions: everything they touch is passed in.
+"""The training step, what the epoch loop needs around it (micro-batches, the `Meter`), and evaluation. Plain
+functions and small objects: everything they touch is passed in. The epoch loop itself is training.trainer.train_epoch.
 
-Sync points are deliberate: the loop never calls `.item()` except every `log_every` optimizer steps (where the
-window's loss/accuracy are all-reduced over ranks for the progress bar and TensorBoard) and once at the end of the
-epoch. Everything else stays on the device.
+Sync points are deliberate: nothing here calls `.item()` except the Meter, every `log_every` optimizer steps (where
+the window's loss/accuracy are all-reduced over ranks for the progress bar and TensorBoard) and once at the end of
+the epoch. Everything else stays on the device.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -98,10 +99,10 @@ def resolve_step(
     grad_accum: int = 1,
     precision: str = "fp32",
 ) -> tuple[str, str]:
-    """(eager | compile | graphs, why) for --step. auto: compile on a GPU (an H200 measured 6,800 img/s compiled
-    against 4,700 eager for ResNet-50 bf16 at 224 px: ../shared/gpu/README.md), eager on the CPU (compiling costs
-    minutes there and gains little) and with --deterministic (identity after a restart was checked for the eager step
-    only). graphs falls back to compile where a whole-step CUDA graph cannot be captured (training.graphs)."""
+    """(eager | compile | graphs, why) for --step. auto: compile on a GPU (faster than eager there; README, "The
+    train step"), eager on the CPU (compiling costs minutes there and gains little) and with --deterministic (identity
+    after a restart was checked for the eager step only). graphs falls back to compile where a whole-step CUDA graph
+    cannot be captured (training.graphs)."""
     if requested == "auto":
         if device.type != "cuda":
             return "eager", "auto: eager on the CPU"
@@ -250,18 +251,6 @@ class EpochStats:
         return cls(**state)
 
 
-def _timed(it: Iterator, waits: list[float]):
-    """Yield from `it`, adding the time spent blocked in next() to waits[0] (the loader's share of the epoch)."""
-    while True:
-        t0 = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        waits[0] += time.perf_counter() - t0
-        yield item
-
-
 class CaptureFailed(RuntimeError):
     """A CUDA graph of the step (training.graphs) could not be captured; weights and optimizer state are as they
     were before the attempt, so the step can run compiled instead."""
@@ -278,150 +267,116 @@ def _sum_over_ranks(sums: torch.Tensor, count: int, ctx: DistContext) -> list[fl
     return all_reduce_sum(counted, ctx).tolist()
 
 
-# boundary(steps done in this epoch, snapshot) -> stop? Called after every optimizer step. `snapshot()` all-reduces
-# the epoch's running sums (a collective: call it on every rank or on none).
-Boundary = Callable[[int, Callable[[], EpochProgress]], bool]
-
-
-def train_one_epoch(
-    parts: TrainParts,
-    loader,
-    epoch: int,
-    steps_per_epoch: int,
-    ctx: DistContext,
+def micro_batches(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    accum: int,
+    transform: BatchTransform | None = None,
     *,
-    start_batch: int = 0,
-    batch_transform: BatchTransform | None = None,
-    log_every: int = 50,
-    on_log: Callable[[int, dict], None] | None = None,
-    progress: bool = False,
-    resumed: EpochProgress | None = None,
-    boundary: Boundary | None = None,
-) -> EpochStats:
-    """Train one epoch from `start_batch` (0 for a whole epoch; a multiple of grad_accum when resuming mid-epoch,
-    with `resumed` holding the running sums saved at that point). The caller has set the loader's
-    epoch/position/resolution. Only the first steps_per_epoch * grad_accum batches are used, so every optimizer
-    step sees a full accumulated batch.
+    epoch: int = 0,
+    first_batch: int = 0,
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The batches in groups of `accum` (images, targets), one group per optimizer step; a last group short of `accum`
+    is dropped. targets: the labels, or what `transform` (the augmentation recipe) makes of batch number
+    first_batch, first_batch + 1, ... of `epoch` (its draws are keyed by that number)."""
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch, (images, labels) in enumerate(batches, start=first_batch):
+        if transform is not None:
+            images, labels = transform(images, labels, epoch=epoch, batch=batch)
+        group.append((images, labels))
+        if len(group) == accum:
+            yield group
+            group = []
 
-    on_log(step, scalars): called at log intervals with the window's all-reduced loss/top-1, LR, img/s, data wait.
-    boundary: see `Boundary`; returning True ends the epoch there (stats.completed is then False).
-    """
-    parts.model.train()
-    accum = parts.grad_accum
-    if start_batch % accum:
-        raise ValueError(f"start_batch {start_batch} is not a multiple of grad_accum {accum}")
-    first_step = start_batch // accum
-    step = epoch * steps_per_epoch + first_step
-    device = ctx.device
-    resumed = resumed or EpochProgress()
-    # Loss and hit sums stay on the device; sample counts are known on the host. Building a device tensor from a
-    # Python number each step would be a blocking host-to-device copy, i.e. a sync point per step.
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
-    if ctx.is_main:  # the saved sums are all ranks' together: add them once
-        totals += torch.tensor([resumed.loss_sum, resumed.correct], dtype=torch.float64).to(device)
-    window = torch.zeros(2, device=device, dtype=torch.float64)
-    total_n = resumed.samples if ctx.is_main else 0
-    window_n = 0
-    waits = [resumed.data_wait_s]
-    window_start, window_wait, lr = time.perf_counter(), waits[0], parts.schedule.lr_at(step)
-    bar = None
-    if progress and ctx.is_main:
-        from tqdm import tqdm
 
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=first_step,
-            desc=f"epoch {epoch}",
-            unit="step",
-            leave=True,
-            dynamic_ncols=True,
-        )
-    t_start = time.perf_counter() - resumed.seconds
+class Meter:
+    """An epoch's numbers as they accrue: loss and hit sums on the device (a device tensor made from a host number
+    every step would be a blocking copy, a sync per step), sample counts on the host, the time blocked on the loader,
+    the host time of the first step (where torch.compile or a graph capture happen), and the current log window.
+    `resumed`: the running sums a mid-epoch checkpoint saved, all ranks' together (so rank 0 adds them once)."""
 
-    def snapshot() -> EpochProgress:
-        t = _sum_over_ranks(totals, total_n, ctx)
-        return EpochProgress(t[0], t[1], int(t[2]), time.perf_counter() - t_start, waits[0])
+    def __init__(self, ctx: DistContext, lr: float, resumed: EpochProgress | None = None) -> None:
+        resumed = resumed or EpochProgress()
+        self.ctx, self.lr = ctx, lr
+        self.totals = torch.zeros(2, device=ctx.device, dtype=torch.float64)  # loss sum, correct
+        if ctx.is_main:
+            self.totals += torch.tensor([resumed.loss_sum, resumed.correct], dtype=torch.float64).to(ctx.device)
+        self.window = torch.zeros(2, device=ctx.device, dtype=torch.float64)
+        self.samples, self.window_samples = (resumed.samples if ctx.is_main else 0), 0
+        self.wait, self.first_step_s = resumed.data_wait_s, None
+        self.window_start, self.window_wait = time.perf_counter(), self.wait
+        self.started = time.perf_counter() - resumed.seconds
 
-    source = iter(loader)
-    batches = _timed(source, waits)
-    micro: list[tuple[torch.Tensor, torch.Tensor]] = []
-    batch_index = start_batch
-    completed = True
-    first_step_s = None
-    for _ in range(first_step, steps_per_epoch):
-        micro.clear()
-        for images, labels in batches:
-            targets = labels
-            if batch_transform is not None:
-                images, targets = batch_transform(images, labels, epoch=epoch, batch=batch_index)
-            batch_index += 1
-            micro.append((images, targets))
-            if len(micro) == accum:
-                break
-        if len(micro) < accum:
-            break  # the loader ran short (should not happen: len(loader) >= steps_per_epoch * accum)
-        t_step = time.perf_counter()
-        loss_sum, correct, n, lr = train_step(parts, micro, step, device)
-        if first_step_s is None:
-            first_step_s = time.perf_counter() - t_step
+    def timed(self, it: Iterator) -> Iterator:
+        """Yield from `it`, adding the time spent blocked in next() to `wait` (the loader's share of the epoch)."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t0
+            yield item
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, n: int, lr: float, seconds: float) -> None:
+        """One optimizer step's train_step result and its host time."""
         stats = torch.stack([loss_sum.double(), correct.double()])
-        totals += stats
-        window += stats
-        total_n += n
-        window_n += n
-        step += 1
-        if bar is not None:
-            bar.update(1)
-        if step % log_every == 0 or step == (epoch + 1) * steps_per_epoch:
-            w = _sum_over_ranks(window, window_n, ctx)  # the sync point of the loop
-            now = time.perf_counter()
-            wait = waits[0] - window_wait
-            scalars = {
-                "loss": w[0] / max(w[2], 1),
-                "top1": 100.0 * w[1] / max(w[2], 1),
-                "lr": lr,
-                "images_per_s": w[2] / max(now - window_start, 1e-9),
-                "data_wait_pct": 100.0 * wait / max(now - window_start, 1e-9),
-            }
-            if not math.isfinite(scalars["loss"]):
-                raise NonFiniteLoss(
-                    f"training loss is {scalars['loss']} at epoch {epoch}, step {step}; the last "
-                    "checkpoint is intact. Lower --max-lr (rn50 lr-find suggests one) or use "
-                    "--precision fp32 to check for fp16 overflow"
-                )
-            if on_log is not None:
-                on_log(step, scalars)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{scalars['loss']:.3f}",
-                    top1=f"{scalars['top1']:.1f}",
-                    lr=f"{lr:.4g}",
-                    img_s=f"{scalars['images_per_s']:.0f}",
-                )
-            window.zero_()
-            window_n = 0
-            window_start, window_wait = now, waits[0]
-        if boundary is not None and boundary(step - epoch * steps_per_epoch, snapshot):
-            completed = step == (epoch + 1) * steps_per_epoch
-            break
-    if hasattr(source, "close"):
-        source.close()  # an epoch cut short of the loader's end releases the backend's iterator now
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t_start
-    if bar is not None:
-        bar.close()
-    t = _sum_over_ranks(totals, total_n, ctx)
-    return EpochStats(
-        loss=t[0] / max(t[2], 1),
-        top1=100.0 * t[1] / max(t[2], 1),
-        samples=int(t[2]),
-        seconds=seconds,
-        data_wait_s=waits[0],
-        lr=lr,
-        completed=completed,
-        first_step_s=first_step_s or 0.0,
-    )
+        self.totals += stats
+        self.window += stats
+        self.samples += n
+        self.window_samples += n
+        self.lr = lr
+        if self.first_step_s is None:
+            self.first_step_s = seconds
+
+    def close_window(self) -> dict[str, float]:
+        """The window's loss, top-1, LR, img/s and data wait over all ranks (the sync point of the loop); a new
+        window starts."""
+        w = _sum_over_ranks(self.window, self.window_samples, self.ctx)
+        now = time.perf_counter()
+        elapsed = max(now - self.window_start, 1e-9)
+        scalars = {
+            "loss": w[0] / max(w[2], 1),
+            "top1": 100.0 * w[1] / max(w[2], 1),
+            "lr": self.lr,
+            "images_per_s": w[2] / elapsed,
+            "data_wait_pct": 100.0 * (self.wait - self.window_wait) / elapsed,
+        }
+        self.window.zero_()
+        self.window_samples = 0
+        self.window_start, self.window_wait = now, self.wait
+        return scalars
+
+    def snapshot(self) -> EpochProgress:
+        """The epoch's running sums over all ranks so far, for a mid-epoch checkpoint (a collective: call it on
+        every rank or on none)."""
+        t = _sum_over_ranks(self.totals, self.samples, self.ctx)
+        return EpochProgress(t[0], t[1], int(t[2]), time.perf_counter() - self.started, self.wait)
+
+    def result(self, completed: bool) -> EpochStats:
+        """The epoch's stats over all ranks, once its last step has run (completed=False: stopped early)."""
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        seconds = time.perf_counter() - self.started
+        t = _sum_over_ranks(self.totals, self.samples, self.ctx)
+        return EpochStats(
+            loss=t[0] / max(t[2], 1),
+            top1=100.0 * t[1] / max(t[2], 1),
+            samples=int(t[2]),
+            seconds=seconds,
+            data_wait_s=self.wait,
+            lr=self.lr,
+            completed=completed,
+            first_step_s=self.first_step_s or 0.0,
+        )
+
+
+def check_finite(loss: float, epoch: int, step: int) -> None:
+    """A loss that is not finite stops the run (checked at each log window, where the loss is on the host anyway)."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"training loss is {loss} at epoch {epoch}, step {step}; the last checkpoint is intact. Lower --max-lr "
+            "(rn50 lr-find suggests one) or use --precision fp32 to check for fp16 overflow"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

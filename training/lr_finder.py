@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -170,12 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_factor: float) -> int:
-    import torch
-
     from training.components import make_loader, make_parts, seed_everything
-    from training.distributed import all_reduce_sum, cleanup, init_distributed
-    from training.engine import resolve_precision, train_step
-    from training.plots import plot_lr_finder
+    from training.distributed import cleanup, init_distributed
+    from training.engine import resolve_precision
     from training.schedules import train_resolution
 
     ctx = init_distributed(cfg.device)
@@ -185,102 +182,128 @@ def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_fa
         res = train_resolution(cfg, 0)
         loader = make_loader(cfg, "train", ctx, precision.input_dtype, resolution=res)
         parts, _, _ = make_parts(cfg, loader.num_classes, ctx, precision, sweep)
-        model = parts.model
-        model.train()
-        lrs: list[float] = []
-        losses: list[float] = []
-        smoothed: list[float] = []
-        stopped_early = False
         t0 = time.perf_counter()
-        epoch = 0
-        micro: list = []
-        while len(lrs) < sweep.num_iter and not stopped_early:
-            loader.set_epoch(epoch)
-            for images, labels in loader:
-                micro.append((images, labels))
-                if len(micro) < cfg.grad_accum:
-                    continue
-                step = len(lrs)
-                loss_sum, _, n, lr = train_step(parts, micro, step, ctx.device)
-                micro = []
-                stats = all_reduce_sum(
-                    torch.stack([loss_sum.double(), torch.tensor(float(n), device=ctx.device, dtype=torch.float64)]),
-                    ctx,
-                )
-                loss = (stats[0] / stats[1]).item()  # a sync per step: the sweep needs every loss
-                lrs.append(lr)
-                losses.append(loss)
-                smoothed = smooth(losses, beta)
-                if ctx.is_main and cfg.progress and (step % max(1, sweep.num_iter // 20) == 0):
-                    print(f"  step {step:4d}  lr {lr:.3e}  loss {loss:.4f}  smoothed {smoothed[-1]:.4f}", flush=True)
-                if diverged(smoothed, diverge_factor):
-                    stopped_early = True
-                    break
-                if len(lrs) >= sweep.num_iter:
-                    break
-            epoch += 1
-        seconds = time.perf_counter() - t0
+        curve = sweep_losses(parts, loader, ctx, cfg, sweep, beta, diverge_factor)
         if not ctx.is_main:
             return 0
-        try:
-            suggestion = suggest(lrs, smoothed)
-        except ValueError as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 1
-        run = cfg.run_name or f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(cfg.output_dir)
-        global_batch = cfg.batch_size * ctx.world_size * cfg.grad_accum
-        result = {
-            **suggestion,
-            "run_name": run,
-            "global_batch": global_batch,
-            "batch_size": cfg.batch_size,
-            "world_size": ctx.world_size,
-            "grad_accum": cfg.grad_accum,
-            "arch": cfg.arch,
-            "precision": precision.name,
-            "res": res,
-            "data_dir": cfg.data_dir,
-            "loader": loader.backend,
-            "start_lr": sweep.start_lr,
-            "end_lr": sweep.end_lr,
-            "num_iter": sweep.num_iter,
-            "iterations_run": len(lrs),
-            "stopped_early": stopped_early,
-            "smooth": beta,
-            "diverge": diverge_factor,
-            "seconds": seconds,
-            "lrs": lrs,
-            "losses": losses,
-            "smoothed": smoothed,
-        }
-        json_path = out / f"lr_suggestion_{run}.json"
-        print(f"suggested_max_lr {suggestion['suggested_max_lr']:.6g}", flush=True)  # on screen before any write
-        try:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(result, indent=1) + "\n")
-            png = plot_lr_finder(
-                lrs, losses, smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png", run
-            )
-        except OSError as e:
-            print(
-                f"{PROG}: error: could not write {e.filename or out} ({e.strerror or e}); the suggestion is above",
-                file=sys.stderr,
-            )
-            return 1
-        print(
-            f"LR range test: {len(lrs)} steps{' (stopped: loss diverged)' if stopped_early else ''} in "
-            f"{seconds:.0f} s at global batch {global_batch}\n"
-            f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
-            f"steepest descent at LR {suggestion['steepest_lr']:.3g}\n"
-            f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g} (conservative: "
-            f"{suggestion['conservative_max_lr']:.3g})  -> rn50 train ... --max-lr "
-            f"{suggestion['suggested_max_lr']:.3g}\n  plot: {png}\n  json: {json_path}",
-            flush=True,
-        )
-        return 0
+        setup = {"precision": precision.name, "res": res, "loader": loader.backend, "world_size": ctx.world_size}
+        return report(cfg, sweep, curve, setup, beta, diverge_factor, time.perf_counter() - t0)
     finally:
         cleanup()
+
+
+@dataclass
+class Curve:
+    """What a sweep measured: the LR and (all ranks') loss of each step, the smoothed loss, and whether it stopped
+    early because the loss diverged."""
+
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def sweep_losses(parts, loader, ctx, cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge: float) -> Curve:
+    """The sweep: the run's train step at each LR of `sweep`, over as many epochs of the loader as it takes, in the
+    trainer's micro-batches (without the augmentation recipe); stops early when the smoothed loss diverges."""
+    import torch
+
+    from training.distributed import all_reduce_sum
+    from training.engine import micro_batches, train_step
+
+    def epochs():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    parts.model.train()
+    curve = Curve()
+    for step, micro in zip(range(sweep.num_iter), micro_batches(epochs(), cfg.grad_accum)):
+        loss_sum, _, n, lr = train_step(parts, micro, step, ctx.device)
+        stats = all_reduce_sum(
+            torch.stack([loss_sum.double(), torch.tensor(float(n), device=ctx.device, dtype=torch.float64)]), ctx
+        )
+        loss = (stats[0] / stats[1]).item()  # a sync per step: the sweep needs every loss
+        curve.lrs.append(lr)
+        curve.losses.append(loss)
+        curve.smoothed = smooth(curve.losses, beta)
+        if ctx.is_main and cfg.progress and (step % max(1, sweep.num_iter // 20) == 0):
+            print(f"  step {step:4d}  lr {lr:.3e}  loss {loss:.4f}  smoothed {curve.smoothed[-1]:.4f}", flush=True)
+        if diverged(curve.smoothed, diverge):
+            curve.stopped_early = True
+            break
+    return curve
+
+
+def report(
+    cfg: TrainConfig, sweep: ExponentialSweep, curve: Curve, setup: dict, beta: float, diverge: float, seconds: float
+) -> int:
+    """Rank 0: the suggestion on screen, then the JSON and the plot."""
+    from training.plots import plot_lr_finder
+
+    try:
+        suggestion = suggest(curve.lrs, curve.smoothed)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    run = cfg.run_name or f"{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.output_dir)
+    global_batch = cfg.batch_size * setup["world_size"] * cfg.grad_accum
+    result = {
+        **suggestion,
+        "run_name": run,
+        "global_batch": global_batch,
+        "batch_size": cfg.batch_size,
+        "world_size": setup["world_size"],
+        "grad_accum": cfg.grad_accum,
+        "arch": cfg.arch,
+        "precision": setup["precision"],
+        "res": setup["res"],
+        "data_dir": cfg.data_dir,
+        "loader": setup["loader"],
+        "start_lr": sweep.start_lr,
+        "end_lr": sweep.end_lr,
+        "num_iter": sweep.num_iter,
+        "iterations_run": len(curve.lrs),
+        "stopped_early": curve.stopped_early,
+        "smooth": beta,
+        "diverge": diverge,
+        "seconds": seconds,
+        "lrs": curve.lrs,
+        "losses": curve.losses,
+        "smoothed": curve.smoothed,
+    }
+    json_path = out / f"lr_suggestion_{run}.json"
+    print(f"suggested_max_lr {suggestion['suggested_max_lr']:.6g}", flush=True)  # on screen before any write
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        png = plot_lr_finder(
+            curve.lrs, curve.losses, curve.smoothed, suggestion, out / "lr_finder_plots" / f"lr_finder_{run}.png", run
+        )
+    except OSError as e:
+        where = e.filename or out
+        print(f"{PROG}: error: could not write {where} ({e.strerror or e}); the suggestion is above", file=sys.stderr)
+        return 1
+    stopped = " (stopped: loss diverged)" if curve.stopped_early else ""
+    print(
+        f"LR range test: {len(curve.lrs)} steps{stopped} in {seconds:.0f} s at global batch {global_batch}\n"
+        + summary(suggestion)
+        + f"\n  plot: {png}\n  json: {json_path}",
+        flush=True,
+    )
+    return 0
+
+
+def summary(suggestion: dict) -> str:
+    return (
+        f"  min smoothed loss {suggestion['min_smoothed_loss']:.4f} at LR {suggestion['lr_at_min_loss']:.3g}; "
+        f"steepest descent at LR {suggestion['steepest_lr']:.3g}\n"
+        f"  suggested_max_lr {suggestion['suggested_max_lr']:.3g} (conservative: "
+        f"{suggestion['conservative_max_lr']:.3g})  -> rn50 train ... --max-lr {suggestion['suggested_max_lr']:.3g}"
+    )
 
 
 if __name__ == "__main__":

@@ -77,10 +77,10 @@ class StepControl:
         self.signals, self.every, self.seconds = signals, every, minutes * 60.0
         self.is_main, self.agree = is_main, agree
         self.last_save = time.monotonic()
-        self.stop = 0  # the agreed signal number once a stop is decided
+        self.stop_signal = 0  # the agreed signal number once a stop is decided
 
     @property
-    def mid_epoch(self) -> bool:
+    def saves_mid_epoch(self) -> bool:
         """Whether checkpoints are written inside epochs (and so before each validation)."""
         return self.every > 0 or self.seconds > 0
 
@@ -89,7 +89,7 @@ class StepControl:
         due = self.is_main and self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
         signum, due = self.agree([self.signals.requested, int(due)])
         if signum:
-            self.stop = signum
+            self.stop_signal = signum
         return signum, bool(due)
 
     def save_due(self, steps_done: int) -> tuple[int, bool]:

@@ -18,16 +18,7 @@ import dataclasses
 import os
 import sys
 
-from training.config import (
-    ConfigError,
-    Parser,
-    TrainConfig,
-    add_config_flags,
-    from_dict,
-    load_yaml,
-    resolve,
-    run_name_problem,
-)
+from training.config import ConfigError, Parser, TrainConfig, add_config_flags, resolve
 from training.layout import RunPaths
 from training.preflight import DataError, check_data, page_cache_advice
 
@@ -46,33 +37,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < saved config of a resumed run < --config preset < typed flags; then the cheap checks, which also
-    fix num_classes from the data. Raises ConfigError or DataError with a one-line message.
-
-    --resume auto continues the run when checkpoints/<run>/checkpoint.pt exists and starts it otherwise, so the
-    same command line serves the first launch and every restart (torchrun --max-restarts, a spot job re-queued)."""
-    base = None
-    mode = getattr(args, "resume", "no")
-    if mode != "no":
-        if not getattr(args, "run_name", ""):
-            raise ConfigError(f"--resume {mode} needs --run-name (the run to continue)")
-        if run_name_problem(args.run_name):
-            raise ConfigError(run_name_problem(args.run_name))
-        paths = RunPaths(getattr(args, "output_dir", "."), args.run_name)
-        saved, latest = paths.config, paths.latest
-        if mode == "yes" or latest.is_file():
-            if not saved.is_file():
-                raise ConfigError(
-                    f"--resume: {saved} not found; is --output-dir the one the run used? (runs there: "
-                    f"{', '.join(sorted(p.name for p in saved.parents[1].glob('*'))) or 'none'})"
-                )
-            if not latest.is_file():
-                raise ConfigError(
-                    f"--resume: {latest} not found: run {args.run_name!r} stopped before its first "
-                    "checkpoint; start it again with --resume auto (or without --resume)"
-                )
-            base = from_dict(load_yaml(saved), str(saved))
-    cfg = resolve(args, base)
+    """The config (training.config.resolve: defaults < saved config of a resumed run < --config preset < typed
+    flags), then the cheap checks, which also fix num_classes from the data. Raises ConfigError or DataError with a
+    one-line message."""
+    cfg = resolve(args)
     problems = cfg.validate()
     if problems:
         raise ConfigError("; ".join(problems))
