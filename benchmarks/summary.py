@@ -1,5 +1,6 @@
-"""`python -m benchmarks.summary DIR`: one table from every benchmark JSON under DIR (what scripts/gpu_check.sh ends
-with). Rows: train step alone (eager and compiled), loaders, and loader-fed steps with their keep-up ratio."""
+"""`python -m benchmarks.summary DIR`: one Markdown table (DIR/summary.md, also printed) from the step, loader, keepup
+and convert JSON files under DIR, as `rn50 bench` writes them. Rows: the train step alone (eager or compiled), each
+loader alone, each loader feeding the step with its keep-up ratio, and the converters."""
 
 from __future__ import annotations
 

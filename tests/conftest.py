@@ -5,6 +5,13 @@
   A flat colour survives crops, flips and resizes, so any loader's output can be checked against the label.
 - `synth_betons` / `coded_betons`: the same folders converted by `rn50 convert` (train.beton, val.beton, classes.json);
   `coded_betons_jpeg`: all stored as JPEG (--compress-prob 1).
+
+Where each module's tests are (test_<name>.py):
+- dataset_tools: synth, organize_val, convert, inspect, checksums, beton_folder, locks, progress
+- pipeline: pipeline_contract (every backend), pipeline_ffcv / _dali / _dali_beton / _torchvision, pipeline_order, augment
+- training: train_config, schedules, model, step, checkpoint, resume, signals, train_run, ddp, train_scripts, lr_finder,
+  show_batch, eval, eval_weights, export
+- benchmarks: bench, bench_loader, bench_reference, doctor_storage, gpu_visit (the GPU checks' CPU side)
 """
 
 from __future__ import annotations

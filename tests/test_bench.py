@@ -47,6 +47,7 @@ def test_bench_step_rejects_bad_res(capsys):
     assert "unknown lever 'warp-speed'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # one eager ResNet run per lever on the CPU (~35-65 s on 2 cores)
 def test_bench_step_levers_one_row_each(tmp_path):
     """The levers that run without a GPU or a compiler, each against its own input form: uint8 NHWC for
     normalize-inside, 4 channels for pad4."""

@@ -54,7 +54,7 @@ def test_a_converted_folder_is_accepted_with_its_names(betons):
 @requires_ffcv
 @pytest.mark.parametrize("names", [3, 5])
 def test_classes_json_that_does_not_fit_the_labels_is_refused(betons, names):
-    """issue 13: fewer names than labels crashed at the first step; more trained a wrong-sized model silently."""
+    """Fewer names than labels used to crash at the first step; more trained a wrong-sized model silently."""
     (betons / "manifest.json").unlink()  # as left by an earlier rn50 convert, or written by a user
     (betons / "classes.json").write_text(json.dumps([f"n{i:08d}" for i in range(names)]))
     with pytest.raises(DataFolderError, match=f"classes.json: {names} names, but .*labels") as caught:

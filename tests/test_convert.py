@@ -411,7 +411,7 @@ print(report["train"]["written"])
 
 
 def test_second_conversion_into_a_busy_folder_stops_at_once_and_keeps_the_first_ones_work(tmp_path, coded_root, capsys):
-    """issue 13: a second convert removed the running one's temporary beton as 'left by an interrupted conversion'."""
+    """A second convert used to remove the running one's temporary beton as 'left by an interrupted conversion'."""
     from dataset_tools.convert import main
     from dataset_tools.locks import folder_lock
 
@@ -462,7 +462,7 @@ def _killed_at(k: int, argv: list[str]) -> None:
 
 
 def test_a_reconversion_killed_at_any_commit_step_never_relabels(tmp_path, capsys):
-    """issue 13: convert wrote classes.json first; killed while re-converting, old betons sat beside new names. Now a
+    """Convert used to write classes.json first; killed while re-converting, old betons sat beside new names. Now a
     killed re-run leaves either the old set, the new set, or a folder the loaders refuse -- never a mix."""
     import multiprocessing as mp
     import shutil
@@ -509,7 +509,7 @@ def test_a_reconversion_killed_at_any_commit_step_never_relabels(tmp_path, capsy
 
 @pytest.mark.parametrize("layout", ["stray_val_class", "flat_val"])
 def test_every_split_is_checked_before_anything_is_written(tmp_path, coded_root, capsys, layout):
-    """issue 13: a val split that cannot match train was found only after train.beton was written (hours)."""
+    """A val split that cannot match train used to be found only after train.beton was written (hours)."""
     import shutil
 
     from dataset_tools.convert import main

@@ -202,7 +202,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow  # a one-epoch CPU run and two evaluations (~45 s on 2 cores)
 def test_train_and_eval_with_an_empty_val_image_finish_and_name_it(synth_root, tmp_path):
-    """issue 13's case: an empty val image used to cost the epoch (trained, then a hang before any checkpoint)."""
+    """An empty val image used to cost the epoch (trained, then a hang before any checkpoint)."""
     import shutil
 
     data = tmp_path / "d"

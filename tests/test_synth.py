@@ -117,7 +117,7 @@ SMALL = [
 
 
 def test_an_existing_dataset_is_not_overwritten(tmp_path, capsys):
-    """issue 13: synth into an existing dataset replaced its images, added a class and lost its names, rc 0."""
+    """Synth into an existing dataset used to replace its images, add a class and lose its names, with rc 0."""
     data = tmp_path / "imagenet"
     (data / "train" / "n01440764").mkdir(parents=True)
     (data / "train" / "n01440764" / "a.JPEG").write_bytes(b"a real photo")
