@@ -6,10 +6,16 @@ What is ours and why:
 - Train crops: `KeyedResizedCrop` decodes, cuts and flips with boxes we compute in Python from (seed, epoch, index)
   (`pipeline.crops`, the same function the torchvision backend uses). How the epoch reaches compiled code: numba
   freezes closure arrays as constants, so the boxes travel as an extra per-sample buffer of the decoder's allocated
-  memory (shape (B, 5): top, left, h, w, flip), which FFCV passes to the compiled decoder as an argument; our
-  EpochIterator fills it just before each batch runs. No recompilation per epoch; the boxes cost ~0.1 ms of numpy
-  per 256 samples (computed 16 batches at a time), measured on this project's 2-core CPU.
-- Val: FFCV's CenterCropRGBImageDecoder (centre square of side ratio * shorter side, as `center_crop_boxes`).
+  memory (shape (B, 6): top, left, h, w, flip, and the decode's status), which FFCV passes to the compiled decoder
+  as an argument; our EpochIterator fills it just before each batch runs. No recompilation per epoch; the boxes cost
+  ~0.1 ms of numpy per 256 samples (computed 16 batches at a time), measured on this project's 2-core CPU.
+- Val: the same decoder with the centre square of side ratio * shorter side (`center_crop_boxes`) and no flip: the
+  box and resize of FFCV's CenterCropRGBImageDecoder, so the same pixels.
+- Damaged samples: FFCV's decoders ignore TurboJPEG's return code, so a JPEG that fails to decode leaves whatever
+  the batch slot held before, under its own label. Ours records the failure in the sample's status slot; the
+  EpochIterator reads it after the batch is decoded, and the loader raises `SampleError` (one line: the file, the
+  sample, its label, the fix) instead of handing the batch out. A damaged raw sample decodes to wrong pixels
+  silently: `rn50 inspect --verify` finds it against the checksums `rn50 convert` writes.
 - Resolution: the decoders' `output_size` is read when FFCV allocates an epoch's buffers, so `set_resolution` needs
   no recompile (ffcv-imagenet's trick, checked by the tests).
 - Device: FFCV stops at uint8 NHWC CPU tensors (pinned when CUDA exists); copy, normalisation and dtype happen in
@@ -48,7 +54,7 @@ import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as _FFCVBaseLoader
 from ffcv.loader.epoch_iterator import EpochIterator
@@ -62,12 +68,23 @@ from ffcv.traversal_order.base import TraversalOrder
 from numba import types
 from numba.extending import intrinsic
 
-from pipeline.contract import Loader, LoaderOptions, Placement, Request, auto_workers, device_batches
-from pipeline.crops import random_resized_crop_boxes, sample_keys
+from pipeline.contract import (
+    Loader,
+    LoaderOptions,
+    Placement,
+    Request,
+    SampleError,
+    auto_workers,
+    device_batches,
+)
+from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.folders import beton_classes
 from pipeline.order import EpochPlan, page_grouped_order
 
-PARAMS = 5  # per-sample crop parameters handed to the compiled decoder: top, left, h, w, flip
+# per sample, between the feeding thread and the compiled decoder: top, left, h, w, flip (in), then the decode's
+# status (out: 0, or 1 for a JPEG that TurboJPEG could not decode cleanly)
+PARAMS = 6
+STATUS = 5
 
 
 def decode_threads(workers: int) -> int:
@@ -90,7 +107,10 @@ def _take_next(typingctx, counter):
 
 
 class KeyedResizedCrop(Operation):
-    """Decode an RGBImageField, cut box (top, left, h, w), resize to `output_size`, flip if asked.
+    """Decode an RGBImageField, cut box (top, left, h, w), resize to `output_size`, flip if asked; for train (random
+    boxes) and val (centre boxes, no flip: the same pixels as FFCV's CenterCropRGBImageDecoder, whose box and resize
+    these are). A JPEG that TurboJPEG cannot decode cleanly leaves 1 in the sample's status slot: FFCV's
+    own decoders drop it, and the batch slot would keep whatever image it held before, under this sample's label.
 
     Like FFCV's RandomResizedCropRGBImageDecoder, except that the box and flip come from a per-sample int64 buffer
     (the third allocation) that the caller fills before each batch, instead of numba's unseeded np.random; and that
@@ -147,9 +167,11 @@ class KeyedResizedCrop(Operation):
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
                     width = np.uint32(field["width"])
+                    params[dst_ix, STATUS] = 0
                     if field["mode"] == jpg:
                         temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        if imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False):
+                            params[dst_ix, STATUS] = 1  # TurboJPEG's -1: an error, or a warning (corrupt data)
                         temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
@@ -222,18 +244,21 @@ class _KeptBuffers:
 
 
 class _ParamsEpochIterator(EpochIterator):
-    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded. A
-    closed iterator stops before its next batch, so that the next epoch can take over its buffers."""
+    """FFCV's EpochIterator, filling the crop-parameter buffer of each batch slot before the batch is decoded, and
+    reading the decoder's status slots after: `failed[b_ix]` lists the batch positions of samples that did not decode
+    (set before the batch is queued, so the consumer sees it with the batch). A closed iterator stops before its next
+    batch, so that the next epoch can take over its buffers."""
 
-    def __init__(self, loader, order, node_id: int | None, fill: Callable[[int, np.ndarray, np.ndarray], None] | None):
+    def __init__(self, loader, order, node_id: int, fill: Callable[[int, np.ndarray, np.ndarray], None]):
         self._node_id, self._fill = node_id, fill  # set before super().__init__, which starts the thread
         self._torch_threads = torch.get_num_threads()
+        self.failed: dict[int, list[int]] = {}
         super().__init__(loader, order)
 
     def run(self) -> None:
-        # FFCV's own parallel stages (validation's centre-crop decoder) split a batch into numba's fixed equal shares;
-        # chunks of one sample let TBB, the one layer that rebalances, hand them to free threads. Per thread: this
-        # one launches the decoding. (The training decoder takes samples one at a time under any layer.)
+        # Any parallel stage FFCV adds would split a batch into numba's fixed equal shares; chunks of one sample let
+        # TBB, the one layer that rebalances, hand them to free threads. Per thread: this one launches the decoding.
+        # (Our decoder takes samples one at a time under any layer.)
         numba.set_parallel_chunksize(1)
         super().run()
 
@@ -244,10 +269,13 @@ class _ParamsEpochIterator(EpochIterator):
             torch.set_num_threads(self._torch_threads)
         if self.terminate_event.is_set():
             raise StopIteration  # EpochIterator.run ends the thread on it
-        if self._fill is not None:
-            params = self.memory_allocations["operation"][self._node_id][2][batch_slot][: len(batch_indices)]
-            self._fill(b_ix, np.asarray(batch_indices), params)
-        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        params = self.memory_allocations["operation"][self._node_id][2][batch_slot][: len(batch_indices)]
+        self._fill(b_ix, np.asarray(batch_indices), params)
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)  # decodes this batch, here
+        bad = np.flatnonzero(params[:, STATUS])
+        if len(bad):
+            self.failed[b_ix] = bad.tolist()
+        return result
 
 
 def _drain(queue: Queue) -> None:
@@ -334,10 +362,9 @@ class FFCVLoader(Loader):
             )
             self._sample_pages = pages
 
-        size = (self.resolution, self.resolution)
-        self._decoder = (
-            KeyedResizedCrop(size) if self.shuffle else CenterCropRGBImageDecoder(size, crops.val_crop_ratio)
-        )
+        self.val_crop_ratio = crops.val_crop_ratio
+        self._labels = index.metadata[f"f{index.field_names.index('label')}"].astype(np.int64)
+        self._decoder = KeyedResizedCrop((self.resolution, self.resolution))
         pipelines = {name: None for name in index.field_names}
         pipelines["image"] = PipelineSpec("image", decoder=self._decoder, transforms=[ToTensor()])
         pipelines["label"] = PipelineSpec("label", decoder=IntDecoder(), transforms=[ToTensor()])
@@ -373,12 +400,13 @@ class FFCVLoader(Loader):
         return super()._make_plan(epoch, order=order, shard="block")
 
     def _crop_filler(self, epoch: int, order: np.ndarray) -> Callable[[int, np.ndarray, np.ndarray], None]:
-        """fill(b_ix, indices, params) writes batch b_ix's boxes and flips. They are computed for 16 batches at a time:
-        numpy's per-call overhead then costs ~0.1 ms per 256 samples instead of ~0.5 ms, on the thread that feeds
-        FFCV's decoding threads."""
+        """fill(b_ix, indices, params) writes batch b_ix's boxes and flips: random ones for train, the centre box
+        without flip for val. They are computed for 16 batches at a time: numpy's per-call overhead then costs ~0.1 ms
+        per 256 samples instead of ~0.5 ms, on the thread that feeds FFCV's decoding threads."""
         heights, widths, seed, scale, ratio = self._heights, self._widths, self.seed, self.scale, self.ratio
         chunk = 16 * self.batch_size  # a whole number of batches, so no batch straddles two chunks
         cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        shuffle, val_ratio = self.shuffle, self.val_crop_ratio
 
         def fill(b_ix: int, indices: np.ndarray, params: np.ndarray) -> None:
             first = b_ix * self.batch_size
@@ -386,8 +414,10 @@ class FFCVLoader(Loader):
             if c not in cache:
                 cache.clear()
                 sel = order[c * chunk : (c + 1) * chunk].astype(np.int64)
-                cache[c] = random_resized_crop_boxes(
-                    heights[sel], widths[sel], sample_keys(seed, epoch, sel), scale, ratio
+                cache[c] = (
+                    random_resized_crop_boxes(heights[sel], widths[sel], sample_keys(seed, epoch, sel), scale, ratio)
+                    if shuffle
+                    else (center_crop_boxes(heights[sel], widths[sel], val_ratio), np.zeros(len(sel), np.int64))
                 )
             boxes, flips = cache[c]
             off = first - c * chunk
@@ -403,11 +433,24 @@ class FFCVLoader(Loader):
         order = plan.indices[start_batch * self.batch_size :].astype(np.uint64)
         if len(order) == 0:  # resumed at the very end of an epoch
             return
-        fill = self._crop_filler(self.epoch, order) if self.shuffle else None
-        it = self._ffcv.epoch_iterator(order, self._node_id, fill)
+        it = self._ffcv.epoch_iterator(order, self._node_id, self._crop_filler(self.epoch, order))
         image_at, label_at = self._fields.index("image"), self._fields.index("label")
+
+        def checked() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for b_ix, batch in enumerate(it):
+                if b_ix in it.failed:  # never hand out a batch with a substitute in a damaged sample's place
+                    raise self._damaged(int(order[b_ix * self.batch_size + it.failed[b_ix][0]]), len(it.failed[b_ix]))
+                yield batch[image_at], batch[label_at].view(-1)
+
         try:
-            pairs = ((batch[image_at], batch[label_at].view(-1)) for batch in it)
-            yield from device_batches(pairs, self.device, self.dtype, source_reuses_buffers=True)
+            yield from device_batches(checked(), self.device, self.dtype, source_reuses_buffers=True)
         finally:
             it.close()
+
+    def _damaged(self, sample: int, count: int) -> SampleError:
+        more = f" (and {count - 1} more in its batch)" if count > 1 else ""
+        return SampleError(
+            f"{self.path}: sample {sample} (label {int(self._labels[sample])}) is a JPEG that does not decode{more}; "
+            f"the file is damaged: rn50 inspect {self.path} --verify lists every damaged sample; copy the file "
+            "again or re-convert it with rn50 convert"
+        )

@@ -291,3 +291,81 @@ def test_auto_workers_for_every_backend(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert auto_workers(-1) == 11 and auto_workers(0) == 0 and auto_workers(4) == 4
+
+
+def test_val_pixels_equal_ffcvs_centre_crop_decoder(coded_betons, synth_betons):
+    """Val runs through our decoder (for its status slots) with centre boxes: the pixels FFCV's own
+    CenterCropRGBImageDecoder gives, JPEG and raw samples alike."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader as FFCVLoader
+    from ffcv.loader import OrderOption
+
+    for betons in (coded_betons, synth_betons):
+        ours = build_loader(
+            betons,
+            "val",
+            batch_size=4,
+            resolution=40,
+            placement=CPU,
+            options=LoaderOptions(workers=1),
+            drop_last=False,
+            verbose=False,
+        )
+        plain = FFCVLoader(
+            str(betons / "val.beton"),
+            batch_size=4,
+            num_workers=1,
+            order=OrderOption.SEQUENTIAL,
+            pipelines={"image": [CenterCropRGBImageDecoder((40, 40), 224 / 256)], "label": [IntDecoder()]},
+        )
+        for (x, y), (ref, ref_y) in zip(ours, plain, strict=True):
+            got = denormalize(x).permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8)
+            assert torch.equal(got, torch.as_tensor(np.asarray(ref))) and torch.equal(
+                y, torch.as_tensor(ref_y).view(-1)
+            )
+
+
+def damage_first_jpeg(beton: Path) -> tuple[int, int]:
+    """Overwrite the start of the first JPEG sample (its SOI marker and header): (sample, label)."""
+    from dataset_tools.beton_format import JPEG_MODE, image_column, read_index
+
+    column = image_column(read_index(beton))
+    i = int(np.flatnonzero(column.modes == JPEG_MODE)[0])
+    with open(beton, "r+b") as f:
+        f.seek(int(column.ptrs[i]))
+        f.write(bytes(range(7, 7 + 64)))
+    return i, int(column.labels[i])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_jpeg_that_does_not_decode_stops_the_loader_naming_it(coded_betons, tmp_path, split):
+    """FFCV's decoders ignore TurboJPEG's error, so the batch slot kept the previous image under this label; ours
+    stops with one line naming the sample, its label and the fix, and hands out no batch holding it."""
+    import shutil
+
+    from pipeline.contract import SampleError
+
+    data = Path(shutil.copytree(coded_betons, tmp_path / "b"))
+    sample, label = damage_first_jpeg(data / f"{split}.beton")
+    loader = build_loader(
+        data,
+        split,
+        batch_size=4,
+        resolution=32,
+        placement=CPU,
+        options=LoaderOptions(workers=2),
+        drop_last=False,
+        verbose=False,
+    )
+    loader.set_epoch(0)
+    plan = loader.plan(0)
+    damaged_batch = int(np.flatnonzero(plan.indices == sample)[0]) // 4
+    seen = 0
+    with pytest.raises(SampleError) as err:
+        for _ in loader:
+            seen += 1
+    assert seen == damaged_batch  # every batch before it, none from it on
+    message = str(err.value)
+    assert f"sample {sample} (label {label}) is a JPEG that does not decode" in message and "--verify" in message
+    assert "\n" not in message
