@@ -1,8 +1,9 @@
-"""`python -m benchmarks.gpu_smoke --out DIR`: every GPU path once, each in its own process under a timeout, with
-PASS / FAIL / TIMEOUT / SKIP and the full error of each appended to DIR/smoke.log and DIR/smoke.json as it ends.
+"""`rn50 bench smoke --out DIR` (= `python -m benchmarks.gpu_smoke`): every GPU path once, each in its own process
+under a timeout, with PASS / FAIL / TIMEOUT / SKIP and the full error of each appended to DIR/smoke.log and
+DIR/smoke.json as it ends.
 
-    python -m benchmarks.gpu_smoke --out "$OUT"                               # every check (~1-2 min on an H200)
-    python -m benchmarks.gpu_smoke --out "$OUT" --checks env,graphs,fused-sgd,sync   # those needing neither FFCV nor DALI
+    rn50 bench smoke --out "$OUT"                               # every check (~1-2 min on an H200)
+    rn50 bench smoke --out "$OUT" --checks env,graphs,fused-sgd,sync   # those needing neither FFCV nor DALI
 
 It is what a first visit to a GPU machine runs before any benchmark: a path that breaks costs its own check and
 nothing else, and what broke comes back with its cause (a check's traceback, chained causes included: DALI's own
@@ -16,6 +17,7 @@ The checks (data: DIR_DATA, default /tmp/rn50_smoke, made by the `data` check, a
                      dtype, channels_last strides, device and finite values; the first compared with DALI's CPU
                      pipeline for the same (seed, epoch, indices): labels equal, mean |pixel difference| reported
                      (nvJPEG and libjpeg-turbo round differently: a few units out of 255 pass)
+    dali-fp16        the same in float16 (the T4's precision), the first batch unchanged after two more are taken
     dali-hw0         the same with hw_decoder_load 0 (nvJPEG's CUDA decoder only), pipeline build time reported
     dali-hw0.99      the same with hw_decoder_load 0.99 (nearly all to the hardware JPEG decoder, where there is one)
     dali-folder      DALI decoding the image folders on the GPU
@@ -51,6 +53,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "data": ("ffcv",),
     "dali-beton": ("cuda", "dali", "data"),
     "dali-mixed": ("cuda", "dali", "data"),
+    "dali-fp16": ("cuda", "dali", "data"),
     "dali-hw0": ("cuda", "dali", "data"),
     "dali-hw0.99": ("cuda", "dali", "data"),
     "dali-folder": ("cuda", "dali", "data"),
@@ -63,7 +66,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
 
 
 # checks that also run with --device cpu (the loader checks: GPU loader replaced by the same backend on the CPU)
-CPU_TOO = ("env", "data", "dali-beton", "dali-mixed", "dali-hw0", "dali-hw0.99", "dali-folder", "ffcv")
+CPU_TOO = ("env", "data", "dali-beton", "dali-mixed", "dali-fp16", "dali-hw0", "dali-hw0.99", "dali-folder", "ffcv")
 
 
 class CheckFailed(AssertionError):
@@ -88,8 +91,7 @@ def check_env(data: Path, device: str) -> dict:
 
     import torch
 
-    from benchmarks.doctor import driver_version
-    from benchmarks.report import cpu_model, package_versions, usable_cores
+    from benchmarks.report import cpu_model, driver_version, package_versions, usable_cores
 
     out: dict = {
         "python": platform.python_version(),
@@ -178,15 +180,19 @@ def _loader(where: Path, backend: str, device: str, dtype, **knobs):
     )
 
 
-def loader_check(where: Path, device: str, backend: str, reference_backend: str, **knobs) -> dict:
-    """Three bf16 batches from the GPU loader, checked; its first batch against the CPU loader's first batch of the
-    same epoch (same seed, so the same samples, boxes and flips)."""
+def loader_check(
+    where: Path, device: str, backend: str, reference_backend: str, dtype: str = "bfloat16", **knobs
+) -> dict:
+    """Three batches (`dtype`) from the GPU loader, checked; the first still as it was when handed out after two more
+    (a batch must not alias buffers the loader reuses); the first against the CPU loader's first batch of the same
+    epoch (same seed, so the same samples, boxes and flips)."""
     import torch
 
     from pipeline.contract import denormalize
 
+    want = getattr(torch, dtype)
     t0 = time.perf_counter()
-    gpu = _loader(where, backend, device, torch.bfloat16, **knobs)
+    gpu = _loader(where, backend, device, want, **knobs)
     made_s = time.perf_counter() - t0
     gpu.set_epoch(0)
     it = iter(gpu)
@@ -195,12 +201,17 @@ def loader_check(where: Path, device: str, backend: str, reference_backend: str,
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     first_s = time.perf_counter() - t0
+    first = (batches[0][0].clone(), batches[0][1].clone())
     batches += [next(it), next(it)]
-    it.close()
     sync()
+    it.close()
+    expect(
+        torch.equal(first[0], batches[0][0]) and torch.equal(first[1], batches[0][1]),
+        "the first batch changed after two more were taken: it aliases buffers the loader reuses",
+    )
     for i, (x, y) in enumerate(batches):
         expect(tuple(x.shape) == (BATCH, 3, RES, RES), f"batch {i}: images {tuple(x.shape)}")
-        expect(x.dtype == torch.bfloat16, f"batch {i}: images {x.dtype}, wanted bfloat16")
+        expect(x.dtype == want, f"batch {i}: images {x.dtype}, wanted {dtype}")
         expect(x.is_contiguous(memory_format=torch.channels_last), f"batch {i}: not channels_last, {x.stride()}")
         expect(x.device.type == device == y.device.type, f"batch {i}: on {x.device} / {y.device}, wanted {device}")
         expect(y.dtype == torch.int64 and tuple(y.shape) == (BATCH,), f"batch {i}: labels {y.dtype} {tuple(y.shape)}")
@@ -241,6 +252,12 @@ def loader_check(where: Path, device: str, backend: str, reference_backend: str,
 
 def check_dali_beton(data: Path, device: str) -> dict:
     return loader_check(data / "betons", device, "dali", "dali", dali_source="beton")
+
+
+def check_dali_fp16(data: Path, device: str) -> dict:
+    """float16, the T4's precision: DALI's float16 output is handed out without a cast, so this is where a batch
+    could alias DALI's buffers."""
+    return loader_check(data / "betons", device, "dali", "dali", dtype="float16", dali_source="beton")
 
 
 def check_dali_hw(load: float):
@@ -378,6 +395,7 @@ FUNCTIONS = {
     "data": check_data,
     "dali-beton": check_dali_beton,
     "dali-mixed": check_dali_mixed,
+    "dali-fp16": check_dali_fp16,
     "dali-hw0": check_dali_hw(0.0),
     "dali-hw0.99": check_dali_hw(0.99),
     "dali-folder": check_dali_folder,
@@ -494,7 +512,7 @@ def record(out: Path, results: list[dict], r: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_smoke",
+        prog="rn50 bench smoke",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -268,8 +268,16 @@ class DALILoader(Loader):
             images, labels = torch.from_dlpack(outputs[0].as_tensor()), torch.from_dlpack(outputs[1].as_tensor())
         if self.dtype == torch.bfloat16:
             images = images.to(torch.bfloat16)  # DALI emitted float16: a 2-byte to 2-byte cast, still NHWC
+        elif self._gpu:
+            # The batch is handed out after release_outputs, which gives DALI's buffers back for the batches to come:
+            # a view of them could be overwritten while the step still reads it. The cast above is already a copy;
+            # float16/float32 need one (tens of microseconds on the device; DALI's PyTorch iterator copies too).
+            images = images.clone()
+        labels = labels.view(-1).to(torch.int64)
+        if self._gpu:
+            labels = labels.clone()  # int64 already: `to` returned the view of DALI's buffer
         # NHWC -> an NCHW view with channels_last strides: no copy
-        return images.permute(0, 3, 1, 2), labels.view(-1).to(torch.int64)
+        return images.permute(0, 3, 1, 2), labels
 
     # ------------------------------------------------------------------ the loop
 
