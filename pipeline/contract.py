@@ -121,14 +121,42 @@ class LoaderOptions:
     skip_listed_in: str | Path | None = None
 
 
+WORKERS_PER_CORE = 4  # the most loader workers per usable core any backend accepts
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def auto_workers(workers: int) -> int:
     """workers < 0 ("auto"): this rank's share of the cores it may run on (LOCAL_WORLD_SIZE ranks per machine, set by
     torchrun), minus one left to the training process itself (its Python loop, the kernel launches, the thread that
-    feeds the decoders); at least 1. Otherwise `workers` as given."""
+    feeds the decoders); at least 1. Otherwise `workers` as given, if the machine can run them (`workers_problem`)."""
     if workers >= 0:
+        problem = workers_problem(workers)
+        if problem:
+            raise ValueError(problem)
         return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+    return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+def workers_problem(workers: int) -> str | None:
+    """One line when `workers` is more than this machine can run, the same rule for every backend: more than
+    WORKERS_PER_CORE per usable core. Thousands of worker processes (torchvision) or threads (ffcv, DALI) only
+    compete for the cores and memory: a run with --workers 10000 made no step in two minutes on 2 cores."""
+    cores = usable_cores()
+    if workers > WORKERS_PER_CORE * cores:
+        return (
+            f"--workers {workers}: this process may use {cores} core{'s' if cores != 1 else ''}, and more than "
+            f"{WORKERS_PER_CORE} workers per core only compete for them; use at most {WORKERS_PER_CORE * cores}, or -1 "
+            "(this rank's share of the cores, minus one)"
+        )
+    return None
+
+
+class LoaderError(RuntimeError):
+    """The loader itself failed -- a worker process died, shared memory ran out -- rather than a sample or a folder.
+    One line that says what happened and the fix; the run stops instead of waiting for a batch that never comes."""
 
 
 class SampleError(RuntimeError):

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dataset_tools.files import DataFolderError
-from pipeline.contract import Loader, LoaderOptions, Placement, Request, device_batches
+from pipeline.contract import Loader, LoaderError, LoaderOptions, Placement, Request, device_batches
 from pipeline.crops import center_crop_boxes, random_resized_crop_boxes, sample_keys
 from pipeline.order import EpochPlan
 
@@ -158,6 +158,12 @@ def collate_uint8(
         return None, None, skipped, failed
     images = torch.from_numpy(np.stack([s[0] for s in samples]))
     labels = torch.tensor([s[1] for s in samples], dtype=torch.int64)
+    if torch.utils.data.get_worker_info() is not None:
+        # Move the batch into shared memory here, in the worker's own loop: when /dev/shm is full this raises where
+        # DataLoader passes the error on to the main process. Left to the pickler, it fails in the queue's feeder
+        # thread, the batch is lost without a word, and the main process waits for it forever.
+        images.share_memory_()
+        labels.share_memory_()
     return images, labels, skipped, None
 
 
@@ -266,6 +272,34 @@ class TorchvisionLoader(Loader):
         self._dataloader.worker_init_fn = functools.partial(_start_worker, os.getpid())
         try:
             yield from device_batches(self._named(self._dataloader), self.device, self.dtype)
-        except Exception:
+        except Exception as e:
             self.close()  # a failed loop must not leave workers waiting for work nobody will send
+            failure = self._loader_failure(e, resolution)
+            if failure is not None:
+                raise failure from None
             raise
+
+    def _loader_failure(self, e: Exception, resolution: int) -> LoaderError | None:
+        """One line for what DataLoader reports as a traceback: shared memory ran out, a worker died."""
+        text = str(e)
+        if "unable to allocate shared memory" in text or ("No space left on device" in text and "shm" in text):
+            try:
+                st = os.statvfs("/dev/shm")
+                size, free = st.f_blocks * st.f_frsize / 2**20, st.f_bavail * st.f_frsize / 2**20
+                where = f"/dev/shm holds {size:,.0f} MB ({free:,.0f} MB free)"
+            except OSError:
+                where = "/dev/shm is missing or unreadable"
+            batch = self.batch_size * resolution * resolution * 3 / 2**20
+            held = self.workers * (self.prefetch_factor + 1)
+            return LoaderError(
+                f"{where}; the torchvision loader's {self.workers} worker processes hand their batches over through "
+                f"it ({batch:,.1f} MB each at {resolution} px, up to about {held} at a time): give it more (docker "
+                "run --shm-size=2g; or mount -o remount,size=2G /dev/shm), or use fewer --workers, or --workers 0"
+            )
+        if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
+            first = text.strip().splitlines()[0]
+            return LoaderError(
+                f"the torchvision loader lost a worker process ({first}); the out-of-memory killer is the usual cause "
+                "(see dmesg): use fewer --workers or a smaller --batch-size"
+            )
+        return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -295,3 +298,70 @@ def test_unreadable_folders_are_one_line_at_build_time(coded_root, monkeypatch):
     )
     with pytest.raises(DataFolderError, match="cannot be read"):
         build_loader(coded_root, **kw)
+
+
+SHM_SCRIPT = """
+import sys, time, torch
+from pipeline import LoaderOptions, Placement, build_loader
+from pipeline.contract import LoaderError
+loader = build_loader(sys.argv[1], "train", batch_size=16, resolution=224, placement=Placement("cpu", torch.float32),
+                      options=LoaderOptions("torchvision", workers=2), verbose=False)
+try:
+    for _ in loader:
+        pass
+except LoaderError as e:
+    print("LoaderError:", e)
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare for a private /dev/shm"
+)
+def test_a_full_dev_shm_is_one_line_not_a_hang(synth_root, tmp_path):
+    """A 1 MB /dev/shm (Docker's default is 64 MB) in a private mount namespace: the workers cannot hand a 224 px batch
+    over. The loader stops at once with one line naming /dev/shm and the fix; it used to wait forever."""
+    script = tmp_path / "shm.py"
+    script.write_text(SHM_SCRIPT)
+    cmd = f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} {script} {synth_root}"
+    try:
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader waited for a batch that a worker could not hand over")
+    if "mount" in proc.stderr and proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("LoaderError:")]
+    assert "/dev/shm holds 1 MB" in line and "--shm-size" in line and "--workers 0" in line
+
+
+def test_a_dead_worker_stops_the_loop_with_one_line(coded_root):
+    from pipeline.contract import LoaderError
+
+    loader = build_loader(
+        coded_root,
+        "train",
+        batch_size=4,
+        resolution=32,
+        placement=CPU,
+        options=LoaderOptions("torchvision", workers=2),
+        verbose=False,
+    )
+    it = iter(loader)
+    next(it)
+    workers = loader._dataloader._iterator._workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    with pytest.raises(LoaderError, match="lost a worker process .* out-of-memory killer"):
+        for _ in it:
+            pass
+
+
+def test_more_workers_than_the_machine_can_run_are_refused(coded_root):
+    with pytest.raises(ValueError, match=r"--workers 10000: this process may use \d+ cores?, .* use at most \d+"):
+        build_loader(
+            coded_root,
+            "train",
+            batch_size=4,
+            resolution=32,
+            placement=CPU,
+            options=LoaderOptions("torchvision", workers=10000),
+            verbose=False,
+        )
