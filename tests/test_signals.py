@@ -186,3 +186,108 @@ def test_torchrun_restarts_resume_by_themselves(coded_root, tmp_path):
     assert [rec["epoch"] for rec in records(out, "ddp")] == [0, 1]
     assert all(rec["val_samples"] == 16 for rec in records(out, "ddp"))
     assert not list(Path(out / "checkpoints" / "ddp").glob(".*.tmp-*"))
+
+
+class SlowBatches:
+    """An iterator whose next() blocks `seconds` (time.sleep is interrupted by a handler that raises)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.seconds)
+        return "batch"
+
+
+def signal_soon(signum: int, after: float) -> None:
+    import threading
+
+    threading.Timer(after, os.kill, (os.getpid(), signum)).start()
+
+
+def test_a_stop_during_a_stuck_wait_ends_it_after_the_grace():
+    from training.signals import StopWhileWaiting
+
+    with StopSignals(grace_s=0.5) as s:
+        signal_soon(signal.SIGTERM, 0.2)
+        with pytest.raises(StopWhileWaiting, match=r"SIGTERM while waiting \d+ s for the loader's next batch") as e:
+            next(s.waiting(SlowBatches(30)))  # stuck: no batch for 30 s
+        assert e.value.signum == signal.SIGTERM and e.value.waited_s >= 0.5
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_stop_during_a_late_but_healthy_wait_waits_for_the_batch():
+    """The batch comes within the grace: it is handed out, and the stop is left to the next step boundary."""
+    with StopSignals(grace_s=5) as s:
+        signal_soon(signal.SIGTERM, 0.1)
+        assert next(s.waiting(SlowBatches(0.5))) == "batch"
+        assert s.requested == signal.SIGTERM and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_stop_before_a_stuck_wait_also_ends_it():
+    from training.signals import StopWhileWaiting
+
+    with StopSignals(grace_s=0.3) as s:
+        os.kill(os.getpid(), signal.SIGTERM)  # recorded between two waits
+        with pytest.raises(StopWhileWaiting):
+            next(s.waiting(SlowBatches(30)))
+
+
+STUCK_RUNNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline import torchvision_loader as tv
+
+real = tv.TorchvisionLoader._batches
+
+def stuck_after_two(self, *args, **kwargs):
+    for i, batch in enumerate(real(self, *args, **kwargs)):
+        if i == 2 and self.split == "train":
+            print("STUCK", flush=True)
+            time.sleep(3600)  # a loader that stops delivering: a hung mount, a stopped worker
+        yield batch
+
+tv.TorchvisionLoader._batches = stuck_after_two
+from training.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
+def test_sigterm_ends_a_run_whose_loader_is_stuck(coded_root, tmp_path):
+    """The loader delivers two batches, then nothing. SIGTERM used to wait for a step boundary that never came; now
+    the run ends after the grace with one line, exit 143, and the checkpoint of step 2 stands."""
+    from _train_helpers import argv
+
+    from training.signals import WAIT_GRACE_S
+
+    runner = tmp_path / "stuck.py"
+    runner.write_text(STUCK_RUNNER)
+    out = tmp_path / "out"
+    flags = argv(coded_root, out, "stuck", epochs=1, batch_size=4, checkpoint_every=1)
+    proc = subprocess.Popen(
+        [sys.executable, str(runner), str(Path(__file__).resolve().parents[1]), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "STUCK":
+                proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10 * WAIT_GRACE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 143, text[-3000:]
+    assert "SIGTERM while waiting" in text and "the loader is stuck, so no checkpoint is written now" in text
+    (stopped,) = [x for x in text.splitlines() if "SIGTERM received: stopped with the checkpoint at" in x]
+    assert "step 2" in stopped and "--resume" in stopped
+    state = latest(out, "stuck")
+    assert (state["phase"], state["step"]) == ("mid_epoch", 2)

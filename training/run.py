@@ -292,6 +292,13 @@ class Run:
         return the exit code (128 + the signal: schedulers restart the job, which resumes)."""
         barrier(self.ctx, self.group)  # no rank exits while rank 0 is still writing
         signum, cfg = self.control.stop_signal, self.cfg
+        if not (self.ckpt_dir / ckpt.LATEST).is_file():  # stopped before the first checkpoint (a stuck loader)
+            log0(
+                self.ctx,
+                f"rn50 train: {signal_name(signum)} received: stopped before the first checkpoint; "
+                f"the same command starts the run over (exit code {exit_code(signum)})",
+            )
+            return exit_code(signum)
         log0(
             self.ctx,
             f"rn50 train: {signal_name(signum)} received: stopped with the checkpoint at {self.describe(at)}"

@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from dataset_tools.files import DataFolderError
-from pipeline.contract import SampleError
+from pipeline.contract import LoaderError, SampleError
 from training.checkpoint import Position
 from training.config import TrainConfig
 from training.distributed import cleanup, init_distributed
 from training.engine import EpochStats, Meter, NonFiniteLoss, check_finite, evaluate, micro_batches, train_step
 from training.run import Run, SetupError, WriteError, log0
 from training.setup import setup
-from training.signals import StopSignals
+from training.signals import StopSignals, StopWhileWaiting
 
-DATA_ERRORS = (DataFolderError, SampleError)
+DATA_ERRORS = (DataFolderError, SampleError, LoaderError)
 
 
 def train(cfg: TrainConfig, flags: list[str]) -> int:
@@ -98,21 +98,27 @@ def train_epoch(run: Run, epoch: int) -> EpochStats:
     meter = Meter(run.ctx, parts.schedule.lr_at(steps.start), resumed)
     bar = progress_bar(run, epoch, steps.start - epoch * spe)
     source = iter(run.train_loader)
-    groups = micro_batches(meter.timed(source), cfg.grad_accum, run.augment, epoch=epoch, first_batch=first_batch)
+    waited = run.control.signals.waiting(source)  # a stop during a wait for a stuck loader ends the wait
+    groups = micro_batches(meter.timed(waited), cfg.grad_accum, run.augment, epoch=epoch, first_batch=first_batch)
     stop = done = 0
-    for step, micro in zip(steps, groups):
-        t0 = time.perf_counter()
-        meter.add(*train_step(parts, micro, step, run.ctx.device), seconds=time.perf_counter() - t0)
-        done = step + 1 - epoch * spe  # steps of this epoch done
-        if bar is not None:
-            bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or done == spe:
-            log_window(run, bar, epoch, step + 1, meter.close_window())
-        stop, save = run.control.save_due(done)
-        if save and done < spe:  # at the epoch's end, the save before validation holds what this one would
-            run.save(run.mid_epoch_position(epoch, done, meter.snapshot()))
-        if stop:
-            break
+    try:
+        for step, micro in zip(steps, groups):
+            t0 = time.perf_counter()
+            meter.add(*train_step(parts, micro, step, run.ctx.device), seconds=time.perf_counter() - t0)
+            done = step + 1 - epoch * spe  # steps of this epoch done
+            if bar is not None:
+                bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or done == spe:
+                log_window(run, bar, epoch, step + 1, meter.close_window())
+            stop, save = run.control.save_due(done)
+            if save and done < spe:  # at the epoch's end, the save before validation holds what this one would
+                run.save(run.mid_epoch_position(epoch, done, meter.snapshot()))
+            if stop:
+                break
+    except StopWhileWaiting as e:  # the loader gave no batch within the grace: the last checkpoint stands
+        stop = run.control.stop_signal = e.signum
+        log0(run.ctx, f"rn50 train: {e}: the loader is stuck, so no checkpoint is written now")
+        done = -1  # the epoch did not finish
     if hasattr(source, "close"):
         source.close()  # an epoch cut short of the loader's end releases the backend's iterator now
     if bar is not None:
