@@ -30,6 +30,11 @@ class DataFolderError(ValueError):
     when a split has no decodable file)."""
 
 
+class MissingData(DataFolderError, FileNotFoundError):
+    """A split, its class folders or its images are not there: a DataFolderError (one line where commands print
+    them) that is also the FileNotFoundError callers of the loaders catch."""
+
+
 def check_writable(path: str | Path) -> None:
     """Raise OSError (naming the path) unless a file can be written at `path`: its folder is created if missing and
     a probe file is made and removed there. For commands to call before the work whose result goes to `path`."""

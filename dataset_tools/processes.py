@@ -28,3 +28,25 @@ def exit_with_parent(parent_pid: int, poll_seconds: float = 0.2) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+WORKERS_PER_CORE = 4  # the most loader workers per usable core any backend accepts
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def workers_problem(workers: int) -> str | None:
+    """One line when `workers` is more than this machine can run, the same rule for every backend: more than
+    WORKERS_PER_CORE per usable core. Thousands of worker processes (torchvision) or threads (ffcv, DALI) only
+    compete for the cores and memory: a run with --workers 10000 made no step in two minutes on 2 cores."""
+    cores = usable_cores()
+    if workers > WORKERS_PER_CORE * cores:
+        return (
+            f"--workers {workers}: this process may use {cores} core{'s' if cores != 1 else ''}, and more than "
+            f"{WORKERS_PER_CORE} workers per core only compete for them; use at most {WORKERS_PER_CORE * cores}, or -1 "
+            "(this rank's share of the cores, minus one)"
+        )
+    return None

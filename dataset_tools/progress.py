@@ -16,9 +16,9 @@ class LineProgress:
     """tqdm's update / set_postfix / close, as a line every `interval` seconds: `desc: 1,234/5,000 img (25%), 310
     img/s, loss 2.31`."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, file, interval: float) -> None:
+    def __init__(self, total: int | None, desc: str, unit: str, file, interval: float, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.file, self.interval = total, desc, unit, file, interval
-        self.n, self.postfix = 0, ""
+        self.n, self.initial, self.postfix = initial, initial, ""
         self.start = self.last = time.monotonic()
         self.closed = False
 
@@ -42,7 +42,7 @@ class LineProgress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}"
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
-        rate = f", {self.n / elapsed:,.0f} {self.unit}/s"
+        rate = f", {(self.n - self.initial) / elapsed:,.1f} {self.unit}/s"
         extra = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {done} {self.unit}{share}{rate}{extra}", file=self.file, flush=True)
 
@@ -54,6 +54,7 @@ def progress(
     disable: bool = False,
     file=None,
     interval: float = 30.0,
+    initial: int = 0,
     **tqdm_kwargs,
 ):
     """tqdm on a terminal; a LineProgress elsewhere; a silent tqdm when `disable`."""
@@ -64,5 +65,5 @@ def progress(
         return tqdm(total=total, disable=True)
     isatty = getattr(file, "isatty", None)
     if isatty is not None and isatty():
-        return tqdm(total=total, desc=desc, unit=unit, file=file, **tqdm_kwargs)
-    return LineProgress(total, desc, unit, file, interval)
+        return tqdm(total=total, desc=desc, unit=unit, file=file, initial=initial, **tqdm_kwargs)
+    return LineProgress(total, desc, unit, file, interval, initial)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dataset_tools.files import DataFolderError
+from dataset_tools.files import DataFolderError, MissingData
 from pipeline.contract import Loader, LoaderOptions, Placement, Request, auto_workers
 from pipeline.folders import has_beton, has_folder
 
@@ -74,7 +74,7 @@ def choose_backend(data_dir: Path, split: str, device: torch.device) -> tuple[st
                 f"{path} needs the ffcv or DALI package, neither is installed (make setup installs "
                 "them), and there is no image folder to fall back on"
             )
-        raise FileNotFoundError(
+        raise MissingData(
             f"{data_dir}: neither {split}.beton nor a {split}/ image folder "
             "(rn50 convert writes betons; image folders hold <wnid>/*.JPEG)"
         )
@@ -118,7 +118,8 @@ def build_loader(
     data_dir = Path(data_dir)
     placement, options = placement or Placement(), options or LoaderOptions()
     if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such folder (the data dir holds train.beton/val.beton or train/ val/)")
+        what = "a file, not a folder" if data_dir.exists() else "no such folder"
+        raise MissingData(f"{data_dir}: {what} (the data dir holds train.beton/val.beton or train/ val/)")
     if not os.access(data_dir, os.R_OK | os.X_OK):  # else every file in it looks missing
         raise DataFolderError(f"{data_dir}: cannot be read (permissions); make it readable for this user")
     backend = options.backend

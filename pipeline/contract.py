@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dataset_tools.processes import usable_cores, workers_problem
 from pipeline.order import EpochPlan, batches_per_rank, plan_epoch
 
 # ImageNet statistics on the 0..255 scale: loaders hand uint8 pixels to the device and normalise there.
@@ -121,13 +122,6 @@ class LoaderOptions:
     skip_listed_in: str | Path | None = None
 
 
-WORKERS_PER_CORE = 4  # the most loader workers per usable core any backend accepts
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def auto_workers(workers: int) -> int:
     """workers < 0 ("auto"): this rank's share of the cores it may run on (LOCAL_WORLD_SIZE ranks per machine, set by
     torchrun), minus one left to the training process itself (its Python loop, the kernel launches, the thread that
@@ -140,18 +134,16 @@ def auto_workers(workers: int) -> int:
     return max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
-def workers_problem(workers: int) -> str | None:
-    """One line when `workers` is more than this machine can run, the same rule for every backend: more than
-    WORKERS_PER_CORE per usable core. Thousands of worker processes (torchvision) or threads (ffcv, DALI) only
-    compete for the cores and memory: a run with --workers 10000 made no step in two minutes on 2 cores."""
-    cores = usable_cores()
-    if workers > WORKERS_PER_CORE * cores:
-        return (
-            f"--workers {workers}: this process may use {cores} core{'s' if cores != 1 else ''}, and more than "
-            f"{WORKERS_PER_CORE} workers per core only compete for them; use at most {WORKERS_PER_CORE * cores}, or -1 "
-            "(this rank's share of the cores, minus one)"
+class TooFewSamples(ValueError):
+    """The split cannot give every rank one batch (with drop_last, one full batch)."""
+
+    def __init__(self, samples: int, split: str, batch_size: int, world_size: int, drop_last: bool) -> None:
+        self.samples, self.split, self.batch_size, self.world_size = samples, split, batch_size, world_size
+        need = batch_size * world_size if drop_last else world_size
+        super().__init__(
+            f"{samples} {split} samples cannot give each of {world_size} rank{'s' if world_size > 1 else ''} one "
+            f"{'full batch of ' + str(batch_size) if drop_last else 'batch'} ({need} needed)"
         )
-    return None
 
 
 class LoaderError(RuntimeError):
@@ -308,11 +300,7 @@ class Loader:
         self.start_batch = 0
         self._len = batches_per_rank(self.num_samples, self.world_size, self.batch_size, self.drop_last)
         if self._len == 0:
-            raise ValueError(
-                f"{self.num_samples} {self.split} samples cannot fill one batch of {self.batch_size} on each "
-                f"of {self.world_size} ranks with drop_last=True; lower the batch size or use "
-                "drop_last=False"
-            )
+            raise TooFewSamples(self.num_samples, self.split, self.batch_size, self.world_size, self.drop_last)
 
     @property
     def shuffle(self) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_tools.beton_format import JPEG_MODE, BetonFormatError, image_column, read_index
+from dataset_tools.files import MissingData
 from pipeline.contract import SampleError
 
 
@@ -45,7 +46,7 @@ class BetonSource:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingData(
                 f"{self.path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir {self.path.parent}"
             )
         try:

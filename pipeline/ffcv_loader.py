@@ -68,6 +68,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from numba import types
 from numba.extending import intrinsic
 
+from dataset_tools.files import MissingData
 from pipeline.contract import (
     Loader,
     LoaderOptions,
@@ -332,9 +333,7 @@ class FFCVLoader(Loader):
         data_dir, split, order = Path(data_dir), request.split, options.ffcv.order
         path = data_dir / f"{split}.beton"
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir {data_dir}"
-            )
+            raise MissingData(f"{path}: missing; write it with rn50 convert --data-dir IMAGENET --out-dir {data_dir}")
         if order not in ("random", "quasi_random"):
             raise ValueError(f"order must be random or quasi_random, got {order!r}")
         index = read_index(path)

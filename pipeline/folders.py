@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataset_tools.files import list_classes, scan_split, skipped_in_report
+from dataset_tools.files import MissingData, list_classes, scan_split, skipped_in_report
 
 
 def folder_classes(data_dir: Path, split: str) -> list[str]:
@@ -12,7 +12,7 @@ def folder_classes(data_dir: Path, split: str) -> list[str]:
     reference = data_dir / "train" if (data_dir / "train").is_dir() else data_dir / split
     classes = list_classes(reference) if reference.is_dir() else []
     if not classes:
-        raise FileNotFoundError(
+        raise MissingData(
             f"{reference}: no class folders; expected {reference}/<wnid>/*.JPEG "
             "(a flat val folder? sort it first: rn50 organize-val)"
         )
@@ -25,14 +25,14 @@ def folder_listing(
     """(classes, [(path, label)]) in ImageFolder order, leaving out the resolved paths in `exclude`."""
     split_dir = data_dir / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: no such folder; --data-dir must hold {split}/<wnid>/*.JPEG")
+        raise MissingData(f"{split_dir}: no such folder; --data-dir must hold {split}/<wnid>/*.JPEG")
     classes = folder_classes(data_dir, split)
     listing = scan_split(split_dir, classes)
     files = listing.files
     if exclude:
         files = [(p, label) for p, label in files if str(Path(p).resolve()) not in exclude]
     if not files:
-        raise FileNotFoundError(f"{split_dir}: no images in its class folders (extensions: .JPEG .jpg .png ...)")
+        raise MissingData(f"{split_dir}: no images in its class folders (extensions: .JPEG .jpg .png ...)")
     return classes, files
 
 

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -36,6 +37,7 @@ DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("onecycle", "triangular", "cosine", "step")
 AUTO_AUGMENT = ("none", "autoaugment", "trivialaugment")
+MAX_RES = 1024  # px: far above ImageNet's images, far below a batch that cannot be allocated
 RESUME = ("no", "yes", "auto")
 LOADER_ORDERS = ("random", "quasi_random")
 STEPS = ("auto", "eager", "compile", "graphs")
@@ -222,7 +224,15 @@ class TrainConfig:
         return self._value_problems() + self._combination_problems()
 
     def _value_problems(self) -> list[str]:
-        """Each value on its own: choices and ranges."""
+        """Each value on its own: finite numbers, then choices and ranges (NaN passes every `x <= 0` test, so it is
+        refused first, and alone: its range messages would say nothing more)."""
+        not_finite = [
+            f"--{flag_name(f.name)} must be a finite number (got {getattr(self, f.name)})"
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))
+        ]
+        if not_finite:
+            return not_finite
         problems = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -233,6 +243,12 @@ class TrainConfig:
         problems += [f"--{flag_name(n)} must be >= 1" for n in positive if getattr(self, n) < 1 and n != "workers"]
         if self.workers < -1:
             problems.append("--workers must be >= 0, or -1 (auto)")
+        for n in ("res", "val_res", "min_res", "max_res"):
+            if getattr(self, n) > MAX_RES:
+                problems.append(
+                    f"--{flag_name(n)} {getattr(self, n)}: at most {MAX_RES} px (a batch of 256 at 10,000 px would "
+                    "be a 77 GB uint8 tensor; ImageNet's images are about 400 x 350)"
+                )
         for n in (
             "val_batch_size",
             "num_classes",
@@ -260,6 +276,11 @@ class TrainConfig:
             problems.append("--label-smoothing must be in [0, 1)")
         if self.weight_decay < 0:
             problems.append("--weight-decay must be >= 0")
+        for n in ("momentum", "base_momentum", "max_momentum"):
+            if not 0 <= getattr(self, n) < 1:
+                problems.append(f"--{flag_name(n)} must be in [0, 1)")
+        if self.base_momentum > self.max_momentum:
+            problems.append("--base-momentum must be <= --max-momentum (OneCycle cycles between them)")
         if not 0 < self.ema_decay < 1:
             problems.append("--ema-decay must be in (0, 1)")
         for n in ("mix_prob", "mix_switch_prob", "random_erase"):
@@ -363,6 +384,8 @@ def preset_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise ConfigError(f"--config {name_or_path}: a folder; give a YAML file in it, or a preset name")
     for candidate in (CONFIGS_DIR / name_or_path, CONFIGS_DIR / f"{name_or_path}.yaml"):
         if candidate.is_file():
             return candidate

@@ -31,12 +31,16 @@ class DistContext:
         return self.world_size > 1
 
 
+class DeviceError(RuntimeError):
+    """The device asked for is not there; one line saying what to check."""
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK) if CUDA is there, else the CPU; cuda; cuda:N (one GPU, benchmarks); cpu."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise DeviceError(
             f"--device {requested} was asked for but torch sees no CUDA device (check nvidia-smi and "
             "that torch is a CUDA build), or pass --device cpu"
         )

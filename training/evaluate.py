@@ -221,10 +221,14 @@ def preprocessing_line(backend: str, crop_ratio: float, val_res: int, tta: bool,
 def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> int:
     from pipeline.contract import VAL_CROP_RATIO
     from training.components import make_loader
-    from training.distributed import cleanup, init_distributed
+    from training.distributed import DeviceError, cleanup, init_distributed
     from training.engine import evaluate, resolve_precision
 
-    ctx = init_distributed(args.device)
+    try:
+        ctx = init_distributed(args.device)
+    except DeviceError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     try:
         try:
             if args.weights is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,9 @@ COLUMNS = [  # (record key, header, format)
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    # UTF-8 whatever the locale (LANG=C would make it ASCII); a path Python holds with surrogate escapes (a non-UTF-8
+    # name under such a locale) is written back as the bytes it came from
+    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
     os.replace(tmp, path)
 
 
@@ -48,6 +51,18 @@ def markdown_table(records: list[dict], title: str, header_lines: list[str]) -> 
         cells = [fmt.format(r[k]) if r.get(k) is not None else "" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def tensorboard_path(path: Path) -> str | None:
+    """`path` as TensorBoard can use it, or None. TensorBoard encodes file names as UTF-8 itself and then makes the
+    folders with Python's file-system encoding; under a non-UTF-8 locale (LANG=C with PYTHONUTF8=0) a non-ASCII path
+    passes one of the two and fails the other, so TensorBoard cannot write there."""
+    raw = os.fsencode(path)
+    try:
+        text = raw.decode("utf-8")
+        return text if os.fsencode(text) == raw else None
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return None
 
 
 class RunLog:
@@ -72,7 +87,16 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(paths.events), purge_step=purge_step)
+            events = tensorboard_path(paths.events)
+            if events is None:
+                print(
+                    f"warning: TensorBoard needs a path it can write as UTF-8; {os.fsencode(paths.events)!r} is not "
+                    "one, so no TensorBoard events are written (the Markdown, JSON and plots are)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                self.tb = SummaryWriter(log_dir=events, purge_step=purge_step)
 
     @staticmethod
     def read_records(paths: RunPaths) -> list[dict]:

@@ -171,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(cfg: TrainConfig, sweep: ExponentialSweep, beta: float, diverge_factor: float) -> int:
     from training.components import make_loader, make_parts, seed_everything
-    from training.distributed import cleanup, init_distributed
+    from training.distributed import DeviceError, cleanup, init_distributed
     from training.engine import resolve_precision
     from training.schedules import train_resolution
 
-    ctx = init_distributed(cfg.device)
+    try:
+        ctx = init_distributed(cfg.device)
+    except DeviceError as e:
+        print(f"rn50 lr-find: error: {e}", file=sys.stderr)
+        return 2
     try:
         seed_everything(cfg.seed, ctx.rank)
         precision = resolve_precision(cfg.precision, ctx.device)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dataset_tools.beton_folder import check_beton_folder
 from dataset_tools.files import DataFolderError, list_classes, skipped_in_report
+from dataset_tools.processes import workers_problem
 from training.config import TrainConfig
 
 
@@ -46,7 +47,8 @@ def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...])
     if not str(data_dir):
         raise DataError("--data-dir is required (a folder with train.beton/val.beton, or train/ and val/)")
     if not d.is_dir():
-        raise DataError(f"--data-dir {d}: no such folder")
+        what = "a file, not a folder" if d.exists() else "no such folder"
+        raise DataError(f"--data-dir {d}: {what} (it holds train.beton/val.beton, or train/ and val/)")
     if not os.access(d, os.R_OK | os.X_OK):
         raise DataError(f"--data-dir {d}: cannot be read (permissions); make it readable for this user")
     betons = all((d / f"{s}.beton").is_file() for s in splits)
@@ -98,7 +100,10 @@ def _dataset_classes(data_dir: str | Path, loader: str, splits: tuple[str, ...])
 
 
 def check_data(cfg: TrainConfig) -> int:
-    """Number of classes; raises DataError when the layout or the class count does not fit the config."""
+    """Number of classes; raises DataError when the layout or the class count does not fit the config, or the
+    worker count this machine (a preset may be written for a bigger one)."""
+    if workers_problem(cfg.workers):
+        raise DataError(workers_problem(cfg.workers))
     if cfg.skip_listed_in and not Path(cfg.skip_listed_in).is_file():
         raise DataError(
             f"--skip-listed-in {cfg.skip_listed_in}: no such file (rn50 convert writes "

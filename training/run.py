@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +303,8 @@ class Run:
         log0(
             self.ctx,
             f"rn50 train: {signal_name(signum)} received: stopped with the checkpoint at {self.describe(at)}"
-            f"; continue with --run-name {cfg.run_name} --output-dir {cfg.output_dir} --resume (exit code "
+            f"; continue with --run-name {shlex.quote(cfg.run_name)} --output-dir {shlex.quote(str(cfg.output_dir))} "
+            f"--resume (exit code "
             f"{exit_code(signum)})",
         )
         return exit_code(signum)

@@ -18,6 +18,7 @@ import torch
 
 from dataset_tools.locks import FolderBusy, folder_lock
 from pipeline import Loader
+from pipeline.contract import TooFewSamples
 from training import checkpoint as ckpt
 from training.checkpoint import START, Checkpoint
 from training.components import batch_transform, make_loader, make_parts, seed_everything
@@ -59,8 +60,16 @@ def setup(cfg: TrainConfig, ctx: DistContext, signals: StopSignals, flags: list[
         resumed = load_resume_state(cfg, paths.latest, ctx, group) if cfg.resume != "no" else None
         position = resumed.position if resumed else START
         dtype = precision.input_dtype
-        train_loader = make_loader(cfg, "train", ctx, dtype, resolution=run_resolution(cfg, position.epoch))
-        val_loader = make_loader(cfg, "val", ctx, dtype, resolution=cfg.val_res)
+        try:
+            train_loader = make_loader(cfg, "train", ctx, dtype, resolution=run_resolution(cfg, position.epoch))
+            val_loader = make_loader(cfg, "val", ctx, dtype, resolution=cfg.val_res)
+        except TooFewSamples as e:
+            gpus = f" on {e.world_size} processes" if e.world_size > 1 else ""
+            raise SetupError(
+                f"{cfg.data_dir}: {e}; lower --batch-size{' (or use fewer processes)' if e.world_size > 1 else ''}"
+                if e.split == "train"
+                else f"{cfg.data_dir}: {e}{gpus}; the {e.split} split needs at least one sample per process"
+            ) from None
         steps_per_epoch = check_loaders(cfg, ctx, train_loader, val_loader)
         schedule = build_schedule(cfg, steps_per_epoch, ctx.world_size)
         parts, eval_model, counts = make_parts(cfg, train_loader.num_classes, ctx, precision, schedule)
@@ -124,6 +133,12 @@ def check_loaders(cfg: TrainConfig, ctx: DistContext, train: Loader, val: Loader
         raise SetupError(f"train and val class lists differ in {cfg.data_dir}")
     if cfg.num_classes and cfg.num_classes != train.num_classes:
         raise SetupError(f"{cfg.data_dir} has {train.num_classes} classes, --num-classes says {cfg.num_classes}")
+    if train.num_classes == 1:
+        log0(
+            ctx,
+            f"warning: {cfg.data_dir} holds one class ({train.classes[0]}): every prediction is right, so the loss "
+            "goes to 0 and top-1 to 100% whatever the model learns; is --data-dir the dataset you meant?",
+        )
     steps_per_epoch = len(train) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise SetupError(

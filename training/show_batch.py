@@ -133,10 +133,14 @@ def show(cfg, args: argparse.Namespace) -> int:
     import torch
 
     from training.components import make_loader, make_recipe
-    from training.distributed import DistContext, resolve_device
+    from training.distributed import DeviceError, DistContext, resolve_device
     from training.schedules import train_resolution
 
-    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=resolve_device(cfg.device, 0))
+    try:
+        ctx = DistContext(rank=0, local_rank=0, world_size=1, device=resolve_device(cfg.device, 0))
+    except DeviceError as e:
+        print(f"rn50 show-batch: error: {e}", file=sys.stderr)
+        return 2
     train = args.split == "train"
     resolution = train_resolution(cfg, args.epoch) if train else cfg.val_res
     try:

@@ -13,6 +13,7 @@ sees the unfinished epoch and returns 128 + the signal number, with one line say
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dataset_tools.files import DataFolderError
 from pipeline.contract import LoaderError, SampleError
 from training.checkpoint import Position
 from training.config import TrainConfig
-from training.distributed import cleanup, init_distributed
+from training.distributed import DeviceError, cleanup, init_distributed
 from training.engine import EpochStats, Meter, NonFiniteLoss, check_finite, evaluate, micro_batches, train_step
 from training.run import Run, SetupError, WriteError, log0
 from training.setup import setup
@@ -33,7 +34,11 @@ DATA_ERRORS = (DataFolderError, SampleError, LoaderError)
 
 def train(cfg: TrainConfig, flags: list[str]) -> int:
     """Train as `cfg` says; returns the exit code. `flags`: the command line, for the run header."""
-    ctx = init_distributed(cfg.device)
+    try:
+        ctx = init_distributed(cfg.device)
+    except DeviceError as e:
+        print(f"rn50 train: error: {e}", flush=True)
+        return 2
     previous = make_deterministic(ctx.device) if cfg.deterministic else None
     try:
         with StopSignals() as signals:
@@ -129,14 +134,13 @@ def train_epoch(run: Run, epoch: int) -> EpochStats:
 
 
 def progress_bar(run: Run, epoch: int, done: int):
-    """The epoch's tqdm bar on rank 0 (--progress), starting at `done` steps; None otherwise."""
+    """The epoch's progress on rank 0 (--progress), starting at `done` steps: tqdm's bar on a terminal, a plain line
+    every 30 s in a log file; None otherwise."""
     if not (run.cfg.progress and run.ctx.is_main):
         return None
-    from tqdm import tqdm
+    from dataset_tools.progress import progress
 
-    return tqdm(
-        total=run.steps_per_epoch, initial=done, desc=f"epoch {epoch}", unit="step", leave=True, dynamic_ncols=True
-    )
+    return progress(run.steps_per_epoch, f"epoch {epoch}", "step", initial=done, leave=True, dynamic_ncols=True)
 
 
 def log_window(run: Run, bar, epoch: int, step: int, scalars: dict[str, float]) -> None:
@@ -235,7 +239,10 @@ def epoch_record(run: Run, epoch: int, stats: EpochStats, val: dict, ema_val: di
 
 
 def stop_after(run: Run, epoch: int) -> int:
-    log0(run.ctx, f"stopping after epoch {epoch} as asked; continue with --run-name {run.cfg.run_name} --resume")
+    log0(
+        run.ctx,
+        f"stopping after epoch {epoch} as asked; continue with --run-name {shlex.quote(run.cfg.run_name)} --resume",
+    )
     return finish(run)
 
 
@@ -243,7 +250,7 @@ def finish(run: Run) -> int:
     if run.runlog is not None:
         print(
             f"logs: {run.runlog.dir}/training_log.md (+ .json, loss.png, accuracy.png, lr.png)\n"
-            f"TensorBoard: tensorboard --logdir {Path(run.cfg.output_dir) / 'runs'}\n"
+            f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(run.cfg.output_dir) / 'runs'))}\n"
             f"checkpoints: {run.ckpt_dir}",
             flush=True,
         )
