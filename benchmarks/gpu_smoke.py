@@ -18,6 +18,7 @@ The checks (data: DIR_DATA, default /tmp/rn50_smoke, made by the `data` check, a
                      pipeline for the same (seed, epoch, indices): labels equal, mean |pixel difference| reported
                      (nvJPEG and libjpeg-turbo round differently: a few units out of 255 pass)
     dali-fp16        the same in float16 (the T4's precision), the first batch unchanged after two more are taken
+    dali-thread      the same with the feed thread (DALIOptions.feed_thread: the pipeline driven off the training thread)
     dali-hw0         the same with hw_decoder_load 0 (nvJPEG's CUDA decoder only), pipeline build time reported
     dali-hw0.99      the same with hw_decoder_load 0.99 (nearly all to the hardware JPEG decoder, where there is one)
     dali-folder      DALI decoding the image folders on the GPU
@@ -54,6 +55,7 @@ CHECKS: dict[str, tuple[str, ...]] = {
     "dali-beton": ("cuda", "dali", "data"),
     "dali-mixed": ("cuda", "dali", "data"),
     "dali-fp16": ("cuda", "dali", "data"),
+    "dali-thread": ("cuda", "dali", "data"),
     "dali-hw0": ("cuda", "dali", "data"),
     "dali-hw0.99": ("cuda", "dali", "data"),
     "dali-folder": ("cuda", "dali", "data"),
@@ -66,7 +68,10 @@ CHECKS: dict[str, tuple[str, ...]] = {
 
 
 # checks that also run with --device cpu (the loader checks: GPU loader replaced by the same backend on the CPU)
-CPU_TOO = ("env", "data", "dali-beton", "dali-mixed", "dali-fp16", "dali-hw0", "dali-hw0.99", "dali-folder", "ffcv")
+CPU_TOO = (
+    *("env", "data", "dali-beton", "dali-mixed", "dali-fp16", "dali-thread", "dali-hw0", "dali-hw0.99"),
+    *("dali-folder", "ffcv"),
+)
 
 
 class CheckFailed(AssertionError):
@@ -166,7 +171,11 @@ def _loader(where: Path, backend: str, device: str, dtype, **knobs):
     """knobs: dali_source and hw_decoder_load (the DALI flags of rn50 train)."""
     from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
-    dali = DALIOptions(source=knobs.get("dali_source", "auto"), hw_decoder_load=knobs.get("hw_decoder_load"))
+    dali = DALIOptions(
+        source=knobs.get("dali_source", "auto"),
+        hw_decoder_load=knobs.get("hw_decoder_load"),
+        feed_thread=knobs.get("feed_thread", False),
+    )
     return build_loader(
         where,
         "train",
@@ -258,6 +267,12 @@ def check_dali_fp16(data: Path, device: str) -> dict:
     """float16, the T4's precision: DALI's float16 output is handed out without a cast, so this is where a batch
     could alias DALI's buffers."""
     return loader_check(data / "betons", device, "dali", "dali", dtype="float16", dali_source="beton")
+
+
+def check_dali_thread(data: Path, device: str) -> dict:
+    """The feed thread: the pipeline driven from the loader's own thread, batches copied on its own CUDA stream and
+    handed over with an event (pipeline.dali_loader)."""
+    return loader_check(data / "betons", device, "dali", "dali", dali_source="beton", feed_thread=True)
 
 
 def check_dali_hw(load: float):
@@ -396,6 +411,7 @@ FUNCTIONS = {
     "dali-beton": check_dali_beton,
     "dali-mixed": check_dali_mixed,
     "dali-fp16": check_dali_fp16,
+    "dali-thread": check_dali_thread,
     "dali-hw0": check_dali_hw(0.0),
     "dali-hw0.99": check_dali_hw(0.99),
     "dali-folder": check_dali_folder,

@@ -105,6 +105,7 @@ class DALIOptions:
     threads: int = 0
     prefetch: int = 0
     nvjpeg_padding_mb: int | None = None
+    feed_thread: bool = False  # drive the pipeline from a thread of its own (pipeline.dali_loader, "Feed thread")
 
 
 @dataclass(frozen=True)

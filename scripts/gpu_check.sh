@@ -35,7 +35,7 @@ SWEEPS=mixed,hw_decoder_load,dali_threads,dali_prefetch,plain-ffcv
 if [ -n "${QUICK:-}" ]; then RES=160; SWEEPS=mixed,hw_decoder_load; BUDGET_S=${BUDGET_S_QUICK:-400}; fi
 PART=${PART:-loaders}
 TORCH_ONLY=env,graphs,fused-sgd,sync
-LOADER_CHECKS=data,dali-beton,dali-mixed,dali-fp16,dali-hw0,dali-hw0.99,dali-folder,ffcv
+LOADER_CHECKS=data,dali-beton,dali-mixed,dali-fp16,dali-thread,dali-hw0,dali-hw0.99,dali-folder,ffcv
 mkdir -p "$OUT" || { echo "gpu_check: cannot make $OUT"; exit 2; }
 start=$(date +%s)
 rc=0

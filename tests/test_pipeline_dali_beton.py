@@ -234,6 +234,65 @@ def test_damaged_jpeg_bytes_stop_with_a_line_naming_the_sample(ramp_betons, tmp_
     assert f"train.beton: sample {sample} (label {label})" in last and "rn50 convert" in last
 
 
+@pytest.mark.parametrize("how", ["truncated"])
+def test_damaged_bytes_stop_the_feed_thread_with_the_same_line(ramp_betons, tmp_path, how):
+    """With the feed thread the callback's marker check runs in that thread: its SampleError reaches the loop."""
+    sample, label = _damage(ramp_betons["jpeg"], tmp_path / "betons", how, sample=13)
+    script = (
+        "import torch; from pipeline import DALIOptions, LoaderOptions, Placement, build_loader\n"
+        f"loader = build_loader({str(tmp_path / 'betons')!r}, batch_size=8, resolution=24, "
+        "placement=Placement('cpu', torch.float32), options=LoaderOptions('dali', workers=1, "
+        "dali=DALIOptions(feed_thread=True)), verbose=False)\n"
+        "for _ in loader: pass\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pipeline.contract.SampleError:") and f"sample {sample} (label {label})" in last
+
+
+# ------------------------------------------------------------------------------------------------ feed thread
+
+
+def test_the_feed_thread_gives_the_same_batches_and_resumes_and_abandons_alike(ramp_betons):
+    """Same (seed, epoch): the same pixels and labels with and without the feed thread, from a resumed batch too;
+    an abandoned loop leaves the pipeline for the next (still one pipeline), and the thread is gone after each loop."""
+    import threading
+
+    from pipeline import DALIOptions
+
+    def loader(thread: bool):
+        opts = LoaderOptions("dali", workers=2, dali=DALIOptions(feed_thread=thread))
+        return build_loader(ramp_betons["mixed"], options=opts, resolution=32, seed=4, **KW)
+
+    plain, fed = loader(False), loader(True)
+    seen = {}
+    for epoch, start in ((2, 0), (3, 1)):
+        plain.set_epoch(epoch, start)
+        fed.set_epoch(epoch, start)
+        a, b = list(plain), list(fed)
+        assert len(a) == len(b) == len(plain) - start
+        for (x, y), (u, v) in zip(a, b, strict=True):
+            assert torch.equal(x, u) and torch.equal(y, v)
+        seen[epoch] = a
+    fed.set_epoch(5)
+    it = iter(fed)
+    next(it)
+    it.close()  # abandoned after one batch
+    fed.set_epoch(2)
+    again = list(fed)
+    assert [torch.equal(x, u) for (x, _), (u, _) in zip(again, seen[2], strict=True)] == [True] * len(seen[2])
+    assert fed.builds == 1 and not [t for t in threading.enumerate() if t.name == "dali-feed"]
+
+
+def test_the_trainer_flag_reaches_the_loader():
+    from training.components import loader_options
+    from training.config import TrainConfig
+
+    assert loader_options(TrainConfig(dali_feed_thread=True)).dali.feed_thread
+    assert not loader_options(TrainConfig()).dali.feed_thread
+
+
 # ------------------------------------------------------------------------------------------------ --loader auto
 
 

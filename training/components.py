@@ -67,6 +67,7 @@ def loader_options(cfg: TrainConfig, val_crop_ratio: float | None = None) -> Loa
             threads=cfg.dali_threads,
             prefetch=cfg.dali_prefetch,
             nvjpeg_padding_mb=cfg.nvjpeg_padding_mb,
+            feed_thread=cfg.dali_feed_thread,
         ),
         skip_listed_in=cfg.skip_listed_in or None,
     )

@@ -108,6 +108,11 @@ class TrainConfig:
     dali_prefetch: int = option(
         0, "dali: batches each DALI pipeline prepares ahead; 0: 5 on H100/H200 (NVIDIA's MLPerf setting), else DALI's 2"
     )
+    dali_feed_thread: bool = option(
+        False,
+        "dali: drive the pipeline from a thread of the loader's own, so its callback and byte copies leave the "
+        "training thread (off until measured on a GPU; see README)",
+    )
     nvjpeg_padding_mb: int = option(
         -1,
         "dali: nvJPEG device and host buffer padding in MiB, so it never reallocates; -1: "
