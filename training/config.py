@@ -225,12 +225,8 @@ class TrainConfig:
         return self.min_res > 0 and self.max_res > 0
 
     def validate(self) -> list[str]:
-        """Every problem with the values, as short sentences naming the flag (empty list: fine)."""
-        return self._value_problems() + self._combination_problems()
-
-    def _value_problems(self) -> list[str]:
-        """Each value on its own: finite numbers, then choices and ranges (NaN passes every `x <= 0` test, so it is
-        refused first, and alone: its range messages would say nothing more)."""
+        """Every problem with the values, as short sentences naming the flag (empty list: fine). Non-finite numbers
+        are refused first, and alone: NaN passes every `x <= 0` test, and its range messages would say nothing more."""
         not_finite = [
             f"--{flag_name(f.name)} must be a finite number (got {getattr(self, f.name)})"
             for f in dataclasses.fields(self)
@@ -238,6 +234,10 @@ class TrainConfig:
         ]
         if not_finite:
             return not_finite
+        return self._value_problems() + self._optimisation_problems() + self._combination_problems()
+
+    def _value_problems(self) -> list[str]:
+        """Each value on its own: choices, counts, sizes, the loaders' knobs."""
         problems = []
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -271,6 +271,11 @@ class TrainConfig:
                 problems.append(f"--{flag_name(n)} must be >= 0 (0: the GPU's default)")
         if self.nvjpeg_padding_mb < -1:
             problems.append("--nvjpeg-padding-mb must be >= 0, or -1 for the GPU's default")
+        return problems
+
+    def _optimisation_problems(self) -> list[str]:
+        """The schedule's, the optimizer's and the augmentations' numbers, each in its range."""
+        problems = []
         if self.max_lr <= 0:
             problems.append("--max-lr must be > 0")
         if not 0 < self.pct_start < 1:
