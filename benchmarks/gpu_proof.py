@@ -1,20 +1,22 @@
-"""`python -m benchmarks.gpu_proof --data DIR`: does each loader path keep up with the compiled train step? The
-measurement behind scripts/gpu_check.sh, written as a reference file (benchmarks/reference/<card>_<date>.json).
+"""`rn50 bench proof --data DIR`: does each loader path keep up with the compiled train step? The measurement behind
+scripts/gpu_check.sh (which runs it as `python -m benchmarks.gpu_proof`), written as a reference file
+(benchmarks/reference/<card>_<date>.json).
 
-    python -m benchmarks.gpu_proof --data gpu_out/data --res 160,192,224
-    python -m benchmarks.gpu_proof --data gpu_out/data --res 160 --sweeps hw_decoder_load     # shorter
+    rn50 bench proof --data gpu_out/data --res 160,192,224
+    rn50 bench proof --data gpu_out/data --res 160 --sweeps hw_decoder_load     # shorter
 
-DIR is made by `python -m benchmarks.bench_data` (betons/, folders/, betons_mixed/, dataset.json). For each
-resolution the model is built and compiled once; in that one process it is then timed
+DIR is made by `rn50 bench data` (betons/, folders/, betons_mixed/, dataset.json). For each resolution the model is
+built and compiled once; in that one process it is then timed
 1. alone, on one synthetic batch already on the device (the ceiling),
 2. for each loader path -- DALI from the beton, DALI from the image folders, the ffcv backend -- the loader alone,
    then the loader feeding the same compiled step.
-Every timed window is `--window` batches (200) inside one epoch, after `--warmup` batches of that epoch (epoch
-starts, pipeline builds, FFCV's JIT and torch's compilation never fall into a window), timed with CUDA events (the
-GPU's timeline, from the window's first launch to its last batch's end: a GPU starved of data counts, and a loader
-alone is done when its last batch is on the device -- both backends make the current stream wait for it). The
-keep-up ratio is end to end / step alone. Process cores: the CPU seconds this process spent per second of the
-window (FFCV's and DALI's threads run in it).
+Every row is the keep-up method of benchmarks.timing (`keep_up`, the same as `rn50 bench keepup`): a window of
+`--window` batches (200) inside one epoch, after `--warmup` batches of that epoch (epoch starts, pipeline builds,
+FFCV's JIT and torch's compilation never fall into a window), timed with CUDA events (the GPU's timeline, from the
+window's first launch to its last batch's end: a GPU starved of data counts, and a loader alone is done when its last
+batch is on the device -- both backends make the current stream wait for it). The keep-up ratio is end to end / step
+alone. Process cores: the CPU seconds this process spent per second of the window (FFCV's and DALI's threads run in
+it).
 
 Then, in this order (the riskiest first), at the first resolution: DALI on the half-raw beton (`mixed`: the DALI
 conditional around the mixed decoder, the raw-sample path on the GPU); the DALI knobs, each value a fresh pipeline,
@@ -37,90 +39,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import machine_info, report_failure, usable_cores
+from benchmarks.report import driver_version, machine_info, report_failure, usable_cores
+from benchmarks.timing import Measurement, in_epoch, keep_up, measure, train_step_fn
 
 SWEEPS = {"hw_decoder_load": [0.0, 0.65, 0.9, 0.99], "dali_threads": [4, 6, 8, 12], "dali_prefetch": [2, 3, 5]}
 EXTRAS = {"mixed": "DALI on the half-raw beton", "plain-ffcv": "plain FFCV Loader"}
 # the riskiest path first: the half-raw beton runs DALI's conditional around the mixed decoder
 SWEEP_ORDER = ("mixed", "hw_decoder_load", "dali_threads", "dali_prefetch", "plain-ffcv")
 PATHS = {"dali-beton": ("dali", "beton"), "dali-folder": ("dali", "folder"), "ffcv": ("ffcv", "beton")}
-
-
-class Window:
-    """CUDA events around a stretch of work (perf_counter on the CPU), plus this process's CPU time over it."""
-
-    def __init__(self, device) -> None:
-        import torch
-
-        self.cuda, self.torch = device.type == "cuda", torch
-
-    def __enter__(self) -> Window:
-        self.cpu0 = time.process_time()  # user + system time of every thread of this process
-        self.t0 = time.perf_counter()
-        if self.cuda:
-            self.start = self.torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            end = self.torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            self.seconds = self.start.elapsed_time(end) / 1e3
-        else:
-            self.seconds = time.perf_counter() - self.t0
-        wall = time.perf_counter() - self.t0
-        self.cores = (time.process_time() - self.cpu0) / wall
-
-
-def step_alone(parts, device, batch_size: int, res: int, num_classes: int, dtype, warmup: int, window: int) -> dict:
-    from benchmarks.step_bench import synthetic_batches
-    from training.engine import train_step
-
-    batch = synthetic_batches(batch_size, res, num_classes, dtype, device)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        train_step(parts, [batch()], i, device)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
-    warm_s = time.perf_counter() - t0
-    with Window(device) as w:
-        for i in range(window):
-            train_step(parts, [batch()], warmup + i, device)
-    return {"images_per_s": window * batch_size / w.seconds, "warmup_s": warm_s, "process_cores": w.cores}
-
-
-def loader_window(loader, epoch: int, warmup: int, window: int, device, parts=None) -> dict:
-    """`window` batches of epoch `epoch` after `warmup` of them: the loader alone, or feeding `parts`' step."""
-    from training.engine import train_step
-
-    if len(loader) < warmup + window:
-        raise ValueError(
-            f"{loader.num_samples} samples make {len(loader)} batches per epoch, fewer than the "
-            f"{warmup} + {window} a window needs (make more with benchmarks.bench_data --samples)"
-        )
-    loader.set_epoch(epoch)
-    it = iter(loader)
-    try:
-        for i in range(warmup):
-            images, labels = next(it)
-            if parts is not None:
-                train_step(parts, [(images, labels)], i, device)
-        wait, n = 0.0, 0
-        with Window(device) as w:
-            for i in range(window):
-                t0 = time.perf_counter()
-                images, labels = next(it)
-                wait += time.perf_counter() - t0
-                n += images.shape[0]
-                if parts is not None:
-                    train_step(parts, [(images, labels)], warmup + i, device)
-    finally:
-        it.close()
-    return {"images_per_s": n / w.seconds, "data_wait_share": min(1.0, wait / w.seconds), "process_cores": w.cores}
 
 
 # sweep name (a flag of rn50 train) -> its field of pipeline.DALIOptions
@@ -177,7 +103,7 @@ class Results:
         seconds = round(time.perf_counter() - self.started, 1)
         if self.data["keepup"]:
             self.path = save(
-                self.info, self.out_dir, driver=_driver(), **self.data, skipped=self.skipped, seconds=seconds
+                self.info, self.out_dir, driver=driver_version(), **self.data, skipped=self.skipped, seconds=seconds
             )
             if self.args.copy_to:
                 Path(self.args.copy_to).mkdir(parents=True, exist_ok=True)
@@ -193,12 +119,12 @@ class Results:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_proof",
+        prog="rn50 bench proof",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="folder made by python -m benchmarks.bench_data")
+    p.add_argument("--data", required=True, help="folder made by rn50 bench data")
     p.add_argument("--res", default="160,192,224")
     p.add_argument("--paths", default="dali-beton,dali-folder,ffcv", help="loader paths to time")
     p.add_argument(
@@ -239,188 +165,257 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    proof = Proof.start(args)
+    if isinstance(proof, int):
+        return proof
+    loaders: dict = {}
+    try:
+        for res in proof.resolutions:
+            if proof.over_budget(f"{res} px", args.resolution_s):
+                continue
+            alone = proof.step_at(res)
+            if alone is None:
+                continue
+            parts, rate = alone
+            for path in proof.paths:
+                if not proof.over_budget(f"{path} at {res} px"):
+                    proof.keepup_row(path, res, parts, rate, loaders)
+            del parts
+    finally:
+        for loader in loaders.values():
+            _close(loader)
+    for name in (n for n in SWEEP_ORDER if n in proof.wanted):
+        if name in SWEEPS:
+            for value in SWEEPS[name]:
+                if not proof.over_budget(f"{name}={value}"):
+                    proof.sweep_row(name, value)
+        elif not proof.over_budget(EXTRAS[name]):
+            proof.extra_row(name)
+    return proof.finish()
 
-    import torch
 
-    from benchmarks.reference import REFERENCE_DIR, render_one, validate
-    from benchmarks.step_bench import make_parts, resolve_device
-    from training.engine import resolve_precision
+def step_alone(
+    parts, device, batch_size: int, res: int, num_classes: int, dtype, warmup: int, window: int
+) -> Measurement:
+    """The step alone on one synthetic batch already on the device: the ceiling a loader path is measured against."""
+    from benchmarks.step_bench import synthetic_batches
 
-    t_start = time.perf_counter()
-    deadline = (args.started_at if args.started_at is not None else time.time()) + args.budget_s
-    data = Path(args.data)
-    device = resolve_device(args.device)
-    out_dir = Path(args.out_dir) if args.out_dir else REFERENCE_DIR
-    if device.type != "cuda" and args.out_dir is None:
-        print(
-            "gpu_proof: error: no CUDA device, and a reference file is a GPU measurement; pass --out-dir to try "
-            "the script elsewhere",
-            file=sys.stderr,
-        )
-        return 2
-    if not (data / "dataset.json").is_file():
-        print(
-            f"gpu_proof: error: {data}/dataset.json missing; make the data with python -m benchmarks.bench_data {data}",
-            file=sys.stderr,
-        )
-        return 2
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    resolutions = [int(r) for r in args.res.split(",") if r.strip()]
-    paths = [x for x in args.paths.split(",") if x]
-    wanted = [x for x in args.sweeps.split(",") if x]
-    unknown = [x for x in paths if x not in PATHS] + [x for x in wanted if x not in SWEEP_ORDER]
-    if unknown or not resolutions:
-        print(
-            f"gpu_proof: error: unknown {', '.join(unknown) or 'nothing'} (paths: {', '.join(PATHS)}; sweeps: "
-            f"{', '.join(SWEEP_ORDER)}); --res needs at least one resolution",
-            file=sys.stderr,
-        )
-        return 2
-    compiled = not args.no_compile
-    info = machine_info()
-    precision = resolve_precision(args.precision, device)
-    classes = len(json.loads((data / "betons" / "classes.json").read_text()))
-    settings = {
-        "arch": args.arch,
-        "batch_size": args.batch_size,
-        "precision": precision.name,
-        "compiled": compiled,
-        "window_batches": args.window,
-        "warmup_batches": args.warmup,
-        "workers": args.workers,
-        "resolutions": resolutions,
-    }
-    results = Results(args, info, json.loads((data / "dataset.json").read_text()), settings, out_dir, t_start)
+    return measure(
+        synthetic_batches(batch_size, res, num_classes, dtype, device),
+        device,
+        step=train_step_fn(parts, device),
+        warmup=warmup,
+        window=window,
+    )
 
-    def over_budget(what: str, need_s: float = 0.0) -> bool:
-        left = deadline - time.time()
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class Proof:
+    """One run of the proof: its settings, budget and results; each method measures one row and records it, or
+    records why it could not."""
+
+    def __init__(self, args, device, data: Path, out_dir: Path, deadline: float, started: float) -> None:
+        from training.engine import resolve_precision
+
+        self.args, self.device, self.data, self.deadline, self.epoch = args, device, data, deadline, 0
+        self.resolutions = [int(r) for r in args.res.split(",") if r.strip()]
+        self.paths = [x for x in args.paths.split(",") if x]
+        self.wanted = [x for x in args.sweeps.split(",") if x]
+        self.compiled = not args.no_compile
+        self.precision = resolve_precision(args.precision, device)
+        self.dtype = self.precision.input_dtype
+        self.classes = len(json.loads((data / "betons" / "classes.json").read_text()))
+        self.info = machine_info()
+        settings = {
+            "arch": args.arch,
+            "batch_size": args.batch_size,
+            "precision": self.precision.name,
+            "compiled": self.compiled,
+            "window_batches": args.window,
+            "warmup_batches": args.warmup,
+            "workers": args.workers,
+            "resolutions": self.resolutions,
+        }
+        dataset = json.loads((data / "dataset.json").read_text())
+        self.results = Results(args, self.info, dataset, settings, out_dir, started)
+
+    @classmethod
+    def start(cls, args) -> Proof | int:
+        """The proof, or 2 after one line saying what is wrong with the arguments or the data."""
+        import torch
+
+        from benchmarks.reference import REFERENCE_DIR
+        from benchmarks.step_bench import resolve_device
+
+        started = time.perf_counter()
+        deadline = (args.started_at if args.started_at is not None else time.time()) + args.budget_s
+        data, device = Path(args.data), resolve_device(args.device)
+        problem = None
+        if device.type != "cuda" and args.out_dir is None:
+            problem = (
+                "no CUDA device, and a reference file is a GPU measurement; pass --out-dir to try the script elsewhere"
+            )
+        elif not (data / "dataset.json").is_file():
+            problem = f"{data}/dataset.json missing; make the data with rn50 bench data {data}"
+        else:
+            unknown = [x for x in args.paths.split(",") if x and x not in PATHS]
+            unknown += [x for x in args.sweeps.split(",") if x and x not in SWEEP_ORDER]
+            if unknown or not [r for r in args.res.split(",") if r.strip()]:
+                problem = (
+                    f"unknown {', '.join(unknown) or 'nothing'} (paths: {', '.join(PATHS)}; sweeps: "
+                    f"{', '.join(SWEEP_ORDER)}); --res needs at least one resolution"
+                )
+        if problem:
+            print(f"gpu_proof: error: {problem}", file=sys.stderr)
+            return 2
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        out_dir = Path(args.out_dir) if args.out_dir else REFERENCE_DIR
+        return cls(args, device, data, out_dir, deadline, started)
+
+    def over_budget(self, what: str, need_s: float = 0.0) -> bool:
+        left = self.deadline - time.time()
         if left < need_s or left <= 0:
             print(f"gpu_proof: skipped {what} ({left:.0f} s of --budget-s left)", flush=True)
-            results.skip(f"{what} (budget)")
+            self.results.skip(f"{what} (budget)")
             return True
         return False
 
-    def failed(what: str, e: BaseException) -> None:
-        results.skip(report_failure("gpu_proof", what, e))
+    def failed(self, what: str, e: BaseException) -> None:
+        self.results.skip(report_failure("gpu_proof", what, e))
 
-    loaders, epoch = {}, 0
-    for res in resolutions:
-        if over_budget(f"{res} px", args.resolution_s):
-            continue
+    def step_at(self, res: int):
+        """(the model's parts, the step alone) at `res`, or None (recorded) when the step fails there."""
+        import torch
+
+        from benchmarks.step_bench import make_parts
+
+        a, mode = self.args, "compiled" if self.compiled else "eager"
         try:
             torch._dynamo.reset()  # each resolution's model compiles afresh (as bench step does), once
-            parts, _ = make_parts(args.arch, classes, args.precision, device, compiled, True)
-            alone = step_alone(
-                parts, device, args.batch_size, res, classes, precision.input_dtype, args.step_warmup, args.window
-            )
+            parts, _ = make_parts(a.arch, self.classes, a.precision, self.device, self.compiled, True)
+            alone = step_alone(parts, self.device, a.batch_size, res, self.classes, self.dtype, a.step_warmup, a.window)
         except Exception as e:  # no step, no keep-up rows at this resolution; the next one may still work
-            failed(f"the {'compiled' if compiled else 'eager'} step at {res} px", e)
-            continue
-        results.step_alone.append({"res": res, **alone})
+            self.failed(f"the {mode} step at {res} px", e)
+            return None
+        self.results.step_alone.append(
+            {
+                "res": res,
+                "images_per_s": alone.images_per_s,
+                "warmup_s": alone.warmup_s,
+                "process_cores": alone.process_cores,
+            }
+        )
         print(
-            f"{res} px: step alone {alone['images_per_s']:,.0f} img/s ({'compiled' if compiled else 'eager'}, "
-            f"warm-up {alone['warmup_s']:.0f} s)",
+            f"{res} px: step alone {alone.images_per_s:,.0f} img/s ({mode}, warm-up {alone.warmup_s:.0f} s)", flush=True
+        )
+        return parts, alone
+
+    def keepup_row(self, path: str, res: int, parts, alone: Measurement, loaders: dict) -> None:
+        """One loader path alone and feeding the step (benchmarks.timing.keep_up); a failure costs this row only."""
+        a = self.args
+        try:
+            if path not in loaders:
+                loaders[path] = build(path, self.data, res, a, self.device, self.dtype)
+            loader = loaders[path]
+            loader.set_resolution(res)
+            self.epoch += 2
+            k = keep_up(loader, parts, alone, self.device, epoch=self.epoch - 1, warmup=a.warmup, window=a.window)
+        except Exception as e:  # one path failing must not lose the others' rows
+            self.failed(f"{path} at {res} px", e)
+            broken = loaders.pop(path, None)
+            if broken is not None:
+                _close(broken)
+            return
+        row = keepup_row(path, res, self.compiled, k["loader_alone"], k["fed"], alone, a.workers)
+        if PATHS[path][0] == "dali":
+            row["knobs"] = loader.tuning.as_dict()
+        self.results.add("keepup", row)
+        cores = row["process_cores"]
+        print(
+            f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
+            f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
+            f"{100 * row['data_wait_share']:.0f}% | cores {'-' if cores is None else f'{cores:.1f}'}",
             flush=True,
         )
-        for path in paths:
-            if over_budget(f"{path} at {res} px"):
-                continue
-            try:
-                if path not in loaders:
-                    loaders[path] = build(path, data, res, args, device, precision.input_dtype)
-                loader = loaders[path]
-                loader.set_resolution(res)
-                epoch += 1
-                solo = loader_window(loader, epoch, args.warmup, args.window, device)
-                epoch += 1
-                fed = loader_window(loader, epoch, args.warmup, args.window, device, parts)
-            except Exception as e:  # one path failing must not lose the others' rows
-                failed(f"{path} at {res} px", e)
-                broken = loaders.pop(path, None)
-                if broken is not None:
-                    _close(broken)
-                continue
-            row = keepup_row(path, res, compiled, solo, fed, alone, args.workers)
-            if PATHS[path][0] == "dali":
-                row["knobs"] = loader.tuning.as_dict()
-            results.add("keepup", row)
-            print(
-                f"  {path:11s} alone {row['loader_alone_images_per_s']:>9,.0f} img/s | fed "
-                f"{row['end_to_end_images_per_s']:>9,.0f} img/s | ratio {row['ratio']:.3f} | wait "
-                f"{100 * row['data_wait_share']:.0f}% | cores {row['process_cores']:.1f}",
-                flush=True,
+
+    def sweep_row(self, name: str, value) -> None:
+        """DALI from the beton alone with one knob changed, in a fresh pipeline."""
+        res, loader = self.resolutions[0], None
+        try:
+            loader = build("dali-beton", self.data, res, self.args, self.device, self.dtype, **{name: value})
+            self.epoch += 1
+            r = in_epoch(loader, self.epoch, self.device, warmup=self.args.warmup, window=self.args.window)
+        except Exception as e:
+            self.failed(f"{name}={value}", e)
+            return
+        finally:
+            if loader is not None:
+                _close(loader)  # its pinned and device buffers go now, not at the next garbage collection
+        t = loader.tuning
+        row = {
+            "value": value,
+            "images_per_s": round(r.images_per_s, 1),
+            "process_cores": _round(r.process_cores, 2),
+            "what": f"DALI from the beton, loader alone, {res} px",
+            "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}",
+        }
+        self.results.add("sweeps", row, sweep=name)
+        print(f"  sweep {name}={value}: {r.images_per_s:,.0f} img/s, cores {_num(r.process_cores)}", flush=True)
+
+    def extra_row(self, name: str) -> None:
+        try:
+            row = (mixed_beton if name == "mixed" else plain_ffcv)(
+                self.data, self.resolutions[0], self.args, self.device, self.precision
             )
-        del parts
-    for loader in loaders.values():
-        _close(loader)
-    res0 = resolutions[0]
-    for name in (n for n in SWEEP_ORDER if n in wanted):
-        if name in SWEEPS:
-            for value in SWEEPS[name]:
-                if over_budget(f"{name}={value}"):
-                    continue
-                loader = None
-                try:
-                    loader = build("dali-beton", data, res0, args, device, precision.input_dtype, **{name: value})
-                    epoch += 1
-                    r = loader_window(loader, epoch, args.warmup, args.window, device)
-                except Exception as e:
-                    failed(f"{name}={value}", e)
-                    continue
-                finally:
-                    if loader is not None:
-                        _close(loader)  # its pinned and device buffers go now, not at the next garbage collection
-                t = loader.tuning
-                row = {
-                    "value": value,
-                    "images_per_s": round(r["images_per_s"], 1),
-                    "process_cores": round(r["process_cores"], 2),
-                    "what": f"DALI from the beton, loader alone, {res0} px",
-                    "knobs": f"load {t.hw_decoder_load}, {t.threads} threads, prefetch {t.prefetch}",
-                }
-                results.add("sweeps", row, sweep=name)
-                print(
-                    f"  sweep {name}={value}: {r['images_per_s']:,.0f} img/s, cores {r['process_cores']:.1f}",
-                    flush=True,
-                )
-        elif not over_budget(EXTRAS[name]):
-            try:
-                row = (mixed_beton if name == "mixed" else plain_ffcv)(data, res0, args, device, precision)
-            except Exception as e:
-                failed(EXTRAS[name], e)
-                continue
-            results.add("extras", row)
-            print(f"  {row['what']}: {row['images_per_s']:,.0f} img/s, {row['process_cores']:.1f} cores", flush=True)
-    results.persist()
-    if results.skipped:
-        print("skipped or failed: " + "; ".join(results.skipped), flush=True)
-    if results.path is None:
-        print("gpu_proof: no keep-up row was measured, so no reference file was written", file=sys.stderr)
-        return 1
-    final = json.loads(results.path.read_text())
-    print(f"wrote {results.path} ({final['seconds']:.0f} s)")
-    if info["gpu"]:
-        validate(final, str(results.path))
-        print("\n" + render_one(results.path, final))
-    return 0
+        except Exception as e:
+            self.failed(EXTRAS[name], e)
+            return
+        self.results.add("extras", row)
+        print(f"  {row['what']}: {row['images_per_s']:,.0f} img/s, {_num(row['process_cores'])} cores", flush=True)
+
+    def finish(self) -> int:
+        from benchmarks.reference import render_one, validate
+
+        results = self.results
+        results.persist()
+        if results.skipped:
+            print("skipped or failed: " + "; ".join(results.skipped), flush=True)
+        if results.path is None:
+            print("gpu_proof: no keep-up row was measured, so no reference file was written", file=sys.stderr)
+            return 1
+        final = json.loads(results.path.read_text())
+        print(f"wrote {results.path} ({final['seconds']:.0f} s)")
+        if self.info["gpu"]:
+            validate(final, str(results.path))
+            print("\n" + render_one(results.path, final))
+        return 0
 
 
-def keepup_row(path: str, res: int, compiled: bool, solo: dict, fed: dict, alone: dict, workers: int) -> dict:
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def keepup_row(
+    path: str, res: int, compiled: bool, solo: Measurement, fed: Measurement, alone: Measurement, workers: int
+) -> dict:
     backend, source = PATHS[path]
-    fed_rate, alone_rate = round(fed["images_per_s"], 1), round(alone["images_per_s"], 1)
+    fed_rate, alone_rate = round(fed.images_per_s, 1), round(alone.images_per_s, 1)
     return {
         "backend": backend,
         "source": source,
         "res": res,
         "compiled": compiled,
-        "loader_alone_images_per_s": round(solo["images_per_s"], 1),
+        "loader_alone_images_per_s": round(solo.images_per_s, 1),
         "end_to_end_images_per_s": fed_rate,
         "step_alone_images_per_s": alone_rate,
         "ratio": round(fed_rate / alone_rate, 4),  # of the rounded figures, so the file agrees with itself
-        "data_wait_share": round(fed["data_wait_share"], 4),
-        "process_cores": round(fed["process_cores"], 2),
-        "loader_alone_process_cores": round(solo["process_cores"], 2),
+        "data_wait_share": round(fed.data_wait_share, 4),
+        "process_cores": _round(fed.process_cores, 2),
+        "loader_alone_process_cores": _round(solo.process_cores, 2),
         "workers": workers,
     }
 
@@ -441,15 +436,14 @@ def mixed_beton(data: Path, res: int, args, device, precision) -> dict:
     )
     try:
         list(mixed)  # builds the pipeline, warms the page cache
-        epochs, n = 3, 0
-        with Window(device) as w:
-            for _ in range(epochs):
-                n += sum(x.shape[0] for x, _ in mixed)
+        epochs = 3
+        batches = (batch for _ in range(epochs) for batch in mixed)
+        r = measure(batches.__next__, device, window=None)
         return {
             "what": f"DALI from the half-raw beton ({mixed.source.describe_storage()}), {res} px, alone, {epochs} "
             f"whole epochs of {len(mixed)} batches (epoch starts inside the timing)",
-            "images_per_s": round(n / w.seconds, 1),
-            "process_cores": round(w.cores, 2),
+            "images_per_s": round(r.images_per_s, 1),
+            "process_cores": _round(r.process_cores, 2),
         }
     finally:
         _close(mixed)
@@ -459,16 +453,12 @@ def plain_ffcv(data: Path, res: int, args, device, precision) -> dict:
     from benchmarks.loader_bench import normalised, plain_ffcv_loader
 
     plain = plain_ffcv_loader(data / "betons" / "train.beton", args.batch_size, res, args.workers, 0)
-    n, it = 0, iter(normalised(plain, device, precision.input_dtype))
-    for _ in range(args.warmup):
-        next(it)
-    with Window(device) as w:
-        for _ in range(args.window):
-            n += next(it)[0].shape[0]
+    batches = iter(normalised(plain, device, precision.input_dtype))
+    r = measure(batches.__next__, device, warmup=args.warmup, window=args.window)
     return {
         "what": f"plain FFCV Loader (RandomResizedCrop + flip), same beton, {res} px, alone",
-        "images_per_s": round(n / w.seconds, 1),
-        "process_cores": round(w.cores, 2),
+        "images_per_s": round(r.images_per_s, 1),
+        "process_cores": _round(r.process_cores, 2),
     }
 
 
@@ -477,12 +467,6 @@ def _close(loader) -> None:
         loader.close()
     except Exception as e:  # a loader that cannot close must not end the run
         report_failure("gpu_proof", f"closing the {getattr(loader, 'backend', '?')} loader", e)
-
-
-def _driver() -> str | None:
-    from benchmarks.doctor import driver_version
-
-    return driver_version()
 
 
 if __name__ == "__main__":

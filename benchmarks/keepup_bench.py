@@ -4,12 +4,15 @@
     rn50 bench keepup --data-dir /data/betons --image-folder /data/imagenet --backend ffcv,dali-beton,dali-folder \
         --res 160,192 --compile
 
-For each backend and resolution it measures (1) the train step alone on synthetic tensors already on the device
-(`rn50 bench step`), and (2) the same step fed by the loader, timed end to end after a warm-up that holds FFCV's JIT
-compilation, cuDNN autotuning and the loader's first batches. The ratio end-to-end / step-alone is the verdict:
->= 0.95 "keeps up". The data-wait share is the host time spent waiting in `next(loader)`; because the GPU runs
-queued work meanwhile, it is an upper bound on the GPU's idle time -- the ratio is the number to trust. When the
-loader falls behind, the report names the first thing to change.
+For each backend and resolution it measures, with the one keep-up method of benchmarks.timing (the same as
+`rn50 bench proof`): (1) the train step alone on a synthetic batch already on the device (`rn50 bench step`), after a
+warm-up that holds compilation and cuDNN autotuning; (2) the loader alone and (3) the same step fed by the loader, each
+in an epoch of its own: `--warmup` batches of it untimed (FFCV's JIT compilation, the pipeline's first batches), then
+`--windows` windows of `--steps` batches, so an epoch must hold warmup + windows x steps batches and epoch starts never
+fall into a window. The ratio end-to-end / step-alone is the verdict: >= 0.95 "keeps up". The data-wait share is the
+host time spent waiting in `next(loader)`; because the GPU runs queued work meanwhile, it is an upper bound on the
+GPU's idle time -- the ratio is the number to trust. When the loader falls behind, the report names the first thing
+to change.
 """
 
 from __future__ import annotations
@@ -18,21 +21,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks.cores import confine_from_flag, exit_child, parse_counts, pick_cpus, snapshot
 from benchmarks.report import describe_machine, machine_info, markdown_table, out_problem, usable_cores, write_results
-from benchmarks.step_bench import make_parts, parse_list, resolve_device, run_windows, synthetic_batches
-
-KEEPS_UP = 0.95
-
-
-def endless(loader):
-    """Batches across epoch boundaries (a short benchmark may need more steps than one epoch holds)."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise RuntimeError("the loader yields no batches (fewer images than one batch with drop_last?)")
+from benchmarks.step_bench import make_parts, parse_list, resolve_device, step_alone, synthetic_batches
+from benchmarks.timing import KEEPS_UP, keep_up
 
 
 def advice(backend: str, ratio: float, wait_share: float, workers: int, cores: int) -> str:
@@ -75,18 +67,17 @@ def measure_keepup(
     windows: int,
     dali_source: str = "auto",
 ) -> dict:
-    """The same model (compiled once) timed twice: on a synthetic batch already on the device, then fed by the
-    loader. Each run has its own warm-up (compilation and cuDNN autotuning in the first, the loader's JIT and
-    first batches in the second)."""
+    """The keep-up method (benchmarks.timing.keep_up): the model (compiled once) on a synthetic batch already on the
+    device, then the loader alone and the loader feeding the same step, each inside an epoch of its own after
+    `warmup` batches of it."""
     import torch
 
     from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
+    from training.engine import resolve_precision
 
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    from training.engine import resolve_precision
-
     loader = build_loader(
         data_dir,
         "train",
@@ -98,18 +89,14 @@ def measure_keepup(
         drop_last=True,
         verbose=False,
     )
-    parts, prec = make_parts(arch, loader.num_classes, precision, dev, compile_model, True)
-    alone = run_windows(
-        parts,
-        dev,
-        synthetic_batches(batch_size, res, loader.num_classes, prec.input_dtype, dev),
-        warmup,
-        steps,
-        windows,
-    )
-    batches = endless(loader)
-    fed = run_windows(parts, dev, lambda: next(batches), warmup, steps, windows)
-    ratio = fed["images_per_s"] / alone["images_per_s"]
+    try:
+        parts, prec = make_parts(arch, loader.num_classes, precision, dev, compile_model, True)
+        batch = synthetic_batches(batch_size, res, loader.num_classes, prec.input_dtype, dev)
+        alone = step_alone(parts, dev, batch, max(1, warmup), steps, windows)
+        k = keep_up(loader, parts, alone, dev, epoch=0, warmup=warmup, window=steps, windows=windows)
+    finally:
+        loader.close()
+    fed = k["fed"]
     source = loader.source_kind if loader.backend == "dali" else "beton" if loader.backend == "ffcv" else "folder"
     return {
         "backend": loader.backend,
@@ -121,14 +108,16 @@ def measure_keepup(
         "compile": compile_model,
         "compiled": compile_model,
         "device": str(dev),
-        "step_alone_images_per_s": alone["images_per_s"],
-        "end_to_end_images_per_s": fed["images_per_s"],
-        "windows_images_per_s": fed["windows_images_per_s"],
-        "data_wait_share": fed["data_wait_share"],
-        "ratio": ratio,
-        "verdict": "keeps up" if ratio >= KEEPS_UP else "loader-bound",
-        "warmup_s": {"step_alone": alone["warmup_s"], "loader_fed": fed["warmup_s"]},
-        "advice": advice(loader.backend, ratio, fed["data_wait_share"], workers, usable_cores()),
+        "step_alone_images_per_s": alone.images_per_s,
+        "loader_alone_images_per_s": k["loader_alone"].images_per_s,
+        "end_to_end_images_per_s": fed.images_per_s,
+        "windows_images_per_s": fed.windows_images_per_s,
+        "data_wait_share": fed.data_wait_share,
+        "process_cores": fed.process_cores,
+        "ratio": k["ratio"],
+        "verdict": k["verdict"],
+        "warmup_s": {"step_alone": alone.warmup_s, "loader_fed": fed.warmup_s},
+        "advice": advice(loader.backend, k["ratio"], fed.data_wait_share, workers, usable_cores()),
     }
 
 
@@ -151,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--res", default="160", help="comma-separated resolutions (160)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=usable_cores(), help="loader workers (all cores)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (all cores; with --cores: the count)")
+    p.add_argument(
+        "--cores",
+        default=None,
+        metavar="N,N,...",
+        help="each count in a process of its own confined to that many logical CPUs (the loader's threads and "
+        "workers, the training step's and the libraries' thread counts to match): rows per count",
+    )
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--arch", default="resnet50")
@@ -160,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="steps per timed window (30)")
     p.add_argument("--windows", type=int, default=3, help="timed windows; the median is reported (3)")
     p.add_argument("--out", help="results folder (default benchmarks/results/)")
+    p.add_argument("--confined-to", default=None, help=argparse.SUPPRESS)  # a --cores child: its CPUs
     return p
 
 
@@ -181,6 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.is_dir():
         print(f"rn50 bench keepup: error: {data_dir}: no such folder", file=sys.stderr)
         return 2
+    if args.cores and not args.confined_to:
+        try:
+            counts = parse_counts(args.cores)
+            for n in counts:
+                pick_cpus(n)
+        except ValueError as e:
+            print(f"rn50 bench keepup: error: {e}", file=sys.stderr)
+            return 2
+        return by_cores(args, counts)
+    if args.confined_to:
+        exit_child(measure_all(args, backends, resolutions, confine_from_flag(args.confined_to)))
+    return measure_all(args, backends, resolutions, None)
+
+
+def measure_all(args, backends: list[str], resolutions: list[int], cpus: list[int] | None) -> int:
+    """Every backend and resolution in this process (confined to `cpus`, a --cores child), written to --out."""
+    data_dir = Path(args.data_dir)
+    if args.workers is None:
+        args.workers = usable_cores()
     info = machine_info()
     results = []
     for backend in backends:
@@ -209,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             except (FileNotFoundError, RuntimeError, ValueError, ImportError) as e:
                 print(f"  {backend} {res}px: skipped ({e})", file=sys.stderr)
                 continue
+            if cpus:
+                r.update(cores=len(cpus), cpus=cpus, confinement=snapshot(cpus))
             results.append(r)
             print(
                 f"  {r['backend']} ({r['source']}) {res}px: {r['end_to_end_images_per_s']:,.0f} img/s end to end, "
@@ -219,11 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         print("rn50 bench keepup: error: no backend could run on this data (see the lines above)", file=sys.stderr)
         return 1
+    print(write_keepup(args, info, results))
+    return 0
+
+
+def write_keepup(args, info: dict, results: list[dict]) -> str:
+    """keepup.json, keepup.md and keepup.png; returns the Markdown and where they went."""
+    by_cores = any("cores" in r for r in results)
     rows = [
         [
             r["backend"],
             r["source"],
             r["res"],
+            *([r.get("cores", "-")] if by_cores else []),
             r["end_to_end_images_per_s"],
             r["step_alone_images_per_s"],
             f"{r['ratio']:.2f}",
@@ -232,12 +258,24 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for r in results
     ]
+    workers = "workers = the count" if by_cores and args.workers is None else f"{args.workers} workers"
     md = (
         f"# rn50 bench keepup\n\n{describe_machine(info)}; {args.arch}, batch {args.batch_size}, "
-        f"{results[0]['precision']}, {'torch.compile' if args.compile else 'eager'}, {args.workers} workers, "
+        f"{results[0]['precision']}, {'torch.compile' if args.compile else 'eager'}, {workers}, "
         f"device {results[0]['device']}\n\n"
         + markdown_table(
-            ["backend", "source", "res", "end-to-end img/s", "step alone img/s", "ratio", "data wait", "verdict"], rows
+            [
+                "backend",
+                "source",
+                "res",
+                *(["logical CPUs"] if by_cores else []),
+                "end-to-end img/s",
+                "step alone img/s",
+                "ratio",
+                "data wait",
+                "verdict",
+            ],
+            rows,
         )
         + "\n\n"
         + "\n".join(f"- {r['backend']} {r['res']}px: {r['advice']}" for r in results)
@@ -250,9 +288,34 @@ def main(argv: list[str] | None = None) -> int:
         lambda p: _chart(p, results, describe_machine(info)),
         args.out,
     )
-    print(md)
-    print("results: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return md + "\nresults: " + ", ".join(str(p) for p in paths.values())
+
+
+def by_cores(args, counts: list[int]) -> int:
+    """`--cores`: one confined child per count (benchmarks.cores.run_counts), the results written as each ends."""
+    from benchmarks.cores import run_counts
+
+    argv = ["--data-dir", args.data_dir, "--backend", args.backend, "--res", args.res]
+    argv += ["--batch-size", str(args.batch_size), "--precision", args.precision, "--arch", args.arch]
+    argv += ["--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    argv += ["--windows", str(args.windows)]
+    argv += ["--image-folder", args.image_folder] if args.image_folder else []
+    argv += ["--workers", str(args.workers)] if args.workers is not None else []
+    argv += ["--compile"] if args.compile else []
+    info, results = machine_info(), []
+
+    def on_result(n: int, cpus: list[int], child: dict) -> None:
+        results.extend(child["results"])
+        write_keepup(args, info, results)
+
+    lost = run_counts("benchmarks.keepup_bench", argv, counts, "keepup.json", on_result, prog="rn50 bench keepup")
+    if not results:
+        print("rn50 bench keepup: error: no count was measured", file=sys.stderr)
+        return 1
+    print(write_keepup(args, info, results))
+    for line in lost:
+        print(f"rn50 bench keepup: not measured: {line}", file=sys.stderr)
+    return 1 if lost else 0
 
 
 def _chart(path: Path, results: list[dict], machine: str) -> None:

@@ -1,6 +1,7 @@
 """`rn50 bench loader`: images/s of each loader backend, and of a hand-written FFCV Loader doing the same work.
 
     rn50 bench loader --data-dir BETONS --image-folder ROOT --backend all --res 160 --batch-size 256 --workers 2
+    rn50 bench loader --data-dir BETONS --backend ffcv,dali-beton --res 160,224 --cores 1,2 --device cpu --record
 
 Rows (each names its source, beton or folder):
 - ffcv: our backend on BETONS/train.beton (keyed crops, planned order, device normalisation).
@@ -10,13 +11,22 @@ Rows (each names its source, beton or folder):
 - dali-beton: our DALI backend decoding BETONS/train.beton (the GPU's decoder on a GPU, DALI's CPU threads without).
 - torchvision, dali-folder: our backends on ROOT/train (the image folders the beton was converted from).
 
-Every epoch is timed to its last batch (CUDA synchronised); img/s = images / seconds. Epochs run in rounds, one of
-each backend per round, so other load on a shared machine hits all rows alike. The first epoch (FFCV's JIT
-compilation, worker start-up, cold page cache) is reported apart and the result is the median of the later epochs.
-CPU use: the whole machine's busy share over the later epochs (other processes included), and the cores this
+Each pass is timed with benchmarks.timing (to its last batch on the device): a whole epoch, or with `--batches N`
+N batches of it after `--warmup` untimed ones (for datasets whose epoch is long at few cores). Passes run in rounds,
+one of each backend per round, so other load on a shared machine hits all rows alike. The first pass (FFCV's JIT
+compilation, worker start-up, cold page cache) is reported apart and the result is the median of the later passes.
+CPU use: the whole machine's busy share over the later passes (other processes included), and the cores this
 process kept busy (its CPU seconds per second: FFCV's and DALI's decoding threads run in it; torchvision's worker
-processes are not counted there). Writes loader.json, loader.md and loader.png to
-benchmarks/results/ (or --out), each naming the machine.
+processes are not counted there).
+
+`--cores 1,2,4`: each count in a process of its own, confined to that many logical CPUs -- the process, its threads
+and its worker processes (os.sched_setaffinity), torch's, numba's and DALI's thread counts and the workers set to the
+count (benchmarks.cores) -- so a big machine measures what a smaller one, or an instance's vCPUs per GPU, would give.
+Each row records where its threads and workers were allowed to run, checked while the loader ran. `--record` keeps
+the rows of a CPU-only run in benchmarks/cpu/<cpu>_<date>.json, `--reference` those of a GPU run in today's
+reference file (benchmarks/reference/); `rn50 doctor --instance` and the README's per-instance table read both.
+Writes loader.json, loader.md and loader.png to benchmarks/results/ (or --out), each naming the machine, after every
+count.
 """
 
 from __future__ import annotations
@@ -27,7 +37,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from benchmarks.cores import confine_from_flag, exit_child, parse_counts, pick_cpus, snapshot
+from benchmarks.reference import CPU_DIR, REFERENCE_DIR
 from benchmarks.report import describe_machine, machine_info, markdown_table, median, out_problem, write_results
+from benchmarks.timing import MIN_CPU_WINDOW_S, TOO_SHORT, Measurement, measure
 
 BACKENDS = ("ffcv", "ffcv-plain", "dali-beton", "torchvision", "dali-folder")
 SOURCE = {
@@ -69,51 +82,49 @@ def normalised(batches: Iterable, device, dtype) -> Iterable:
     )
 
 
-MIN_CPU_WINDOW_S = 0.5  # 50 clock ticks: a CPU-time figure over less is mostly rounding
-TOO_SHORT = "too short to measure"
+def time_pass(epoch_batches: Iterable, device, warmup: int = 0, batches: int | None = None, on_first=None):
+    """One pass of a loader (benchmarks.timing.measure): `warmup` batches untimed, then `batches` batches (None: the
+    rest of the epoch) timed to the last batch on the device. `on_first()` runs once the first batch is out (the
+    loader's threads and workers are running then)."""
+    it = iter(epoch_batches)
+
+    def next_batch():
+        batch = next(it)
+        nonlocal on_first
+        if on_first is not None:
+            on_first, call = None, on_first
+            call()
+        return batch
+
+    try:
+        return measure(next_batch, device, warmup=warmup, window=batches)
+    except StopIteration:
+        raise ValueError(
+            f"an epoch holds fewer than the --warmup {warmup} + --batches {batches} batches; lower them"
+        ) from None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
-def time_epoch(make_epoch: Callable[[], Iterable], device) -> tuple[int, float, float, float]:
-    """(images, seconds, machine CPU busy %, cores this process used) of one pass, timed to the last batch (CUDA
-    synchronised)."""
-    import psutil
-    import torch
+def summarise(passes: list[Measurement]) -> dict:
+    """Rates and CPU figures over the passes after the first. A CPU figure is None ("too short to measure") when no
+    pass lasted MIN_CPU_WINDOW_S."""
+    rates = [m.images_per_s for m in passes]
+    later = passes[1:] or passes
 
-    me = psutil.Process()
-    before, mine = psutil.cpu_times(), me.cpu_times()
-    start = time.perf_counter()
-    n = 0
-    for x, _ in make_epoch():
-        n += x.shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    after, mine_after = psutil.cpu_times(), me.cpu_times()
-    if seconds < MIN_CPU_WINDOW_S:  # CPU times count clock ticks (10 ms): over a few ticks they say nothing
-        return n, seconds, None, None
-    cores = (mine_after.user + mine_after.system - mine.user - mine.system) / seconds
-    busy = sum(getattr(after, f) - getattr(before, f) for f in ("user", "system", "nice", "irq", "softirq"))
-    total = busy + (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
-    return n, seconds, 100.0 * busy / total if total > 0 else None, cores
-
-
-def summarise(epochs: list[tuple[int, float, float | None, float | None]]) -> dict:
-    """Rates and CPU figures over the epochs after the first. A CPU figure is None ("too short to measure") when no
-    epoch lasted MIN_CPU_WINDOW_S."""
-    rates = [n / s for n, s, _, _ in epochs]
-    later = epochs[1:] or epochs
-
-    def cpu(i: int, digits: int) -> float | None:
-        values = [e[i] for e in later if e[i] is not None]
+    def cpu(values: list, digits: int) -> float | None:
+        values = [v for v in values if v is not None]
         return round(median(values), digits) if values else None
 
     return {
-        "images_per_epoch": epochs[0][0],
-        "epoch_seconds": [round(s, 3) for _, s, _, _ in epochs],
+        "images_per_epoch": passes[0].images,
+        "epoch_seconds": [round(m.windows[0]["seconds"], 3) for m in passes],
         "first_epoch_img_s": round(rates[0], 1),
         "img_s": round(median(rates[1:] or rates), 1),
-        "cpu_busy_pct": cpu(2, 1),
-        "process_cores": cpu(3, 2),
+        "cpu_busy_pct": cpu([m.busy_pct for m in later], 1),
+        "process_cores": cpu([m.process_cores for m in later], 2),
     }
 
 
@@ -124,14 +135,15 @@ def cpu_text(r: dict) -> str:
     return f"CPU busy {busy}, this process {r['process_cores']:.1f} cores"
 
 
-def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callable[[], Iterable]:
+def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> tuple[Callable[[int], Iterable], object]:
+    """(epoch -> that epoch's batches, the loader) for one backend."""
     from pipeline import DALIOptions, LoaderOptions, Placement, build_loader
 
     if backend == "ffcv-plain":
         loader = plain_ffcv_loader(
             Path(args.data_dir) / "train.beton", args.batch_size, resolution, args.workers, args.seed
         )
-        return lambda: normalised(loader, device, dtype)
+        return (lambda epoch: normalised(loader, device, dtype)), loader
     data_dir = args.data_dir if SOURCE[backend] == "beton" else args.image_folder
     dali = (
         DALIOptions(
@@ -154,29 +166,46 @@ def make_epoch_fn(backend: str, args, resolution: int, device, dtype) -> Callabl
         drop_last=True,
         verbose=False,
     )
-    return lambda: loader
+
+    def epoch_batches(epoch: int):
+        loader.set_epoch(epoch)
+        return loader
+
+    return epoch_batches, loader
 
 
-def run_resolution(backends: list[str], args, resolution: int, device, dtype) -> list[dict]:
-    """Epochs in rounds (one epoch of every backend per round), so load from other processes on a shared machine
-    falls on all backends alike instead of on whichever ran while it lasted."""
-    fns, epochs = {}, {}
+def run_resolution(backends: list[str], args, resolution: int, device, dtype, cpus: list[int] | None) -> list[dict]:
+    """Passes in rounds (one pass of every backend per round), so load from other processes on a shared machine
+    falls on all backends alike instead of on whichever ran while it lasted. Confined (`cpus`): where the process's
+    threads and workers may run is recorded once each backend's first batch is out."""
+    fns, loaders, passes, where = {}, {}, {}, {}
     for b in backends:
         try:
-            fns[b] = make_epoch_fn(b, args, resolution, device, dtype)
-            epochs[b] = []
+            fns[b], loaders[b] = make_epoch_fn(b, args, resolution, device, dtype)
+            passes[b] = []
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             print(f"rn50 bench loader: {b} at {resolution} px failed: {str(e).splitlines()[0]}", file=sys.stderr)
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         for b, fn in fns.items():
-            epochs[b].append(time_epoch(fn, device))
+            probe = None
+            if cpus is not None and epoch == 0:
+                probe = lambda b=b: where.__setitem__(b, snapshot(cpus))  # noqa: E731
+            passes[b].append(time_pass(fn(epoch), device, args.warmup, args.batches, probe))
     rows = []
     for b in fns:
-        r = summarise(epochs[b])
-        r.update(backend=b, source=SOURCE[b], resolution=resolution)
+        r = summarise(passes[b])
+        r.update(backend=b, source=SOURCE[b], resolution=resolution, workers=args.workers)
+        tuning = getattr(loaders[b], "tuning", None)
+        if tuning is not None:
+            r["dali_threads"] = tuning.threads
+        if cpus is not None:
+            r.update(cores=len(cpus), cpus=cpus, confinement=where.get(b))
+        close = getattr(loaders[b], "close", None)
+        if close is not None:
+            close()
         rows.append(r)
         print(
-            f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first epoch {r['first_epoch_img_s']:.1f}), "
+            f"{b:>12} {resolution} px: {r['img_s']:8.1f} img/s (first pass {r['first_epoch_img_s']:.1f}), "
             f"{cpu_text(r)}",
             flush=True,
         )
@@ -195,18 +224,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="all", help=f"one of {', '.join(BACKENDS)}, a comma list, or all")
     p.add_argument("--res", default="160", help="comma-separated resolutions (160)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="FFCV threads / DataLoader workers / DALI threads (2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="FFCV threads / DataLoader workers / DALI threads (2; with --cores: the count)",
+    )
+    p.add_argument(
+        "--cores",
+        default=None,
+        metavar="N,N,...",
+        help="each count in a process of its own confined to that many logical CPUs (threads, workers, torch, numba "
+        "and DALI thread counts to match): rows per backend, resolution and count",
+    )
     p.add_argument("--hw-decoder-load", type=float, default=None, help="dali: hardware decoder share (GPU's default)")
     p.add_argument(
-        "--dali-threads", type=int, default=0, help="dali: pipeline threads (0: the GPU's default, else --workers)"
+        "--dali-threads",
+        type=int,
+        default=0,
+        help="dali: pipeline threads (0: the GPU's default, else --workers; with --cores: the count)",
     )
     p.add_argument("--dali-prefetch", type=int, default=0, help="dali: batches queued ahead (0: the GPU's default)")
-    p.add_argument("--epochs", type=int, default=4, help="epochs (rounds) per row; the first is reported apart (4)")
+    p.add_argument("--epochs", type=int, default=4, help="passes (rounds) per row; the first is reported apart (4)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed batches at the start of each pass (0)")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="time this many batches of each epoch after --warmup (default: the whole epoch)",
+    )
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/)")
+    p.add_argument(
+        "--reference",
+        nargs="?",
+        const=str(REFERENCE_DIR),
+        default=None,
+        metavar="DIR",
+        help="with --cores on a GPU: also record the rows in today's reference file for this GPU "
+        "(benchmarks/reference/), beside what scripts/gpu_check.sh measured",
+    )
+    p.add_argument(
+        "--record",
+        nargs="?",
+        const=str(CPU_DIR),
+        default=None,
+        metavar="DIR",
+        help="with --cores on the CPU (--device cpu): also record the rows in a file named after this CPU "
+        "(benchmarks/cpu/), which rn50 doctor --instance and the README read",
+    )
+    p.add_argument("--copy-to", default=None, help="with --reference/--record: copy the file here after every count")
+    p.add_argument("--budget-s", type=float, default=None, help="with --cores: stop starting counts after this long")
+    p.add_argument(
+        "--started-at", type=float, default=None, help="the budget's clock start, seconds since the epoch (now)"
+    )
+    p.add_argument("--confined-to", default=None, help=argparse.SUPPRESS)  # a --cores child: its CPUs
     return p
+
+
+def check_args(args) -> list[str]:
+    wanted = backends_of(args)
+    problems = [
+        f"unknown backend {b!r} (choose from {', '.join(BACKENDS)} or all)" for b in wanted if b not in BACKENDS
+    ]
+    try:
+        resolutions = resolutions_of(args)
+    except ValueError:
+        resolutions = []
+    if not resolutions or min(resolutions) < 8:
+        problems.append(f"--res must be integers >= 8, got {args.res!r}")
+    if args.epochs < 1 or args.batch_size < 1 or (args.workers is not None and args.workers < 1) or args.warmup < 0:
+        problems.append("--epochs, --batch-size and --workers must be >= 1, --warmup >= 0")
+    if args.batches is not None and args.batches < 1:
+        problems.append("--batches must be >= 1")
+    if args.cores:
+        try:
+            for n in parse_counts(args.cores):
+                pick_cpus(n)
+        except ValueError as e:
+            problems.append(str(e))
+    if (args.reference or args.record) and not args.cores:
+        problems.append("--reference and --record keep --cores rows: pass --cores")
+    return problems
+
+
+def backends_of(args) -> list[str]:
+    return list(BACKENDS) if args.backend == "all" else [b.strip() for b in args.backend.split(",") if b.strip()]
+
+
+def resolutions_of(args) -> list[int]:
+    return [int(r) for r in args.res.split(",") if r.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,21 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    wanted = list(BACKENDS) if args.backend == "all" else [b.strip() for b in args.backend.split(",") if b.strip()]
-    problems = [
-        f"unknown backend {b!r} (choose from {', '.join(BACKENDS)} or all)" for b in wanted if b not in BACKENDS
-    ]
-    try:
-        resolutions = [int(r) for r in args.res.split(",") if r.strip()]
-    except ValueError:
-        resolutions = []
-    if not resolutions or min(resolutions) < 8:
-        problems.append(f"--res must be integers >= 8, got {args.res!r}")
-    if args.epochs < 1 or args.batch_size < 1 or args.workers < 1:
-        problems.append("--epochs, --batch-size and --workers must be >= 1")
+    problems = check_args(args)
     if problems:
         print("rn50 bench loader: error: " + "; ".join(problems), file=sys.stderr)
         return 2
+    if args.cores and not args.confined_to:
+        return by_cores(args)
+    if args.confined_to:
+        exit_child(measure_rows(args, confine_from_flag(args.confined_to)))  # confined before torch starts threads
+    return measure_rows(args, None)
+
+
+def measure_rows(args, cpus: list[int] | None) -> int:
+    """Every backend and resolution in this process (confined to `cpus`, a --cores child), written to --out."""
+    if args.workers is None:
+        args.workers = len(cpus) if cpus else 2
+    if cpus and not args.dali_threads:
+        args.dali_threads = len(cpus)
     import torch
 
     from pipeline import available_backends
@@ -238,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     installed = set(available_backends())
     plan, skipped = [], []
-    for b in wanted:
+    for b in backends_of(args):
         needs_beton = SOURCE[b] == "beton"
         source = args.data_dir if needs_beton else args.image_folder
         if "ffcv" in b and "ffcv" not in installed or b.startswith("dali") and "dali" not in installed:
@@ -258,40 +369,69 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     info = machine_info()
-    print(f"machine: {describe_machine(info)}; device {device}; {args.workers} workers, batch {args.batch_size}")
+    where = f"{len(cpus)} logical CPUs ({','.join(map(str, cpus))})" if cpus else f"{info['cores']} cores"
+    print(
+        f"machine: {describe_machine(info)}; device {device}; {where}; {args.workers} workers, batch {args.batch_size}"
+    )
     rows = []
+    resolutions = resolutions_of(args)
     for resolution in resolutions:
-        rows += run_resolution(plan, args, resolution, device, dtype)
+        rows += run_resolution(plan, args, resolution, device, dtype, cpus)
     if not rows:
         return 1
 
     ratios = {}
     for resolution in resolutions:
         at = {r["backend"]: r["img_s"] for r in rows if r["resolution"] == resolution}
-        if "ffcv" in at and "ffcv-plain" in at:
-            ratios[f"ffcv / ffcv-plain @{resolution}"] = round(at["ffcv"] / at["ffcv-plain"], 3)
-        if "ffcv" in at and "torchvision" in at:
-            ratios[f"ffcv / torchvision @{resolution}"] = round(at["ffcv"] / at["torchvision"], 3)
-        if "dali-folder" in at and "torchvision" in at:
-            ratios[f"dali-folder / torchvision @{resolution}"] = round(at["dali-folder"] / at["torchvision"], 3)
-        if "dali-beton" in at and "ffcv" in at:
-            ratios[f"dali-beton / ffcv @{resolution}"] = round(at["dali-beton"] / at["ffcv"], 3)
+        for a, b in RATIOS:
+            if a in at and b in at:
+                ratios[f"{a} / {b} @{resolution}"] = round(at[a] / at[b], 3)
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
 
-    settings = {k: getattr(args, k) for k in ("data_dir", "image_folder", "batch_size", "workers", "epochs", "seed")}
-    settings.update(device=str(device), dtype=args.dtype, resolutions=resolutions)
+    settings = settings_of(args, device, resolutions)
     data = {"machine": info, "settings": settings, "rows": rows, "ratios": ratios, "skipped": skipped}
-    table = markdown_table(
+    md = (
+        f"# Loader throughput\n\n{describe_machine(info)}; device {device}, {args.dtype}; {where}; "
+        f"{args.workers} workers, batch {args.batch_size}, {args.epochs} passes per row ({pass_text(args)})\n\n"
+        + rows_table(rows)
+        + "\n\n"
+        + "".join(f"- {k}: {v:.2f}x\n" for k, v in ratios.items())
+    )
+    paths = write_results("loader", data, md, lambda path: chart(path, rows, info, f"{args.workers} workers"), args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+RATIOS = (("ffcv", "ffcv-plain"), ("ffcv", "torchvision"), ("dali-folder", "torchvision"), ("dali-beton", "ffcv"))
+
+
+def pass_text(args) -> str:
+    if args.batches:
+        return f"each pass {args.batches} batches after {args.warmup} untimed, inside one epoch"
+    return "each pass one whole epoch" + (f" after {args.warmup} untimed batches" if args.warmup else "")
+
+
+def settings_of(args, device, resolutions: list[int]) -> dict:
+    settings = {
+        k: getattr(args, k)
+        for k in ("data_dir", "image_folder", "batch_size", "workers", "epochs", "warmup", "batches", "seed")
+    }
+    settings.update(device=str(device), dtype=args.dtype, resolutions=resolutions, passes=pass_text(args))
+    return settings
+
+
+def rows_table(rows: list[dict]) -> str:
+    return markdown_table(
         [
             "backend",
             "source",
             "res",
-            "img/s (median, epochs 2+)",
-            "first epoch img/s",
+            "img/s (median, passes 2+)",
+            "first pass img/s",
             "CPU busy %",
             "process cores",
-            "images/epoch",
+            "images/pass",
         ],
         [
             [
@@ -307,26 +447,170 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     )
-    md = (
-        f"# Loader throughput\n\n{describe_machine(info)}; device {device}, {args.dtype}; {args.workers} workers, "
-        f"batch {args.batch_size}, {args.epochs} epochs per row\n\n{table}\n\n"
-        + "".join(f"- {k}: {v:.2f}x\n" for k, v in ratios.items())
+
+
+def chart(path: Path, rows: list[dict], info: dict, what: str) -> None:
+    from benchmarks.report import bar_chart
+
+    bar_chart(
+        path,
+        [f"{r['backend']} {r['resolution']}" + (f" {r['cores']}c" if "cores" in r else "") for r in rows],
+        [r["img_s"] for r in rows],
+        f"loader img/s, {describe_machine(info)}, {what}",
+        "images / s",
     )
 
-    def chart(path: Path) -> None:
-        from benchmarks.report import bar_chart
 
-        bar_chart(
-            path,
-            [f"{r['backend']} {r['resolution']}" for r in rows],
-            [r["img_s"] for r in rows],
-            f"loader img/s, {describe_machine(info)}, {args.workers} workers",
-            "images / s",
+def child_argv(args) -> list[str]:
+    """The flags a --cores child gets: this run's, less what only the parent does."""
+    argv = ["--backend", args.backend, "--res", args.res, "--batch-size", str(args.batch_size)]
+    argv += [
+        "--epochs",
+        str(args.epochs),
+        "--warmup",
+        str(args.warmup),
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+    ]
+    for flag, value in (
+        ("--data-dir", args.data_dir),
+        ("--image-folder", args.image_folder),
+        ("--workers", args.workers),
+        ("--batches", args.batches),
+        ("--device", args.device),
+        ("--hw-decoder-load", args.hw_decoder_load),
+        ("--dali-threads", args.dali_threads or None),
+        ("--dali-prefetch", args.dali_prefetch or None),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def by_cores(args) -> int:
+    """`--cores`: one confined child per count (benchmarks.cores.run_counts); the rows of each are written as it
+    ends: results, and with --reference/--record the kept file and its copy."""
+    from benchmarks.cores import run_counts
+
+    counts = parse_counts(args.cores)
+    info, rows, state = machine_info(), [], {"settings": None, "device": None}
+    device = args.device or ("cuda" if info["gpu"] else "cpu")
+    if args.reference and not device.startswith("cuda"):
+        print("rn50 bench loader: error: --reference keeps GPU measurements; on the CPU use --record", file=sys.stderr)
+        return 2
+    if args.record and device != "cpu":
+        print(
+            "rn50 bench loader: error: --record keeps CPU-only measurements: add --device cpu, or use --reference "
+            "for the GPU's",
+            file=sys.stderr,
         )
+        return 2
 
-    paths = write_results("loader", data, md, chart, args.out)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    def write(lost: list[str]) -> None:
+        md = cores_markdown(info, rows, state["settings"], lost)
+        data = {"machine": info, "settings": state["settings"], "rows": rows, "skipped": lost}
+        write_results("loader", data, md, lambda path: chart(path, rows, info, "by logical CPUs"), args.out)
+        if args.reference or args.record:
+            keep(args, info, rows, state["settings"], lost)
+
+    def on_result(n: int, cpus: list[int], child: dict) -> None:
+        state["settings"] = {**child["settings"], "workers": "the count" if args.workers is None else args.workers}
+        state["settings"]["data"] = describe_data(args)
+        rows.extend(child["rows"])
+        write([])
+
+    started = args.started_at if args.started_at is not None else time.time()
+    deadline = None if args.budget_s is None else started + args.budget_s
+    lost = run_counts("benchmarks.loader_bench", child_argv(args), counts, "loader.json", on_result, deadline)
+    if not rows:
+        print("rn50 bench loader: no count was measured", file=sys.stderr)
+        return 1
+    write(lost)
+    print(cores_markdown(info, rows, state["settings"], lost))
+    return 1 if lost else 0
+
+
+def describe_data(args) -> str:
+    """What the rows were measured on: the description benchmarks.bench_data wrote beside the data, else the
+    beton's own count."""
+    import json
+
+    for folder in (args.data_dir, args.image_folder):
+        if not folder:
+            continue
+        for candidate in (Path(folder) / "dataset.json", Path(folder).parent / "dataset.json"):
+            if candidate.is_file():
+                return json.loads(candidate.read_text()).get("description", str(candidate))
+    if args.data_dir and (Path(args.data_dir) / "train.beton").is_file():
+        from dataset_tools.beton_format import image_column, read_index
+
+        column = image_column(read_index(Path(args.data_dir) / "train.beton"))
+        return f"{len(column.labels):,} samples in {args.data_dir}/train.beton ({column.num_raw:,} stored raw)"
+    return str(args.image_folder or args.data_dir)
+
+
+def cores_markdown(info: dict, rows: list[dict], settings: dict | None, lost: list[str]) -> str:
+    """One row per backend and resolution, one column per count: img/s, and img/s per logical CPU."""
+    counts = sorted({r["cores"] for r in rows})
+    keys = sorted({(r["backend"], r["source"], r["resolution"]) for r in rows}, key=lambda k: (k[2], k[0]))
+    at = {(r["backend"], r["source"], r["resolution"], r["cores"]): r["img_s"] for r in rows}
+    table = []
+    for k in keys:
+        rates = [at.get((*k, n)) for n in counts]
+        per_cpu = [f"{v / n:,.0f}" if v else "-" for v, n in zip(rates, counts)]
+        table.append([*k, *[v if v is not None else "-" for v in rates], " / ".join(per_cpu)])
+    s = settings or {}
+    text = (
+        f"# Loader throughput by logical CPUs\n\n{describe_machine(info)}; device {s.get('device', '?')}, "
+        f"{s.get('dtype', '?')}; batch {s.get('batch_size', '?')}, workers = {s.get('workers', '?')}; "
+        f"{s.get('epochs', '?')} passes per row, the first apart ({s.get('passes', '?')}). Data: {s.get('data', '?')}"
+        "\n\n"
+        + markdown_table(
+            ["backend", "source", "res", *[f"{n} CPUs img/s" for n in counts], "img/s per CPU"],
+            table,
+        )
+        + "\n"
+    )
+    return text + "".join(f"\nnot measured: {line}" for line in lost)
+
+
+def keep(args, info: dict, rows: list[dict], settings: dict | None, lost: list[str]) -> None:
+    import shutil
+
+    from benchmarks.reference import save
+    from benchmarks.report import driver_version
+
+    part = {"settings": settings, "rows": [kept_row(r) for r in rows], "skipped": lost}
+    if args.reference:
+        path = save(info, Path(args.reference), driver=driver_version(), loader_cores=part)
+    else:
+        path = save(info, Path(args.record), name=cpu_record_name(info), loader_cores=part)
+    if args.copy_to:
+        Path(args.copy_to).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(args.copy_to) / path.name)
+
+
+def cpu_record_name(info: dict) -> str:
+    from benchmarks.reference import card_slug
+
+    return f"cpu-{card_slug(info['cpu'])}-{info['cores']}cores"
+
+
+KEPT = ("backend", "source", "resolution", "cores", "cpus", "img_s", "first_epoch_img_s", "process_cores")
+
+
+def kept_row(r: dict) -> dict:
+    """A --cores row as reference files keep it (benchmarks.reference: LOADER_CORES_ROW_KEYS)."""
+    row = {k: r.get(k) for k in KEPT}
+    row["res"] = row.pop("resolution")
+    row["images_per_s"] = row.pop("img_s")
+    row["workers"], row["dali_threads"] = r.get("workers"), r.get("dali_threads")
+    c = r.get("confinement") or {}
+    row["threads_outside"] = len(c.get("threads_outside", {})) if c else None
+    row["processes_outside"] = len(c.get("processes_outside", {})) if c else None
+    return row
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""The measured GPU reference files (benchmarks/reference/<card>_<YYYY-MM-DD>.json) and the README tables made from
-them.
+"""The measured GPU reference files (benchmarks/reference/<card>_<YYYY-MM-DD>.json), the CPU records
+(benchmarks/cpu/), and the README tables made from them.
 
-    python -m benchmarks.reference                      # print the Markdown made from every reference file
-    python -m benchmarks.reference --write README.md    # put it between the README's markers
-    python -m benchmarks.reference --check README.md    # exit 1 if the README's tables differ from the files
+    rn50 bench reference                      # print the Markdown made from every reference file
+    rn50 bench reference --write README.md    # put it (and the per-instance table) between the README's markers
+    rn50 bench reference --check README.md    # exit 1 if the README's tables differ from the files
 
-A reference file is what `scripts/gpu_check.sh` wrote on one GPU on one day: the GPU, the CPU cores, the package
-versions, then what was measured. benchmarks.gpu_proof adds the dataset and one keep-up row per (loader, source,
-resolution, compiled) with backend, source ("beton"/"folder"), res, compiled, end_to_end_images_per_s,
-step_alone_images_per_s and ratio, and the sweeps of the DALI knobs; `rn50 bench step --reference` adds one step
-row per (lever, resolution) with res, batch_size, precision, mode, images_per_s and compile_s. Both write into the
-same file of the day (`save`), each replacing only its own part. Files are committed as measured and never edited
-by hand; the README's tables are regenerated from them, and the test suite fails when they disagree.
+(`python -m benchmarks.reference` is the same.) A reference file is what `scripts/gpu_check.sh` wrote on one GPU on
+one day: the GPU, the CPU cores, the package versions, then what was measured. benchmarks.gpu_proof adds the dataset
+and one keep-up row per (loader, source, resolution, compiled) with backend, source ("beton"/"folder"), res,
+compiled, end_to_end_images_per_s, step_alone_images_per_s and ratio, and the sweeps of the DALI knobs; `rn50 bench
+step --reference` adds one step row per (lever, resolution) with res, batch_size, precision, mode, images_per_s and
+compile_s; `rn50 bench loader --cores ... --reference` adds `loader_cores` (settings, one row per loader, resolution
+and count of logical CPUs with backend, source, res, cores, images_per_s). All write into the same file of the day
+(`save`), each replacing only its own part. A CPU record (`rn50 bench loader --cores ... --record`, on a machine or a
+run without a GPU) has the same shape with gpu null, is named after its CPU and lives in benchmarks/cpu/, never
+among the GPU's files. Files are committed as measured and never edited by hand; the README's tables are
+regenerated from them (the per-instance table by benchmarks.instances, from both folders), and the test suite fails
+when they disagree.
 """
 
 from __future__ import annotations
@@ -24,14 +29,19 @@ import time
 from pathlib import Path
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+CPU_DIR = Path(__file__).resolve().parent / "cpu"  # CPU-only records (rn50 bench loader --cores --record)
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN = "<!-- reference-tables:begin (made by: python -m benchmarks.reference --write README.md) -->"
 END = "<!-- reference-tables:end -->"
+# the per-instance table (benchmarks.instances), filled by the same command where a README has these markers
+INSTANCE_BEGIN = "<!-- instance-table:begin (made by: python -m benchmarks.reference --write README.md) -->"
+INSTANCE_END = "<!-- instance-table:end -->"
 FORMAT = 1
 TOP_KEYS = ("format", "date", "gpu", "cpu", "versions")
 KEEPUP_KEYS = ("dataset", "settings")  # with keep-up rows
 ROW_KEYS = ("backend", "source", "res", "compiled", "end_to_end_images_per_s", "step_alone_images_per_s", "ratio")
 STEP_ROW_KEYS = ("res", "batch_size", "precision", "mode", "images_per_s", "compile_s")
+LOADER_CORES_ROW_KEYS = ("backend", "source", "res", "cores", "images_per_s")
 SOURCES = ("beton", "folder")
 NOTHING_YET = (
     "No GPU measurement is committed yet: `bash scripts/gpu_check.sh` on a CUDA machine writes\n"
@@ -56,8 +66,13 @@ def validate(data: dict, where: str, need_gpu: bool = True) -> dict:
         raise ReferenceError(f"{where}: needs gpu.name (a reference is a GPU measurement)")
     if "cores" not in data["cpu"]:
         raise ReferenceError(f"{where}: needs cpu.cores")
-    if not data.get("keepup") and not data.get("step"):
-        raise ReferenceError(f"{where}: has neither keepup nor step rows")
+    cores_rows = (data.get("loader_cores") or {}).get("rows")
+    if not data.get("keepup") and not data.get("step") and not cores_rows:
+        raise ReferenceError(f"{where}: has neither keepup nor step rows (nor loader_cores rows)")
+    for i, row in enumerate(cores_rows or []):
+        lacking = [k for k in LOADER_CORES_ROW_KEYS if k not in row]
+        if lacking:
+            raise ReferenceError(f"{where}: loader_cores row {i} lacks {', '.join(lacking)}")
     if data.get("keepup"):
         lacking = [k for k in KEEPUP_KEYS if k not in data]
         if lacking:
@@ -80,9 +95,11 @@ def validate(data: dict, where: str, need_gpu: bool = True) -> dict:
     return data
 
 
-def load_all(folder: Path = REFERENCE_DIR) -> list[tuple[Path, dict]]:
+def load_all(folder: Path = REFERENCE_DIR, need_gpu: bool = True) -> list[tuple[Path, dict]]:
+    """Every file of `folder`, validated (need_gpu=False: the CPU records of CPU_DIR)."""
+    folder = Path(folder)
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    return [(p, validate(json.loads(p.read_text()), str(p))) for p in files]
+    return [(p, validate(json.loads(p.read_text()), str(p), need_gpu)) for p in files]
 
 
 def _num(v) -> str:
@@ -122,7 +139,30 @@ def render_one(path: Path, data: dict) -> str:
             lines += ["", "Failed levers: " + "; ".join(data["step_failed"]) + "."]
     if data.get("keepup"):
         lines += ["", *keepup_lines(data)]
+    if (data.get("loader_cores") or {}).get("rows"):
+        lines += ["", *cores_lines(data["loader_cores"])]
     return "\n".join(lines)
+
+
+def cores_lines(part: dict) -> list[str]:
+    """`rn50 bench loader --cores` rows: one line per loader and resolution, one column per count of logical CPUs."""
+    rows, s = part["rows"], part.get("settings") or {}
+    counts = sorted({r["cores"] for r in rows})
+    keys = sorted({(r["backend"], r["source"], r["res"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
+    at = {(r["backend"], r["source"], r["res"], r["cores"]): r["images_per_s"] for r in rows}
+    lines = [
+        f"Loader alone by logical CPUs (`rn50 bench loader --cores`; the process, its threads and workers confined to "
+        f"that many; workers = {s.get('workers', '?')}), batch {s.get('batch_size', '?')}, {s.get('dtype', '?')}, "
+        f"{s.get('passes', '?')}, median of passes 2+. Data: {s.get('data', '?')}.",
+        "",
+        "| loader | source | res | " + " | ".join(f"{n} CPUs img/s" for n in counts) + " |",
+        "|---|---|---|" + "---|" * len(counts),
+    ]
+    for k in keys:
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(_num(at.get((*k, n))) for n in counts) + " |")
+    if part.get("skipped"):
+        lines += ["", "Not measured: " + "; ".join(part["skipped"]) + "."]
+    return lines
 
 
 def keepup_lines(data: dict) -> list[str]:
@@ -176,12 +216,15 @@ def card_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def save(info: dict, out_dir: Path = REFERENCE_DIR, driver: str | None = None, **parts) -> Path:
-    """Write `parts` (keepup + dataset + settings + sweeps ..., or step) into today's file for this GPU
-    (<card>_<date>.json), keeping what another benchmark wrote there today. info: benchmarks.report.machine_info()."""
+def save(
+    info: dict, out_dir: Path = REFERENCE_DIR, driver: str | None = None, name: str | None = None, **parts
+) -> Path:
+    """Write `parts` (keepup + dataset + settings + sweeps ..., step, or loader_cores) into today's file for this GPU
+    (<card>_<date>.json; `name` instead of the card for a CPU record), keeping what another benchmark wrote there
+    today. info: benchmarks.report.machine_info()."""
     gpu = info["gpu"]
     date = time.strftime("%Y-%m-%d")
-    path = Path(out_dir) / f"{card_slug(gpu['name']) if gpu else 'cpu'}_{date}.json"
+    path = Path(out_dir) / f"{name or (card_slug(gpu['name']) if gpu else 'cpu')}_{date}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(
         {
@@ -206,21 +249,37 @@ def render(folder: Path = REFERENCE_DIR) -> str:
     return "\n\n".join(render_one(p, d) for p, d in refs)
 
 
-def readme_region(text: str, where: str = "README.md") -> tuple[int, int]:
+def readme_region(text: str, where: str = "README.md", begin: str = BEGIN, end: str = END) -> tuple[int, int]:
     """(start, end) of the text between the markers."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ReferenceError(f"{where}: needs exactly one {BEGIN!r} ... {END!r} region")
-    return text.index(BEGIN) + len(BEGIN), text.index(END)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ReferenceError(f"{where}: needs exactly one {begin!r} ... {end!r} region")
+    return text.index(begin) + len(begin), text.index(end)
 
 
-def fill(text: str, tables: str, where: str = "README.md") -> str:
-    start, end = readme_region(text, where)
-    return text[:start] + "\n" + tables + "\n" + text[end:]
+def fill(text: str, tables: str, where: str = "README.md", begin: str = BEGIN, end: str = END) -> str:
+    start, stop = readme_region(text, where, begin, end)
+    return text[:start] + "\n" + tables + "\n" + text[stop:]
+
+
+def instance_table(folder: Path = REFERENCE_DIR, cpu_folder: Path = CPU_DIR) -> str:
+    """The README's per-instance table: benchmarks.instances over the reference files and the CPU records."""
+    from benchmarks import instances
+
+    return instances.table(list(instances.INSTANCES), load_all(folder), load_all(cpu_folder, need_gpu=False))
+
+
+def fill_all(text: str, folder: Path, cpu_folder: Path, where: str = "README.md") -> str:
+    """The GPU tables between BEGIN and END, and the per-instance table where the text has its markers."""
+    text = fill(text, render(folder), where)
+    if INSTANCE_BEGIN in text or INSTANCE_END in text:
+        text = fill(text, instance_table(folder, cpu_folder), where, INSTANCE_BEGIN, INSTANCE_END)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.reference", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rn50 bench reference", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default=str(REFERENCE_DIR), help="folder of reference files (benchmarks/reference)")
+    p.add_argument("--cpu-dir", default=str(CPU_DIR), help="folder of CPU records (benchmarks/cpu)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="README", help="put the tables between the markers of this file")
     group.add_argument("--check", metavar="README", help="exit 1 if this file's tables differ from the files")
@@ -230,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.write or args.check:
             path = Path(args.write or args.check)
             text = path.read_text()
-            updated = fill(text, tables, str(path))
+            updated = fill_all(text, Path(args.dir), Path(args.cpu_dir), str(path))
             if args.check:
                 if updated != text:
                     print(
-                        f"{path}: the reference tables differ from {args.dir}; run python -m benchmarks.reference "
-                        f"--write {path}",
+                        f"{path}: the reference tables differ from {args.dir} and {args.cpu_dir}; run "
+                        f"rn50 bench reference --write {path}",
                         file=sys.stderr,
                     )
                     return 1

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +40,11 @@ from benchmarks.report import (
     describe_machine,
     machine_info,
     markdown_table,
-    median,
     out_problem,
     report_failure,
     write_results,
 )
+from benchmarks.timing import Measurement, measure, train_step_fn
 
 
 def parse_list(text: str, cast=int) -> list:
@@ -182,72 +181,16 @@ def pad_stem_to_4_channels(model: nn.Module) -> nn.Module:
     return model
 
 
-class Timer:
-    """CUDA events on a GPU (measures the device's work, no host sync inside the window), perf_counter otherwise."""
-
-    def __init__(self, device):
-        import torch
-
-        self.cuda = device.type == "cuda"
-        self.torch = torch
-        self.device = device
-
-    def start(self):
-        if self.cuda:
-            self._start = self.torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            end = self.torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return self._start.elapsed_time(end) / 1e3
-        return time.perf_counter() - self._t0
-
-
 def resolve_device(device: str):
     from training.distributed import resolve_device as resolve
 
     return resolve(device, local_rank=0)
 
 
-def run_windows(parts, device, next_batch, warmup: int, steps: int, windows: int) -> dict:
-    """Warm up, then time `windows` windows of `steps` train steps on batches from `next_batch()`.
-
-    Timing covers the device's timeline from the first step's launch to the last one's end (CUDA events), so a GPU
-    left idle while the host waits for data is counted. The host time spent inside `next_batch()` is reported as
-    the data-wait share (an upper bound on GPU idle time: queued work keeps the GPU busy meanwhile)."""
-    from training.engine import train_step
-
-    timer = Timer(device)
-    timer.start()
-    for i in range(max(1, warmup)):
-        images, labels = next_batch()
-        train_step(parts, [(images, labels)], i, device)
-    warmup_s = timer.stop()
-    rates, waits = [], []
-    for w in range(windows):
-        wait, samples = 0.0, 0
-        timer.start()
-        for i in range(steps):
-            t0 = time.perf_counter()
-            images, labels = next_batch()
-            wait += time.perf_counter() - t0
-            samples += images.shape[0]
-            train_step(parts, [(images, labels)], warmup + w * steps + i, device)
-        elapsed = timer.stop()
-        rates.append(samples / elapsed)
-        waits.append(min(1.0, wait / elapsed))
-    return {
-        "warmup_s": warmup_s,
-        "steps_per_window": steps,
-        "windows_images_per_s": rates,
-        "images_per_s": median(rates),
-        "data_wait_share": median(waits),
-    }
+def step_alone(parts, device, next_batch, warmup: int, steps: int, windows: int) -> Measurement:
+    """The train step alone: `warmup` untimed steps (compilation, capture, cuDNN autotuning), then `windows` windows
+    of `steps` steps on batches from `next_batch()` (benchmarks.timing.measure)."""
+    return measure(next_batch, device, step=train_step_fn(parts, device), warmup=warmup, window=steps, windows=windows)
 
 
 def synthetic_batches(
@@ -292,11 +235,11 @@ def measure_step(
         torch.cuda.reset_peak_memory_stats(dev)
     torch._dynamo.reset()  # every lever compiles afresh: its compile time is its own
     parts, prec = make_parts(arch, num_classes, precision, dev, compile_model, channels_last, lever=lever)
-    timing = run_windows(
+    m = step_alone(
         parts,
         dev,
         synthetic_batches(batch, res, num_classes, prec.input_dtype, dev, channels_last, lever),
-        warmup,
+        max(1, warmup),
         steps,
         windows,
     )
@@ -316,8 +259,11 @@ def measure_step(
         "channels_last": channels_last,
         "device": str(dev),
         "warmup_steps": warmup,
-        **timing,
-        "compile_s": timing["warmup_s"],
+        "warmup_s": m.warmup_s,
+        "steps_per_window": steps,
+        "windows_images_per_s": m.windows_images_per_s,
+        "images_per_s": m.images_per_s,
+        "compile_s": m.warmup_s,
         "peak_memory_gib": peak,
     }
 
@@ -480,8 +426,8 @@ def write_all(args, info: dict, results: list[dict], failures: list[str]) -> str
     if args.reference:
         import shutil
 
-        from benchmarks.doctor import driver_version
         from benchmarks.reference import save
+        from benchmarks.report import driver_version
 
         keys = (
             "lever",
