@@ -1,7 +1,7 @@
-"""`python -m benchmarks.bench_data OUT`: a dataset big enough for keep-up windows of 200+ batches inside one epoch,
-made in seconds: a few thousand distinct generated images, repeated.
+"""`rn50 bench data OUT` (= `python -m benchmarks.bench_data`): a dataset big enough for keep-up windows of 200+
+batches inside one epoch, made in seconds: a few thousand distinct generated images, repeated.
 
-    python -m benchmarks.bench_data gpu_out/data --unique 2000 --samples 56000 --classes 100
+    rn50 bench data gpu_out/data --unique 2000 --samples 56000 --classes 100
 
 Generating and converting 56,000 distinct ImageNet-like images would take minutes on 16 cores (rn50 synth makes
 ~15-20 img/s per core; rn50 convert ran 1,277 img/s with 16 workers on the H100 machine), more than a GPU visit
@@ -197,7 +197,7 @@ def make(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rn50 bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--unique", type=int, default=2000, help="distinct images (2000)")
     p.add_argument(

@@ -1,7 +1,8 @@
-"""`python -m benchmarks.sync_check`: prove on a GPU that a training step never waits for the device.
+"""`rn50 bench sync` (= `python -m benchmarks.sync_check`): prove on a GPU that a training step never waits for the
+device.
 
-    python -m benchmarks.sync_check                                   # bf16 and fp16, eager / compile / graphs steps
-    python -m benchmarks.sync_check --precision fp16 --steps eager --arch resnet50 --res 224
+    rn50 bench sync                                   # bf16 and fp16, eager / compile / graphs steps
+    rn50 bench sync --precision fp16 --steps eager --arch resnet50 --res 224
 
 Every augmentation is on (AutoAugment's ImageNet policy, random erasing, MixUp and CutMix), as is the EMA. For each
 (precision, step mode) it runs a few warm-up steps (compilation and graph capture happen there), then a few more with
@@ -81,7 +82,7 @@ def check(precision: str, mode: str, arch: str, res: int, batch: int, steps: int
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.sync_check",
+        prog="rn50 bench sync",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -178,6 +178,56 @@ def test_one_command_table(capsys):
     assert all(name in listed for name in ("bench step", "train", "show-batch", "doctor"))
 
 
+def test_every_benchmark_tool_is_in_the_command_table():
+    """Each benchmarks module with a main() is reachable as an rn50 command (the shared pieces have none)."""
+    import ast
+
+    from conftest import REPO
+
+    from training.cli import COMMANDS
+
+    listed = {module for module, _ in COMMANDS.values()}
+    tools = {
+        f"benchmarks.{path.stem}"
+        for path in (REPO / "benchmarks").glob("*.py")
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(path.read_text()).body)
+    }
+    assert tools and tools <= listed, sorted(tools - listed)
+
+
+def test_no_import_circle_in_benchmarks():
+    """Every import between benchmarks modules, at the top or inside a function, forms no cycle."""
+    import ast
+
+    from conftest import REPO
+
+    graph = {}
+    for path in (REPO / "benchmarks").glob("*.py"):
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            edges |= {n.split(".")[1] for n in names if n.startswith("benchmarks.") and n.count(".") >= 1}
+        graph[path.stem] = edges & {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+
+    def cycle_from(start, node, seen):
+        for nxt in graph[node]:
+            if nxt == start:
+                return [*seen, nxt]
+            if nxt not in seen:
+                found = cycle_from(start, nxt, [*seen, nxt])
+                if found:
+                    return found
+        return None
+
+    cycles = [c for m in graph if (c := cycle_from(m, m, [m]))]
+    assert not cycles, cycles[0]
+
+
 def test_doctor_without_gpu_says_so(tmp_path, capsys, coded_betons):
     import torch
 
@@ -214,23 +264,6 @@ def test_recommendations_follow_memory():
     assert any("--workers 8 per GPU" in r for r in recommend(info, small, {}))
     assert any("keep the page cache on" in r for r in recommend(info, small, {}))
     assert any("--no-os-cache --loader-order quasi_random" in r for r in recommend(info, big, {}))
-
-
-def test_summary_collects_every_result(tmp_path):
-    from benchmarks.summary import main
-    from training.cli import main as rn50
-
-    assert (
-        rn50(
-            ["bench", "step", "--res", "32", "--device", "cpu", "--precision", "fp32", "--out", str(tmp_path / "s")]
-            + TINY
-        )
-        == 0
-    )
-    assert main([str(tmp_path)]) == 0
-    text = (tmp_path / "summary.md").read_text()
-    assert "train step alone, eager" in text and "| 32 |" in text
-    assert main([str(tmp_path / "empty_dir_that_does_not_exist")]) == 2
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -20,11 +20,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a ResNet (1 GPU, torchrun for N GPUs/nodes, or CPU)"),
     "eval": ("training.evaluate", "top-1/top-5 of a checkpoint (or a plain state dict: --weights) on the val split"),
     "export": ("training.export", "a checkpoint as portable weights, a torch.export program and a model card"),
-    "bench loader": ("benchmarks.loader_bench", "loader img/s per backend and resolution (no model)"),
+    "bench loader": ("benchmarks.loader_bench", "loader img/s per backend, resolution and --cores count (no model)"),
     "bench step": ("benchmarks.step_bench", "train step img/s on synthetic data already on the device (no loader)"),
     "bench keepup": ("benchmarks.keepup_bench", "the real loader feeding the real step: does it keep up?"),
     "bench convert": ("benchmarks.convert_bench", "conversion img/s: rn50 convert vs FFCV's DatasetWriter"),
-    "doctor": ("benchmarks.doctor", "check this machine and dataset; recommend loader settings"),
+    "bench data": (
+        "benchmarks.bench_data",
+        "the GPU benchmarks' dataset: generated images, repeated (betons, folders)",
+    ),
+    "bench proof": ("benchmarks.gpu_proof", "GPU: every loader path vs the compiled step, into a reference file"),
+    "bench smoke": ("benchmarks.gpu_smoke", "GPU: every GPU path once, each in its own process, PASS/FAIL/SKIP"),
+    "bench sync": ("benchmarks.sync_check", "GPU: the train step under CUDA's sync debug mode (no host waits)"),
+    "bench reference": ("benchmarks.reference", "the README's tables from benchmarks/reference/ and benchmarks/cpu/"),
+    "doctor": ("benchmarks.doctor", "check this machine and dataset, or an EC2 instance (--instance); recommend"),
 }
 
 
