@@ -219,80 +219,110 @@ def preprocessing_line(backend: str, crop_ratio: float, val_res: int, tta: bool,
 
 
 def run_eval(args: argparse.Namespace, ckpt_path: Path, classes: list[str]) -> int:
-    from pipeline.contract import VAL_CROP_RATIO
-    from training.components import make_loader
     from training.distributed import DeviceError, cleanup, init_distributed
-    from training.engine import evaluate, resolve_precision
 
     try:
         ctx = init_distributed(args.device)
     except DeviceError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     try:
-        try:
-            if args.weights is None:
-                model, cfg, fields, desc = _from_checkpoint(args, ckpt_path, classes, ctx)
-            else:
-                model, cfg, fields, desc = _from_weights(args, ckpt_path, classes)
-        except Refused as e:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 2
-        precision = resolve_precision(args.precision, ctx.device)
-        val_res = args.val_res or cfg.val_res
-        tta = cfg.tta if args.tta is None else args.tta
-        crop_ratio = VAL_CROP_RATIO if args.crop_ratio is None else args.crop_ratio
-        model.to(ctx.device)
-        try:
-            loader = make_loader(
-                cfg, "val", ctx, precision.input_dtype, resolution=val_res, val_crop_ratio=args.crop_ratio
-            )
-            if ctx.is_main:
-                print(preprocessing_line(loader.backend, crop_ratio, val_res, tta, args.data_dir), flush=True)
-            t0 = time.perf_counter()
-            result = evaluate(model, loader, precision, ctx, tta=tta)
-        except DataFolderError as e:  # e.g. a val folder where no image decodes: one line, not a traceback
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-            return 2
-        seconds = time.perf_counter() - t0
-        if not ctx.is_main:
-            return 0
-        result.update(
-            {
-                **fields,
-                "data_dir": str(args.data_dir),
-                "loader": loader.backend,
-                "val_res": val_res,
-                "crop_ratio": crop_ratio,
-                "tta": tta,
-                "ema": args.ema,
-                "precision": precision.name,
-                "arch": cfg.arch,
-                "seconds": seconds,
-            }
-        )
-        suffix = (
-            f"{val_res}px"
-            + ("" if args.crop_ratio is None else f"_crop{crop_ratio:.4g}")
-            + ("_tta" if tta else "")
-            + ("_ema" if args.ema else "")
-        )
-        out = Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}_{suffix}.json")
-        print(
-            f"{ckpt_path} ({desc}) on {result['samples']} val images at {val_res} px{' + flip TTA' if tta else ''}: "
-            f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
-            flush=True,
-        )
-        try:  # the result is on screen first: a failed write loses no evaluation
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
-        except OSError as e:
-            print(f"{PROG}: error: could not write {out} ({e.strerror or e}); the result is above", file=sys.stderr)
-            return 1
-        print(f"written: {out}", flush=True)
-        return 0
+        return _evaluate_and_report(args, ckpt_path, classes, ctx)
     finally:
         cleanup()
+
+
+def _error(e: Exception) -> int:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _model_to_evaluate(args: argparse.Namespace, path: Path, classes: list[str], ctx):
+    """(model, config, result fields, description) of --checkpoint or --weights."""
+    if args.weights is None:
+        return _from_checkpoint(args, path, classes, ctx)
+    return _from_weights(args, path, classes)
+
+
+def _settings(args: argparse.Namespace, cfg, device):
+    """(precision, val_res, tta, crop_ratio): this command's flags where given, else the model's config's."""
+    from pipeline.contract import VAL_CROP_RATIO
+    from training.engine import resolve_precision
+
+    precision = resolve_precision(args.precision, device)
+    val_res = args.val_res or cfg.val_res
+    tta = cfg.tta if args.tta is None else args.tta
+    crop_ratio = VAL_CROP_RATIO if args.crop_ratio is None else args.crop_ratio
+    return precision, val_res, tta, crop_ratio
+
+
+def _evaluate_and_report(args: argparse.Namespace, ckpt_path: Path, classes: list[str], ctx) -> int:
+    """Every rank evaluates its share; the main rank reports the whole."""
+    from training.components import make_loader
+    from training.engine import evaluate
+
+    try:
+        model, cfg, fields, desc = _model_to_evaluate(args, ckpt_path, classes, ctx)
+    except Refused as e:
+        return _error(e)
+    precision, val_res, tta, crop_ratio = _settings(args, cfg, ctx.device)
+    model.to(ctx.device)
+    try:
+        loader = make_loader(cfg, "val", ctx, precision.input_dtype, resolution=val_res, val_crop_ratio=args.crop_ratio)
+        if ctx.is_main:
+            print(preprocessing_line(loader.backend, crop_ratio, val_res, tta, args.data_dir), flush=True)
+        t0 = time.perf_counter()
+        result = evaluate(model, loader, precision, ctx, tta=tta)
+    except DataFolderError as e:  # e.g. a val folder where no image decodes: one line, not a traceback
+        return _error(e)
+    seconds = time.perf_counter() - t0
+    if not ctx.is_main:
+        return 0
+    result.update(
+        {
+            **fields,
+            "data_dir": str(args.data_dir),
+            "loader": loader.backend,
+            "val_res": val_res,
+            "crop_ratio": crop_ratio,
+            "tta": tta,
+            "ema": args.ema,
+            "precision": precision.name,
+            "arch": cfg.arch,
+            "seconds": seconds,
+        }
+    )
+    return _report(args, ckpt_path, desc, result)
+
+
+def _result_path(args: argparse.Namespace, ckpt_path: Path, result: dict) -> Path:
+    """--out, else eval_<file>_<res>px[_crop<ratio>][_tta][_ema].json beside the evaluated file: one file per
+    setting, so evaluating at another setting keeps the earlier result."""
+    suffix = (
+        f"{result['val_res']}px"
+        + ("" if args.crop_ratio is None else f"_crop{result['crop_ratio']:.4g}")
+        + ("_tta" if result["tta"] else "")
+        + ("_ema" if args.ema else "")
+    )
+    return Path(args.out) if args.out else ckpt_path.with_name(f"eval_{ckpt_path.stem}_{suffix}.json")
+
+
+def _report(args: argparse.Namespace, ckpt_path: Path, desc: str, result: dict) -> int:
+    """The result on screen, then as JSON; exit status 1 if only the file could not be written."""
+    out = _result_path(args, ckpt_path, result)
+    print(
+        f"{ckpt_path} ({desc}) on {result['samples']} val images at {result['val_res']} px"
+        f"{' + flip TTA' if result['tta'] else ''}: "
+        f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}",
+        flush=True,
+    )
+    try:  # the result is on screen first: a failed write loses no evaluation
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    except OSError as e:
+        print(f"{PROG}: error: could not write {out} ({e.strerror or e}); the result is above", file=sys.stderr)
+        return 1
+    print(f"written: {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

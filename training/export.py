@@ -147,37 +147,12 @@ def commit(tmp: Path, out: Path) -> None:
 
 
 def export(ckpt: Path, out: Path, ema: bool = False) -> int:
-    import torch
-
-    from training.checkpoint import Checkpoint
-    from training.config import ConfigError, from_dict
-    from training.model import build_model
-    from training.weights import WeightsError, check_fits
-
-    try:
-        saved = Checkpoint.read(ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise ExportError(str(e)) from None
-    try:
-        cfg = from_dict(saved.config, f"{ckpt} config")
-    except ConfigError as e:
-        raise ExportError(str(e)) from None
-    if ema and not saved.ema:
-        raise ExportError(f"{ckpt}: holds no EMA weights (the run had --no-ema); export without --ema")
-    weights = {
-        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-        for k, v in saved.weights(ema=ema).items()
-    }
+    saved, cfg = _read_checkpoint(ckpt, ema)
+    weights = _plain_weights(saved, ema)
     num_classes = int(weights["fc.weight"].shape[0]) if "fc.weight" in weights else len(saved.classes)
     classes = saved.classes or [f"class_{i}" for i in range(num_classes)]
     what = f"{cfg.arch}{' + BlurPool' if cfg.blurpool else ''} with {num_classes} classes"
-    model = build_model(cfg.arch, num_classes, blurpool=cfg.blurpool, channels_last=False)
-    try:
-        check_fits(model, weights, ckpt, what + " (as its own config says)")
-    except WeightsError as e:
-        raise ExportError(f"{e}; the checkpoint is damaged, or its config was edited") from None
-    model.load_state_dict(weights)
-    model.eval()
+    model = _loaded_model(cfg, num_classes, weights, ckpt, what)
     t0 = time.perf_counter()
     # everything that can fail for another reason than the disk, before anything is written
     torchvision_ok = _check_torchvision(cfg.arch, num_classes, weights) if not cfg.blurpool else False
@@ -193,7 +168,79 @@ def export(ckpt: Path, out: Path, ema: bool = False) -> int:
         timm_loads=timm_ok,
         shapes=shapes,
     )
+    _write_export(out, weights, classes, program, card, model, cfg.val_res)
+    _print_summary(ckpt, out, card, what, torchvision_ok, time.perf_counter() - t0)
+    return 0
 
+
+def _read_checkpoint(ckpt: Path, ema: bool):
+    """(the checkpoint, its config); each way of being unusable is one ExportError line."""
+    from training.checkpoint import Checkpoint
+    from training.config import ConfigError, from_dict
+
+    try:
+        saved = Checkpoint.read(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    try:
+        cfg = from_dict(saved.config, f"{ckpt} config")
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    if ema and not saved.ema:
+        raise ExportError(f"{ckpt}: holds no EMA weights (the run had --no-ema); export without --ema")
+    return saved, cfg
+
+
+def _plain_weights(saved, ema: bool) -> dict:
+    """The state dict as the export promises it: on the CPU and fp32 whatever the run trained in, so it loads
+    anywhere without a map_location or a cast."""
+    import torch
+
+    return {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in saved.weights(ema=ema).items()
+    }
+
+
+def _loaded_model(cfg, num_classes: int, weights: dict, ckpt: Path, what: str):
+    """The run's network with the weights in, in eval mode: what gets traced and what the program is checked
+    against."""
+    from training.model import build_model
+    from training.weights import WeightsError, check_fits
+
+    model = build_model(cfg.arch, num_classes, blurpool=cfg.blurpool, channels_last=False)
+    try:
+        check_fits(model, weights, ckpt, what + " (as its own config says)")
+    except WeightsError as e:
+        raise ExportError(f"{e}; the checkpoint is damaged, or its config was edited") from None
+    model.load_state_dict(weights)
+    model.eval()
+    return model
+
+
+def _write_export(out: Path, weights: dict, classes: list[str], program, card: dict, model, resolution: int) -> None:
+    """Every file into a temporary folder beside out, renamed into place once complete: a failure half-way leaves
+    the previous export (or nothing), never a partial one."""
+    import torch
+
+    tmp = _make_tmp(out)
+    try:
+        torch.save(weights, tmp / WEIGHTS)
+        (tmp / CLASSES).write_text(json.dumps(classes, indent=1) + "\n")
+        torch.export.save(program, tmp / PROGRAM)
+        _check_program(tmp / PROGRAM, model, resolution)
+        (tmp / CARD_JSON).write_text(json.dumps(card, indent=1) + "\n")
+        (tmp / CARD_MD).write_text(card_markdown(card))
+        commit(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        previous = "the previous export is intact" if out.exists() else "nothing was written"
+        raise ExportError(f"--out {out}: could not write the export ({_short_reason(e)}); {previous}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_tmp(out: Path) -> Path:
     tmp = _tmp(out, "tmp")
     try:
         tmp.mkdir(parents=True)
@@ -201,36 +248,31 @@ def export(ckpt: Path, out: Path, ema: bool = False) -> int:
         raise ExportError(
             f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose another --out"
         ) from None
-    try:
-        torch.save(weights, tmp / WEIGHTS)
-        (tmp / CLASSES).write_text(json.dumps(classes, indent=1) + "\n")
-        torch.export.save(program, tmp / PROGRAM)
-        _check_program(tmp / PROGRAM, model, cfg.val_res)
-        (tmp / CARD_JSON).write_text(json.dumps(card, indent=1) + "\n")
-        (tmp / CARD_MD).write_text(card_markdown(card))
-        commit(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0][:200]
-        previous = "the previous export is intact" if out.exists() else "nothing was written"
-        raise ExportError(f"--out {out}: could not write the export ({why}); {previous}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _short_reason(e: Exception) -> str:
+    """An OSError's strerror, else the first line of the message: torch's errors can run to many lines."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _print_summary(ckpt: Path, out: Path, card: dict, what: str, torchvision_ok: bool, seconds: float) -> None:
     loads = (
-        f"loads into torchvision.models.{cfg.arch}(num_classes={num_classes})"
+        f"loads into torchvision.models.{card['arch']}(num_classes={card['num_classes']})"
         if torchvision_ok
         else "keys of the BlurPool layers: use model.pt2 outside this project"
     )
     epochs = card["training"]["epochs_trained"]
     print(
-        f"exported {ckpt} ({what}, {'EMA, ' if ema else ''}{epochs} epoch{'s' if epochs != 1 else ''}) to {out} "
-        f"in {time.perf_counter() - t0:.1f} s:\n"
+        f"exported {ckpt} ({what}, {'EMA, ' if card['weights'] == 'ema' else ''}{epochs} "
+        f"epoch{'s' if epochs != 1 else ''}) to {out} in {seconds:.1f} s:\n"
         f"  {WEIGHTS}   plain state dict; {loads}\n"
         f"  {PROGRAM}    torch.export program: torch.export.load('{out / PROGRAM}').module()(images)\n"
         f"  {CLASSES}, {CARD_JSON}, {CARD_MD}",
         flush=True,
     )
-    return 0
 
 
 def _check_torchvision(arch: str, num_classes: int, weights: dict) -> bool:
@@ -385,33 +427,7 @@ def model_card(
 
     from training.config import to_dict
 
-    rec = saved.metrics or {}
-    val = None
-    if rec:
-        top1 = rec.get("ema_top1") if ema else rec.get("val_top1")
-        val = {
-            "epoch": rec.get("epoch"),
-            "weights": "ema" if ema else "model",
-            "top1": top1,
-            "top5": None if ema else rec.get("val_top5"),
-            "loss": None if ema else rec.get("val_loss"),
-            "samples": rec.get("val_samples"),
-            "resolution": rec.get("val_res", cfg.val_res),
-            "tta": cfg.tta,
-        }
-        if saved.phase != "end_of_epoch":
-            val["note"] = (
-                f"validated after epoch {rec.get('epoch')}; this checkpoint was written later, mid-way through the "
-                "next epoch, so these numbers are of slightly earlier weights"
-            )
-    logs = _run_logs(ckpt, cfg)
-    last_epoch = rec.get("epoch", saved.finished_epoch) if rec else saved.finished_epoch
-    hardware, seconds, how = _hardware_and_time(logs, last_epoch)
-    loads = [f"torchvision.models.{cfg.arch}(num_classes={num_classes})"] if torchvision_loads else []
-    if timm_loads:
-        loads.append(f"timm.create_model('{cfg.arch}', num_classes={num_classes})")
-    elif torchvision_loads:  # not checked, so not claimed: timm's ResNets use torchvision's key names
-        loads.append(f"timm's {cfg.arch} has the same keys (not checked at export: timm is not installed)")
+    hardware, seconds, how = _hardware_and_time(_run_logs(ckpt, cfg), _last_validated_epoch(saved))
     return {
         "format": FORMAT,
         "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -424,32 +440,73 @@ def model_card(
         "num_classes": num_classes,
         "classes": saved.classes or None,
         "weights": "ema" if ema else "model",
-        "files": {
-            WEIGHTS: "plain state dict (torch.save, fp32): torch.load(path, weights_only=True)",
-            PROGRAM: f"torch.export program (fp32, inference mode, input {shapes}): "
-            "torch.export.load(path).module()(images); do not call .eval() on it (torch refuses: it is already "
-            "in inference mode)",
-            CLASSES: "class names, index = output",
-        },
-        "state_dict_loads_into": loads,
-        "blurpool_note": (
-            "the state dict holds BlurPool layers (a fixed 3x3 binomial blur before every strided conv after the "
-            "stem: <conv>.conv.weight and <conv>.blur_filter); torchvision's ResNets have none, so use model.pt2"
-            if cfg.blurpool
-            else None
-        ),
-        "training": {
-            "epochs_trained": saved.finished_epoch + 1,
-            "epochs_planned": cfg.epochs,
-            "config": to_dict(cfg),
-        },
-        "validation": val,
+        "files": _card_files(shapes),
+        "state_dict_loads_into": _loads_into(cfg.arch, num_classes, torchvision_loads, timm_loads),
+        "blurpool_note": BLURPOOL_NOTE if cfg.blurpool else None,
+        "training": {"epochs_trained": saved.finished_epoch + 1, "epochs_planned": cfg.epochs, "config": to_dict(cfg)},
+        "validation": _validation(saved, cfg, ema),
         "data": _data(cfg, saved.classes),
         "hardware": hardware,
         "wall_time_s": seconds,
         "wall_time_note": how,
         "preprocessing": preprocessing(cfg.val_res, cfg.tta),
     }
+
+
+def _last_validated_epoch(saved) -> int:
+    """The epoch the card's numbers are of, so the wall time covers the same epochs (a mid-epoch checkpoint's
+    record is of the epoch before)."""
+    rec = saved.metrics or {}
+    return rec.get("epoch", saved.finished_epoch) if rec else saved.finished_epoch
+
+
+BLURPOOL_NOTE = (
+    "the state dict holds BlurPool layers (a fixed 3x3 binomial blur before every strided conv after the "
+    "stem: <conv>.conv.weight and <conv>.blur_filter); torchvision's ResNets have none, so use model.pt2"
+)
+
+
+def _card_files(shapes: str) -> dict:
+    return {
+        WEIGHTS: "plain state dict (torch.save, fp32): torch.load(path, weights_only=True)",
+        PROGRAM: f"torch.export program (fp32, inference mode, input {shapes}): "
+        "torch.export.load(path).module()(images); do not call .eval() on it (torch refuses: it is already "
+        "in inference mode)",
+        CLASSES: "class names, index = output",
+    }
+
+
+def _loads_into(arch: str, num_classes: int, torchvision_loads: bool, timm_loads: bool | None) -> list[str]:
+    """The modules the state dict was loaded into at export time: the card claims only what was checked."""
+    loads = [f"torchvision.models.{arch}(num_classes={num_classes})"] if torchvision_loads else []
+    if timm_loads:
+        loads.append(f"timm.create_model('{arch}', num_classes={num_classes})")
+    elif torchvision_loads:  # not checked, so not claimed: timm's ResNets use torchvision's key names
+        loads.append(f"timm's {arch} has the same keys (not checked at export: timm is not installed)")
+    return loads
+
+
+def _validation(saved, cfg, ema: bool) -> dict | None:
+    """The checkpoint's last validation record, for the weights exported (the EMA's record has top-1 only)."""
+    rec = saved.metrics or {}
+    if not rec:
+        return None
+    val = {
+        "epoch": rec.get("epoch"),
+        "weights": "ema" if ema else "model",
+        "top1": rec.get("ema_top1") if ema else rec.get("val_top1"),
+        "top5": None if ema else rec.get("val_top5"),
+        "loss": None if ema else rec.get("val_loss"),
+        "samples": rec.get("val_samples"),
+        "resolution": rec.get("val_res", cfg.val_res),
+        "tta": cfg.tta,
+    }
+    if saved.phase != "end_of_epoch":
+        val["note"] = (
+            f"validated after epoch {rec.get('epoch')}; this checkpoint was written later, mid-way through the "
+            "next epoch, so these numbers are of slightly earlier weights"
+        )
+    return val
 
 
 def _duration(seconds: float | None) -> str:
@@ -459,23 +516,29 @@ def _duration(seconds: float | None) -> str:
 
 
 def card_markdown(card: dict) -> str:
-    val, pre, data, tr = card["validation"], card["preprocessing"], card["data"], card["training"]
+    """MODEL_CARD.md: model_card.json for people, a function a section."""
     arch = f"{card['arch']}{' + BlurPool' if card['blurpool'] else ''}"
-
-    def pct(v):
-        return "n/a" if v is None else f"{v:.2f} %"
-
     lines = [
         f"# {card['run_name']}: {arch}, {card['num_classes']} classes",
         "",
         f"Exported by `rn50 export` from `{card['checkpoint']}` ({card['weights']} weights) on {card['exported']}, "
         f"torch {card['torch']}, torchvision {card['torchvision']}.",
         "",
-        "## Files",
-        "",
+        *_section("Files", [f"- `{name}`: {text}" for name, text in card["files"].items()]),
+        *_section("Loading", _md_loading(card)),
+        *_section("Preprocessing", _md_preprocessing(card["preprocessing"])),
+        *_section("Validation", _md_validation(card["validation"])),
+        *_section("Training", _md_training(card)),
     ]
-    lines += [f"- `{name}`: {text}" for name, text in card["files"].items()]
-    lines += ["", "## Loading", "", "```python", "import json, torch"]
+    return "\n".join(lines)
+
+
+def _section(title: str, body: list[str]) -> list[str]:
+    return [f"## {title}", "", *body, ""]
+
+
+def _md_loading(card: dict) -> list[str]:
+    lines = ["```python", "import json, torch"]
     lines += [f"classes = json.load(open('{CLASSES}'))", f"model = torch.export.load('{PROGRAM}').module()"]
     if card["state_dict_loads_into"]:
         lines += [
@@ -485,53 +548,63 @@ def card_markdown(card: dict) -> str:
             f"model.load_state_dict(torch.load('{WEIGHTS}', weights_only=True))",
             "model.eval()",
         ]
-    lines += ["```", ""]
+    lines += ["```"]
     if card["blurpool_note"]:
-        lines += [f"The state dict does not load into torchvision's {card['arch']}: {card['blurpool_note']}.", ""]
-    lines += [
-        "## Preprocessing",
-        "",
+        lines += ["", f"The state dict does not load into torchvision's {card['arch']}: {card['blurpool_note']}."]
+    return lines
+
+
+def _md_preprocessing(pre: dict) -> list[str]:
+    return [
         f"- input: {pre['input']}",
         f"- mean {pre['mean']}, std {pre['std']}",
         f"- crop: {pre['crop']}",
         f"- with torchvision: `{pre['torchvision_equivalent']}`",
         f"- test-time augmentation used for the numbers below: {pre['tta']}",
-        "",
-        "## Validation",
-        "",
     ]
-    if val:
-        lines += [
-            f"Epoch {val['epoch']} ({val['weights']} weights), {val['samples']} images at {val['resolution']} px"
-            f"{', flip TTA' if val['tta'] else ''}: top-1 {pct(val['top1'])}, top-5 {pct(val['top5'])}.",
-        ]
-        if val.get("note"):
-            lines += ["", val["note"] + "."]
-    else:
-        lines += ["The checkpoint holds no validation record."]
-    manifest = data["manifest"]
-    lines += ["", "## Training", ""]
-    lines += [
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f} %"
+
+
+def _md_validation(val: dict | None) -> list[str]:
+    if not val:
+        return ["The checkpoint holds no validation record."]
+    lines = [
+        f"Epoch {val['epoch']} ({val['weights']} weights), {val['samples']} images at {val['resolution']} px"
+        f"{', flip TTA' if val['tta'] else ''}: top-1 {_pct(val['top1'])}, top-5 {_pct(val['top5'])}.",
+    ]
+    if val.get("note"):
+        lines += ["", val["note"] + "."]
+    return lines
+
+
+def _md_training(card: dict) -> list[str]:
+    tr = card["training"]
+    return [
         f"- epochs: {tr['epochs_trained']} of {tr['epochs_planned']}",
         f"- hardware: {card['hardware'] or 'not found'}",
         f"- wall time: {_duration(card['wall_time_s'])} ({card['wall_time_note']})",
-        f"- data: `{data['data_dir']}`"
-        + (
-            "; manifest fingerprints "
-            + ", ".join(f"{s} {v['index']} ({v['samples']} images)" for s, v in manifest["splits"].items())
-            if manifest
-            else ""
-        )
-        + (f" ({data['note']})" if data.get("note") else ""),
+        _md_data(card["data"]),
         "",
         "The resolved training config:",
         "",
         "```json",
         json.dumps(tr["config"], indent=1),
         "```",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _md_data(data: dict) -> str:
+    """The data line: the folder, each split's manifest fingerprint where the folder has a manifest, and why not."""
+    line = f"- data: `{data['data_dir']}`"
+    if data["manifest"]:
+        splits = data["manifest"]["splits"].items()
+        line += "; manifest fingerprints " + ", ".join(f"{s} {v['index']} ({v['samples']} images)" for s, v in splits)
+    if data.get("note"):
+        line += f" ({data['note']})"
+    return line
 
 
 if __name__ == "__main__":
