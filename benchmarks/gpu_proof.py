@@ -46,7 +46,13 @@ SWEEPS = {"hw_decoder_load": [0.0, 0.65, 0.9, 0.99], "dali_threads": [4, 6, 8, 1
 EXTRAS = {"mixed": "DALI on the half-raw beton", "plain-ffcv": "plain FFCV Loader"}
 # the riskiest path first: the half-raw beton runs DALI's conditional around the mixed decoder
 SWEEP_ORDER = ("mixed", "hw_decoder_load", "dali_threads", "dali_prefetch", "plain-ffcv")
-PATHS = {"dali-beton": ("dali", "beton"), "dali-folder": ("dali", "folder"), "ffcv": ("ffcv", "beton")}
+PATHS = {
+    "dali-beton": ("dali", "beton"),
+    "dali-beton-thread": ("dali", "beton"),  # with the feed thread (DALIOptions.feed_thread)
+    "dali-folder": ("dali", "folder"),
+    "ffcv": ("ffcv", "beton"),
+}
+FEED_THREAD = {"dali-beton-thread"}
 
 
 # sweep name (a flag of rn50 train) -> its field of pipeline.DALIOptions
@@ -58,7 +64,11 @@ def build(path: str, data: Path, res: int, args, device, dtype, **knobs):
 
     backend, source = PATHS[path]
     where = data / ("betons" if source == "beton" else "folders")
-    dali = DALIOptions(source=source, **{DALI_KNOBS[k]: v for k, v in knobs.items()}) if backend == "dali" else None
+    dali = (
+        DALIOptions(source=source, feed_thread=path in FEED_THREAD, **{DALI_KNOBS[k]: v for k, v in knobs.items()})
+        if backend == "dali"
+        else None
+    )
     return build_loader(
         where,
         "train",
@@ -126,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="folder made by rn50 bench data")
     p.add_argument("--res", default="160,192,224")
-    p.add_argument("--paths", default="dali-beton,dali-folder,ffcv", help="loader paths to time")
+    p.add_argument(
+        "--paths",
+        default="dali-beton,dali-beton-thread,dali-folder,ffcv",
+        help="loader paths to time (dali-beton-thread: DALI from the beton with the feed thread)",
+    )
     p.add_argument(
         "--sweeps",
         default=",".join(SWEEP_ORDER),
@@ -417,6 +431,7 @@ def keepup_row(
         "process_cores": _round(fed.process_cores, 2),
         "loader_alone_process_cores": _round(solo.process_cores, 2),
         "workers": workers,
+        **({"feed_thread": True} if path in FEED_THREAD else {}),
     }
 
 
