@@ -3,10 +3,14 @@
     rn50 doctor                                  # machine and software only
     rn50 doctor --data-dir /data/betons          # + dataset size vs RAM, quick loader (and GPU step) probes
     rn50 doctor --data-dir /data/imagenet --no-probe --json doctor.json
+    rn50 doctor --instance g4dn.2xlarge          # does the loader keep up on this EC2 instance? (or: all)
 
 The probes are short (seconds): a few batches from the loader `--loader auto` would pick, and, on a GPU, a few train
 steps plus a memory measurement that says which batch size fits. Recommendations are rules of thumb from FFCV's and
-DALI's documentation and this project's benchmarks; `rn50 bench keepup` gives the definitive answer.
+DALI's documentation and this project's benchmarks; `rn50 bench keepup` gives the definitive answer. `--instance`
+answers for an EC2 instance the README's recipes name, from what this project measured (benchmarks/reference/,
+benchmarks/cpu/) and what is published, each figure labelled measured, published, derived or estimate with its source
+(benchmarks.instances).
 """
 
 from __future__ import annotations
@@ -14,31 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from benchmarks.report import machine_info
+from benchmarks.report import driver_version, machine_info
+from benchmarks.timing import measure
 
 GIB = 2**30
 # Published FFCV dataset sizes for full ImageNet train (ffcv docs, benchmarks.rst), to suggest what fits in RAM.
 FFCV_SIZES_GB = {"max-res 512, all JPEG q90": 65.47, "max-res 256, all raw": 169.79, "max-res 512, half JPEG": 202.04}
-
-
-def driver_version() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def memory() -> dict:
@@ -196,20 +184,12 @@ def probe_loader(data_dir: Path, workers: int, device: str, batches: int = 8, ba
     if len(loader) < batches + 1:
         batch_size = max(1, loader.num_samples // (batches + 1))
         loader = build(batch_size)
-    it = iter(loader)
-    t0 = time.perf_counter()
-    next(it)  # first batch: JIT compilation, worker start-up, cold cache
-    first = time.perf_counter() - t0
-    n, t0 = 0, time.perf_counter()
-    for _ in range(min(batches, len(loader) - 1)):
-        images, _ = next(it)
-        n += images.shape[0]
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    rate = n / (time.perf_counter() - t0) if n else None
+    # the first batch apart: JIT compilation, worker start-up, cold cache
+    timed = measure(iter(loader).__next__, torch.device(device), warmup=1, window=min(batches, len(loader) - 1))
+    rate = timed.images_per_s if timed.images else None
     return {
         "backend": loader.backend,
-        "first_batch_s": first,
+        "first_batch_s": timed.warmup_s,
         "images_per_s": rate,
         "batch_size": batch_size,
         "resolution": 160,
@@ -322,11 +302,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the loader and GPU probes")
     p.add_argument("--workers", type=int, default=None, help="loader workers for the probe (default: cores per GPU)")
     p.add_argument("--json", help="also write everything to this JSON file")
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="instead: does the loader keep up on this EC2 instance (or all)? vCPUs per GPU, the loader rate this "
+        "project measured there (or the nearest, scaled), the GPU's training rate, each with its source",
+    )
     return p
+
+
+def instance_report(name: str) -> int:
+    from benchmarks import instances
+    from benchmarks.reference import CPU_DIR, ReferenceError, load_all
+
+    if name != "all" and name not in instances.INSTANCES:
+        print(
+            f"rn50 doctor: error: --instance {name}: not one of the README's recipes' instances "
+            f"({', '.join(instances.INSTANCES)}, or all)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        refs, cpu = load_all(), load_all(CPU_DIR, need_gpu=False)
+    except (ReferenceError, ValueError, OSError) as e:
+        print(f"rn50 doctor: error: {e}", file=sys.stderr)
+        return 2
+    print(instances.report(name, refs, cpu))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.instance:
+        return instance_report(args.instance)
     info = machine_info()
     info["memory"] = memory()
     info["driver"] = driver_version()

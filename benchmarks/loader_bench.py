@@ -495,7 +495,7 @@ def by_cores(args) -> int:
     from benchmarks.cores import run_counts
 
     counts = parse_counts(args.cores)
-    info, rows, state = machine_info(), [], {"settings": None, "device": None}
+    info, rows, state = machine_info(), [], {"settings": None}  # the settings: the first child's, once it ends
     device = args.device or ("cuda" if info["gpu"] else "cpu")
     if args.reference and not device.startswith("cuda"):
         print("rn50 bench loader: error: --reference keeps GPU measurements; on the CPU use --record", file=sys.stderr)
@@ -516,8 +516,8 @@ def by_cores(args) -> int:
             keep(args, info, rows, state["settings"], lost)
 
     def on_result(n: int, cpus: list[int], child: dict) -> None:
-        state["settings"] = {**child["settings"], "workers": "the count" if args.workers is None else args.workers}
-        state["settings"]["data"] = describe_data(args)
+        workers = "the count" if args.workers is None else args.workers
+        state["settings"] = {**child["settings"], "workers": workers, "data": describe_data(args)}
         rows.extend(child["rows"])
         write([])
 
@@ -552,28 +552,14 @@ def describe_data(args) -> str:
 
 
 def cores_markdown(info: dict, rows: list[dict], settings: dict | None, lost: list[str]) -> str:
-    """One row per backend and resolution, one column per count: img/s, and img/s per logical CPU."""
-    counts = sorted({r["cores"] for r in rows})
-    keys = sorted({(r["backend"], r["source"], r["resolution"]) for r in rows}, key=lambda k: (k[2], k[0]))
-    at = {(r["backend"], r["source"], r["resolution"], r["cores"]): r["img_s"] for r in rows}
-    table = []
-    for k in keys:
-        rates = [at.get((*k, n)) for n in counts]
-        per_cpu = [f"{v / n:,.0f}" if v else "-" for v, n in zip(rates, counts)]
-        table.append([*k, *[v if v is not None else "-" for v in rates], " / ".join(per_cpu)])
-    s = settings or {}
-    text = (
-        f"# Loader throughput by logical CPUs\n\n{describe_machine(info)}; device {s.get('device', '?')}, "
-        f"{s.get('dtype', '?')}; batch {s.get('batch_size', '?')}, workers = {s.get('workers', '?')}; "
-        f"{s.get('epochs', '?')} passes per row, the first apart ({s.get('passes', '?')}). Data: {s.get('data', '?')}"
-        "\n\n"
-        + markdown_table(
-            ["backend", "source", "res", *[f"{n} CPUs img/s" for n in counts], "img/s per CPU"],
-            table,
-        )
+    """The rows as reference files keep them, one line per backend and resolution, one column per count."""
+    from benchmarks.reference import cores_lines
+
+    return (
+        f"# Loader throughput by logical CPUs\n\n{describe_machine(info)}\n\n"
+        + "\n".join(cores_lines({"settings": settings, "rows": [kept_row(r) for r in rows], "skipped": lost}))
         + "\n"
     )
-    return text + "".join(f"\nnot measured: {line}" for line in lost)
 
 
 def keep(args, info: dict, rows: list[dict], settings: dict | None, lost: list[str]) -> None:
@@ -598,7 +584,17 @@ def cpu_record_name(info: dict) -> str:
     return f"cpu-{card_slug(info['cpu'])}-{info['cores']}cores"
 
 
-KEPT = ("backend", "source", "resolution", "cores", "cpus", "img_s", "first_epoch_img_s", "process_cores")
+KEPT = (
+    "backend",
+    "source",
+    "resolution",
+    "cores",
+    "cpus",
+    "img_s",
+    "first_epoch_img_s",
+    "process_cores",
+    "cpu_busy_pct",
+)
 
 
 def kept_row(r: dict) -> dict:

@@ -110,6 +110,16 @@ def _num(v) -> str:
     return f"{v:,.0f}"
 
 
+def _rate(row: dict | None) -> str:
+    """A --cores row's img/s with the cores its process kept busy."""
+    if row is None:
+        return "-"
+    cores, busy = row.get("process_cores"), row.get("cpu_busy_pct")
+    if cores is None:
+        return _num(row["images_per_s"])
+    return _num(row["images_per_s"]) + f" ({cores:.1f}" + ("" if busy is None else f", {busy:.0f}%") + ")"
+
+
 def render_one(path: Path, data: dict) -> str:
     gpu, cpu = data["gpu"], data["cpu"]
     versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
@@ -149,17 +159,21 @@ def cores_lines(part: dict) -> list[str]:
     rows, s = part["rows"], part.get("settings") or {}
     counts = sorted({r["cores"] for r in rows})
     keys = sorted({(r["backend"], r["source"], r["res"]) for r in rows}, key=lambda k: (k[2], k[0], k[1]))
-    at = {(r["backend"], r["source"], r["res"], r["cores"]): r["images_per_s"] for r in rows}
+    at = {(r["backend"], r["source"], r["res"], r["cores"]): r for r in rows}
     lines = [
         f"Loader alone by logical CPUs (`rn50 bench loader --cores`; the process, its threads and workers confined to "
         f"that many; workers = {s.get('workers', '?')}), batch {s.get('batch_size', '?')}, {s.get('dtype', '?')}, "
-        f"{s.get('passes', '?')}, median of passes 2+. Data: {s.get('data', '?')}.",
+        f"{s.get('passes', '?')}, median of passes 2+; in brackets the CPU cores the process kept busy (FFCV's and "
+        f"DALI's threads run in it, torchvision's workers do not) and how busy the whole machine was (other programs "
+        f"included). Data: {s.get('data', '?')}.",
         "",
-        "| loader | source | res | " + " | ".join(f"{n} CPUs img/s" for n in counts) + " |",
+        "| loader | source | res | "
+        + " | ".join(f"{n} CPU{'s' if n > 1 else ''}: img/s (cores)" for n in counts)
+        + " |",
         "|---|---|---|" + "---|" * len(counts),
     ]
     for k in keys:
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(_num(at.get((*k, n))) for n in counts) + " |")
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(_rate(at.get((*k, n))) for n in counts) + " |")
     if part.get("skipped"):
         lines += ["", "Not measured: " + "; ".join(part["skipped"]) + "."]
     return lines
@@ -262,10 +276,20 @@ def fill(text: str, tables: str, where: str = "README.md", begin: str = BEGIN, e
 
 
 def instance_table(folder: Path = REFERENCE_DIR, cpu_folder: Path = CPU_DIR) -> str:
-    """The README's per-instance table: benchmarks.instances over the reference files and the CPU records."""
+    """The README's per-instance table (benchmarks.instances over the reference files and the CPU records), then
+    each CPU record's own rows."""
     from benchmarks import instances
 
-    return instances.table(list(instances.INSTANCES), load_all(folder), load_all(cpu_folder, need_gpu=False))
+    cpu = load_all(cpu_folder, need_gpu=False)
+    text = instances.table(list(instances.INSTANCES), load_all(folder), cpu)
+    for path, data in cpu:
+        versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
+        text += (
+            f"\n\n#### {data['cpu']['model']}, {data['cpu']['cores']} logical CPUs, no GPU, {data['date']} "
+            f"(`benchmarks/{cpu_folder.name}/{path.name}`)\n\n{versions}.\n\n"
+            + "\n".join(cores_lines(data["loader_cores"]))
+        )
+    return text
 
 
 def fill_all(text: str, folder: Path, cpu_folder: Path, where: str = "README.md") -> str:

@@ -90,7 +90,7 @@ def test_loader_by_cores_confines_every_thread_and_worker(coded_root, coded_beto
     assert rows["torchvision"]["confinement"]["processes"] >= 1  # its DataLoader worker, confined too
     assert rows["ffcv"]["confinement"]["threads"] >= 2  # the decoding thread beside the main one
     assert rows["dali-beton"]["dali_threads"] == 1
-    assert "1 CPUs img/s" in (tmp_path / "out" / "loader.md").read_text()
+    assert "| 1 CPU: img/s (cores) |" in (tmp_path / "out" / "loader.md").read_text()
     ((path, record),) = reference.load_all(tmp_path / "cpu", need_gpu=False)
     assert path.name.startswith("cpu-") and record["gpu"] is None and record["cpu"]["model"]
     kept = record["loader_cores"]["rows"]
