@@ -10,18 +10,24 @@
 #                                                # beton + the hw_decoder_load sweep (budget ~7 min, smoke included)
 #              bash scripts/gpu_check.sh [OUT]   # the loader smoke checks, then the proof at 160/192/224 px + sweeps
 #   PART=step  bash scripts/gpu_check.sh [OUT]   # the step's levers (rn50 bench step), then the sync check
+#   PART=cores bash scripts/gpu_check.sh [OUT]   # the loaders alone at 16,12,8,4,2 logical CPUs (rn50 bench loader
+#                                                # --cores): ffcv and DALI from the beton at 160/224 px, within 540 s
 #
 # OUT: the first argument, else $OUT (what a lent machine sends back), else gpu_check_out. At most 8 files land there:
 #   gpu_check.log (everything printed), smoke.log + smoke.json (each check's PASS/FAIL/TIMEOUT/SKIP and full error),
 #   gpu_proof.json (everything measured and skipped, rewritten after every row), the reference file this run wrote
 #   (<card>_<date>.json: commit it into benchmarks/reference/, then python -m benchmarks.reference --write README.md),
-#   dataset.json, sync_check.json; PART=step: step/ (json, md, png) instead of the proof's files.
+#   dataset.json, sync_check.json; PART=step: step/ (json, md, png) instead of the proof's files; PART=cores: cores/
+#   (loader.json, .md, .png), dataset.json and the reference file (its loader_cores part).
 # DATA (default /tmp/rn50_bench, ~3.5 GB, outside OUT): made once by python -m benchmarks.bench_data and reused.
 # Each Python part runs under `timeout` with faulthandler on: a hang prints every thread's stack (SIGABRT), then the
 # next part runs. Knobs: RES=160,192,224 BS=256 WORKERS=$(nproc) UNIQUE=2000 SAMPLES=56000 BUDGET_S=420 (counted from
 # this script's start, data included) PROOF_ARGS="--window 300" SMOKE_TIMEOUT=120 SMOKE_LIMIT=300
 # SMOKE_ARGS="--device cpu" (the loader checks on the CPU: trying the script without a GPU) SYNC_CHECK=eager|full|0
-# STEP_LEVERS=eager,compile,graphs,fused,bs384,best STEP_RES=224.
+# STEP_LEVERS=eager,compile,graphs,fused,bs384,best STEP_RES=224. PART=cores: CORES=16,12,8,4,2 (those up to nproc;
+# the slowest, fewest CPUs, last: what the budget cuts) CORES_RES=160,224 CORES_BACKENDS=ffcv,dali-beton CORES_BATCHES=40 (timed per pass,
+# after 5 untimed; 3 passes per row, the first apart) CORES_BUDGET_S=540 (from this script's start, data included);
+# trying it without a GPU: CORES_ARGS="--device cpu" CORES_KEEP="--record DIR" (a CPU record, not a reference file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check_out}}
@@ -30,7 +36,8 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 RES=${RES:-160,192,224}; BS=${BS:-256}; WORKERS=${WORKERS:-$(nproc)}; UNIQUE=${UNIQUE:-2000}
 SAMPLES=${SAMPLES:-56000}; BUDGET_S=${BUDGET_S:-420}; read -r -a EXTRA <<< "${PROOF_ARGS:-}"
-read -r -a SMOKE_EXTRA <<< "${SMOKE_ARGS:-}"
+read -r -a SMOKE_EXTRA <<< "${SMOKE_ARGS:-}"; read -r -a CORES_EXTRA <<< "${CORES_ARGS:-}"
+read -r -a CORES_KEEP <<< "${CORES_KEEP:---reference benchmarks/reference}"
 SWEEPS=mixed,hw_decoder_load,dali_threads,dali_prefetch,plain-ffcv
 if [ -n "${QUICK:-}" ]; then RES=160; SWEEPS=mixed,hw_decoder_load; BUDGET_S=${BUDGET_S_QUICK:-400}; fi
 PART=${PART:-loaders}
@@ -95,6 +102,19 @@ case "$PART" in
       --copy-to "$OUT"
     [ "${SYNC_CHECK:-full}" = 0 ] || sync_check compile,graphs
     ;;
+  cores)
+    CORES_BUDGET_S=${CORES_BUDGET_S:-540}
+    CORES=${CORES:-$(for n in 16 12 8 4 2; do [ "$n" -le "$(nproc)" ] && printf '%s,' "$n"; done | sed 's/,$//')}
+    run 300 "benchmark data: $DATA" "$PY" -m benchmarks.bench_data "$DATA" --unique "$UNIQUE" --samples "$SAMPLES" \
+      --classes 100 --workers "$WORKERS"
+    [ -f "$DATA/dataset.json" ] && cp "$DATA/dataset.json" "$OUT/dataset.json"
+    left=$(( CORES_BUDGET_S - ($(date +%s) - start) ))
+    run $(( left > 60 ? left + 30 : 90 )) "loaders by logical CPUs ($CORES; ${left} s left)" \
+      "$PY" -m training.cli bench loader --data-dir "$DATA/betons" --backend "${CORES_BACKENDS:-ffcv,dali-beton}" \
+      --res "${CORES_RES:-160,224}" --cores "$CORES" --batch-size "$BS" --dtype bfloat16 --warmup 5 \
+      --batches "${CORES_BATCHES:-40}" --epochs 3 --budget-s "$CORES_BUDGET_S" --started-at "$start" \
+      --out "$OUT/cores" "${CORES_KEEP[@]}" --copy-to "$OUT" "${CORES_EXTRA[@]}"
+    ;;
   loaders)
     [ "${SMOKE:-1}" = 0 ] || smoke "${SMOKE_CHECKS:-$LOADER_CHECKS}"
     run 300 "benchmark data: $DATA" "$PY" -m benchmarks.bench_data "$DATA" --unique "$UNIQUE" --samples "$SAMPLES" \
@@ -111,7 +131,7 @@ case "$PART" in
       *) sync_check eager ;;
     esac
     ;;
-  *) echo "gpu_check: PART is prep, smoke, loaders or step, not $PART"; return 2 ;;
+  *) echo "gpu_check: PART is prep, smoke, loaders, step or cores, not $PART"; return 2 ;;
 esac
 echo "gpu_check ($PART): $(( $(date +%s) - start )) s in all; in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 return "$rc"

@@ -294,6 +294,30 @@ def test_the_loaders_part_lands_at_most_8_files_in_OUT(tmp_path):
     assert "half-raw beton" in extras[0]["what"]
 
 
+@pytest.mark.slow  # makes a tiny benchmark dataset and runs the loader in a confined process per count (~1 min)
+@requires_ffcv
+def test_the_cores_part_measures_each_count_and_lands_at_most_8_files_in_OUT(tmp_path):
+    """PART=cores on the CPU (a CPU record instead of the GPU's reference file): one row per backend, resolution and
+    count, the kept file copied to $OUT, the data outside it."""
+    counts = "1,2" if len(os.sched_getaffinity(0)) >= 2 else "1"
+    rc, files, text = run_script(
+        tmp_path,
+        PART="cores",
+        DATA=str(tmp_path / "data"),
+        **dict(UNIQUE="100", SAMPLES="200", WORKERS="2", BS="8", CORES=counts, CORES_RES="32"),
+        **dict(CORES_BACKENDS="ffcv", CORES_BATCHES="2", CORES_ARGS="--device cpu"),
+        CORES_KEEP=f"--record {tmp_path / 'cpu'}",
+    )
+    assert rc == 0, text
+    everything = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    kept = [f for f in files if f.startswith("cpu-")]
+    assert len(everything) <= 8 and kept and (tmp_path / "cpu" / kept[0]).is_file(), everything
+    assert {"gpu_check.log", "dataset.json", "cores/loader.json", "cores/loader.md"} <= set(everything)
+    rows = json.loads((tmp_path / "out" / kept[0]).read_text())["loader_cores"]["rows"]
+    assert sorted(r["cores"] for r in rows) == [int(n) for n in counts.split(",")]
+    assert "gpu_check (cores)" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
 # ---------------------------------------------------------------------------------------------------- DALI's cause
 
 
