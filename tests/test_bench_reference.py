@@ -116,9 +116,39 @@ def test_write_then_check_and_a_stale_readme_fails(tmp_path, capsys):
 
 
 def test_the_readme_tables_match_the_committed_reference_files():
-    """Fails when a reference file is added or changed without regenerating the README (or the README's tables are
-    edited by hand): python -m benchmarks.reference --write README.md."""
+    """Fails when a reference file or CPU record is added or changed without regenerating the README (or the README's
+    tables are edited by hand): rn50 bench reference --write README.md."""
     assert reference.main(["--check", str(REPO / "README.md")]) == 0
+    text = (REPO / "README.md").read_text()
+    assert reference.INSTANCE_BEGIN in text and reference.INSTANCE_END in text  # the per-instance table is there
+
+
+def test_the_instance_table_comes_from_both_folders(tmp_path, capsys):
+    """A README with the per-instance markers gets the table and each CPU record's rows; a new CPU record makes it
+    stale."""
+    refs, cpu = tmp_path / "refs", tmp_path / "cpu"
+    refs.mkdir()
+    cpu.mkdir()
+    (refs / "nvidia-h200_2030-01-02.json").write_text(json.dumps(FIXTURE))
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"{reference.BEGIN}\n{reference.END}\n\n{reference.INSTANCE_BEGIN}\nold\n{reference.INSTANCE_END}\n"
+    )
+    dirs = ["--dir", str(refs), "--cpu-dir", str(cpu)]
+    assert reference.main([*dirs, "--write", str(readme)]) == 0
+    assert "| g4dn.2xlarge | 1x T4 | 8/1 = 8 | 224 |" in readme.read_text()
+    record = {k: FIXTURE[k] for k in ("format", "date", "versions")}
+    record.update(gpu=None, cpu={"model": "Some EPYC", "cores": 2})
+    record["loader_cores"] = {
+        "settings": {"batch_size": 256},
+        "rows": [{"backend": "ffcv", "source": "beton", "res": 224, "cores": 2, "images_per_s": 500.0}],
+    }
+    (cpu / "cpu-some-epyc-2cores_2030-01-02.json").write_text(json.dumps(record))
+    assert reference.main([*dirs, "--check", str(readme)]) == 1 and "differ" in capsys.readouterr().err
+    assert reference.main([*dirs, "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "#### Some EPYC, 2 logical CPUs, no GPU, 2030-01-02 (`benchmarks/cpu/cpu-some-epyc-2cores" in text
+    assert "≈2,000 (estimate, from 2 CPUs of Some EPYC [" in text  # g4dn at 224: 500 x 8/2
 
 
 @requires_ffcv
