@@ -194,7 +194,8 @@ def keepup_lines(data: dict) -> list[str]:
     for r in data["keepup"]:
         wait = r.get("data_wait_share")
         lines.append(
-            f"| {r['backend']} | {r['source']} | {r['res']} | {'compiled' if r['compiled'] else 'eager'} | "
+            f"| {r['backend']}{' (feed thread)' if r.get('feed_thread') else ''} | {r['source']} | {r['res']} | "
+            f"{'compiled' if r['compiled'] else 'eager'} | "
             f"{_num(r.get('loader_alone_images_per_s'))} | {_num(r['end_to_end_images_per_s'])} | "
             f"{_num(r['step_alone_images_per_s'])} | {r['ratio']:.2f} | "
             f"{'-' if wait is None else f'{100 * wait:.0f}%'} | {_num(r.get('process_cores'))} |"
