@@ -11,7 +11,8 @@ dataset object and never see attribute changes made in the main process.
 Undecodable files (empty, truncated, not an image, unreadable): the next file in ImageFolder order that decodes takes
 the sample's place, with its own label, cut at the box keyed by the original (seed, epoch, index) -- so a batch keeps
 its shape and stays a pure function of (seed, epoch, index) on any number of workers, as timm's ImageDataset does.
-The main process names each such file once on stderr (`skipped` keeps them). A split where no file decodes within
+The main process names each such file once on stderr (`skipped` keeps them) and, at the end of every epoch that met
+one, says how many samples of that epoch took another file's place. A split where no file decodes within
 `MAX_CONSECUTIVE_BAD` stops with one error naming the first.
 
 Worker processes: they ignore SIGTERM/SIGINT (the trainer stops them after saving), so they are shut down by the
@@ -26,6 +27,7 @@ import atexit
 import functools
 import os
 import sys
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -170,12 +172,35 @@ def collate_uint8(
 # Loaders with worker processes alive, closed at interpreter exit. The hook is re-registered last at each loader's
 # creation so that it runs before multiprocessing's exit handler and torch's exit flag (atexit runs last-in first-out),
 # both registered when torch was imported.
-_OPEN: weakref.WeakSet = weakref.WeakSet()
+# The DataLoaders whose loaders may hold worker processes, by the loader's id. Held here, not through the loader, so a
+# loader collected as garbage (e.g. in a traceback's reference cycle) still has its workers stopped: DataLoader's own
+# clean-up would send SIGTERM, which our workers ignore, and multiprocessing's exit handler would then wait forever.
+_OPEN: dict[int, DataLoader] = {}
+
+
+def _stop_workers(dataloader: DataLoader) -> None:
+    """Stop a DataLoader's worker processes: its own shut-down (a stop message, then join), then SIGKILL for any that
+    is still alive (stuck in a decode past the join timeout, or the shut-down skipped at interpreter exit)."""
+    it = getattr(dataloader, "_iterator", None)
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    dataloader._iterator = None
+    it._shutdown_workers()
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+
+
+def _forget(key: int) -> None:
+    dataloader = _OPEN.pop(key, None)
+    if dataloader is not None:
+        _stop_workers(dataloader)
 
 
 def _close_open_loaders() -> None:
-    for loader in list(_OPEN):
-        loader.close()
+    for key in list(_OPEN):
+        _forget(key)
 
 
 class _PlannedBatches:
@@ -218,28 +243,23 @@ class TorchvisionLoader(Loader):
             prefetch_factor=self.prefetch_factor if self.workers > 0 else None,
         )
         self.skipped: dict[str, str] = {}  # undecodable files met so far: path -> reason
+        self.epoch_skips = 0  # undecodable file reads in the current loop (a bad file costs one read per epoch)
         if self.workers > 0:
-            _OPEN.add(self)
-            atexit.unregister(_close_open_loaders)
+            _OPEN[id(self)] = self._dataloader
+            weakref.finalize(self, _forget, id(self))
+            atexit.unregister(_close_open_loaders)  # registered last, so it runs before multiprocessing's handler
             atexit.register(_close_open_loaders)
 
     def close(self) -> None:
         """Stop the worker processes now (the next loop starts new ones). Safe to call at any time, and again."""
-        it = getattr(self._dataloader, "_iterator", None)
-        if it is None or not hasattr(it, "_shutdown_workers"):
-            return
-        self._dataloader._iterator = None
-        it._shutdown_workers()  # what DataLoader does when its iterator is collected: a stop message, then join
-        for w in getattr(it, "_workers", []):
-            if w.is_alive():  # stuck in a decode past the join timeout; it ignores SIGTERM
-                w.kill()
-                w.join(timeout=5)
+        _stop_workers(self._dataloader)
 
     def _named(self, batches: Iterable[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches without their skipped-file lists; each undecodable file is named on stderr once."""
         for images, labels, skipped, failed in batches:
             if failed is not None:
                 raise DataFolderError(self.dataset.failure(failed))
+            self.epoch_skips += len(skipped)
             for path, reason in skipped:
                 if path in self.skipped:
                     continue
@@ -255,7 +275,8 @@ class TorchvisionLoader(Loader):
                 elif len(self.skipped) == MAX_NAMED + 1:
                     print(
                         f"rn50 data{where}: more than {MAX_NAMED} undecodable files in {self.data_dir / self.split}; "
-                        "further ones are skipped without a word (rn50 convert lists them all)",
+                        "further ones are not named one by one (each epoch ends with the count; rn50 convert lists "
+                        "them all)",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -270,16 +291,53 @@ class TorchvisionLoader(Loader):
         ]
         # workers (started by this loop if none are alive) watch the process that iterates, not the one that built us
         self._dataloader.worker_init_fn = functools.partial(_start_worker, os.getpid())
+        self.epoch_skips = 0
         try:
             yield from device_batches(self._named(self._dataloader), self.device, self.dtype)
+            self._count_skips(epoch)
         except Exception as e:
+            # a worker that dies while handing over a batch can surface as a broken connection before the process
+            # can be reaped: then give its exit a moment to show
+            lost = self._lost_workers(wait_s=2.0 if isinstance(e, (EOFError, ConnectionError)) else 0.0)
             self.close()  # a failed loop must not leave workers waiting for work nobody will send
-            failure = self._loader_failure(e, resolution)
+            failure = self._loader_failure(e, resolution, lost)
             if failure is not None:
                 raise failure from None
             raise
 
-    def _loader_failure(self, e: Exception, resolution: int) -> LoaderError | None:
+    def _count_skips(self, epoch: int) -> None:
+        """The end-of-epoch line: how many samples another file stood in for (a bad file costs one per epoch)."""
+        if self.epoch_skips:
+            where = f" (rank {self.rank})" if self.world_size > 1 else ""
+            print(
+                f"rn50 data{where}: {self.split} epoch {epoch}: skipped {self.epoch_skips} undecodable file reads, "
+                f"each sample's place taken by the next file that decodes ({len(self.skipped)} distinct files so "
+                "far); remove them, or leave them out with --skip-listed-in convert_report.json",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _lost_workers(self, wait_s: float) -> str | None:
+        """Which worker processes of the current loop have died ("DataLoader worker (pid 123 killed by signal 9)"), or
+        None; waits up to `wait_s` seconds for a death to show."""
+        workers = getattr(getattr(self._dataloader, "_iterator", None), "_workers", [])
+        deadline = time.monotonic() + wait_s
+        while True:
+            lost = [
+                f"pid {w.pid} " + (f"killed by signal {-w.exitcode}" if w.exitcode < 0 else f"exited with {w.exitcode}")
+                for w in workers
+                if w.exitcode  # None while alive, 0 after a clean exit
+            ]
+            if lost or time.monotonic() >= deadline:
+                return f"DataLoader worker ({', '.join(lost)})" if lost else None
+            try:
+                time.sleep(0.05)
+            except RuntimeError as e:  # torch's SIGCHLD handler names the dead worker in the waiting thread
+                if "DataLoader worker" not in str(e):
+                    raise
+                return str(e).strip().splitlines()[0]
+
+    def _loader_failure(self, e: Exception, resolution: int, lost: str | None) -> LoaderError | None:
         """One line for what DataLoader reports as a traceback: shared memory ran out, a worker died."""
         text = str(e)
         if "unable to allocate shared memory" in text or ("No space left on device" in text and "shm" in text):
@@ -296,8 +354,8 @@ class TorchvisionLoader(Loader):
                 f"it ({batch:,.1f} MB each at {resolution} px, up to about {held} at a time): give it more (docker "
                 "run --shm-size=2g; or mount -o remount,size=2G /dev/shm), or use fewer --workers, or --workers 0"
             )
-        if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
-            first = text.strip().splitlines()[0]
+        if lost or ("DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)):
+            first = lost or text.strip().splitlines()[0]
             return LoaderError(
                 f"the torchvision loader lost a worker process ({first}); the out-of-memory killer is the usual cause "
                 "(see dmesg): use fewer --workers or a smaller --batch-size"

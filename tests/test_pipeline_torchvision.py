@@ -125,6 +125,11 @@ def test_undecodable_image_is_replaced_by_the_next_file_and_named_once(tmp_path,
     err = capfd.readouterr().err
     for name in ("img_0002.JPEG", "img_0005.JPEG"):
         assert sum(name in line for line in err.splitlines()) == 2, err  # once per loader, not per epoch or worker
+    for epoch in (0, 1):  # and every epoch ends with the count, once per loader (a bad file costs a read each epoch)
+        counted = [
+            line for line in err.splitlines() if f"train epoch {epoch}: skipped 2 undecodable file reads" in line
+        ]
+        assert len(counted) == 2, err
     assert set(workers.skipped) == {str(root / "train" / "n00000000" / n) for n in ("img_0002.JPEG", "img_0005.JPEG")}
 
 
@@ -164,6 +169,36 @@ def test_process_with_live_workers_exits(tmp_path, coded_root, how):
         [sys.executable, "-c", _EXIT_PROBE, str(coded_root), how], cwd=REPO, capture_output=True, text=True, timeout=90
     )
     assert proc.returncode == (1 if how == "raise" else 0), proc.stderr
+
+
+_FAILED_TEST_PROBE = """
+import os, torch
+from pipeline import LoaderOptions, Placement, build_loader
+
+def test_fails_while_holding_a_loader(capfd):
+    loader = build_loader(os.environ["PROBE_DATA"], batch_size=4, resolution=16, verbose=False,
+                          placement=Placement("cpu", torch.float32), options=LoaderOptions("torchvision", workers=2))
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        for _ in loader:
+            pass
+    assert False, "the traceback keeps the loader in a reference cycle"
+
+def test_after_it():
+    pass
+"""
+
+
+def test_a_loader_collected_as_garbage_still_stops_its_workers(tmp_path, coded_root):
+    """A loader dropped inside a reference cycle (here: a failed test's traceback) was collected without its workers
+    being stopped -- DataLoader's clean-up sends SIGTERM, which they ignore -- and multiprocessing's exit handler then
+    waited for them forever, so the process never ended."""
+    probe = tmp_path / "probe_test.py"
+    probe.write_text(_FAILED_TEST_PROBE)
+    env = dict(os.environ, PROBE_DATA=str(coded_root))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(probe)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
 
 
 _ORPHAN_PROBE = """
