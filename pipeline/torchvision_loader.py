@@ -203,6 +203,21 @@ def _close_open_loaders() -> None:
         _forget(key)
 
 
+def lost_worker(e: BaseException) -> LoaderError | None:
+    """The one line for a DataLoader worker process that died (the out-of-memory killer, a kill -9), or None for any
+    other error. torch reports it as a RuntimeError from its SIGCHLD handler wherever the main thread happens to be --
+    usually in the training step, outside the loader's loop -- so the trainer asks here too."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or "DataLoader worker" not in text:
+        return None
+    if not any(words in text for words in ("exited unexpectedly", "killed by signal", "exited with code")):
+        return None
+    return LoaderError(
+        f"the torchvision loader lost a worker process ({text.strip().splitlines()[0].rstrip('. ')}); the "
+        "out-of-memory killer is the usual cause (see dmesg): use fewer --workers or a smaller --batch-size"
+    )
+
+
 class _PlannedBatches:
     """Batch sampler that yields the keys of the batches the loader planned for the coming epoch."""
 
@@ -318,18 +333,19 @@ class TorchvisionLoader(Loader):
             )
 
     def _lost_workers(self, wait_s: float) -> str | None:
-        """Which worker processes of the current loop have died ("DataLoader worker (pid 123 killed by signal 9)"), or
+        """Which worker processes of the current loop have died ("DataLoader worker (pid 123) is killed by signal 9"), or
         None; waits up to `wait_s` seconds for a death to show."""
         workers = getattr(getattr(self._dataloader, "_iterator", None), "_workers", [])
         deadline = time.monotonic() + wait_s
         while True:
-            lost = [
-                f"pid {w.pid} " + (f"killed by signal {-w.exitcode}" if w.exitcode < 0 else f"exited with {w.exitcode}")
+            lost = [  # in torch's own words
+                f"DataLoader worker (pid {w.pid}) "
+                + (f"is killed by signal {-w.exitcode}" if w.exitcode < 0 else f"exited with code {w.exitcode}")
                 for w in workers
                 if w.exitcode  # None while alive, 0 after a clean exit
             ]
             if lost or time.monotonic() >= deadline:
-                return f"DataLoader worker ({', '.join(lost)})" if lost else None
+                return "; ".join(lost) or None
             try:
                 time.sleep(0.05)
             except RuntimeError as e:  # torch's SIGCHLD handler names the dead worker in the waiting thread
@@ -354,10 +370,6 @@ class TorchvisionLoader(Loader):
                 f"it ({batch:,.1f} MB each at {resolution} px, up to about {held} at a time): give it more (docker "
                 "run --shm-size=2g; or mount -o remount,size=2G /dev/shm), or use fewer --workers, or --workers 0"
             )
-        if lost or ("DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)):
-            first = lost or text.strip().splitlines()[0]
-            return LoaderError(
-                f"the torchvision loader lost a worker process ({first}); the out-of-memory killer is the usual cause "
-                "(see dmesg): use fewer --workers or a smaller --batch-size"
-            )
-        return None
+        if lost:
+            return lost_worker(RuntimeError(lost))
+        return lost_worker(e)

@@ -125,3 +125,29 @@ def test_one_class_a_log_file_and_a_c_locale_with_a_unicode_path_with_spaces(cod
     assert f"tensorboard --logdir '{out}/runs'" in text  # quoted: the path has a space
     assert (out / "logs" / "one" / "training_log.md").is_file()
     assert Path(out / "checkpoints" / "one").is_dir()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_during_a_step_is_one_line(capsys, coded_root, tmp_path, monkeypatch):
+    """torch reports a dead DataLoader worker from its SIGCHLD handler, wherever the main thread is: usually inside
+    the training step, outside the loader's loop. It ended the run with a traceback from deep in autograd."""
+    import signal
+    import time
+
+    from training import trainer
+
+    step, calls = trainer.train_step, []
+
+    def step_that_loses_a_worker(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # kill a worker (a child of this process), then keep the main thread busy in the step
+            me = os.getpid()
+            children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+            os.kill(int(children[0]), signal.SIGKILL)
+            for _ in range(300):
+                time.sleep(0.1)  # the handler raises here, within a moment of the worker's death
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step_that_loses_a_worker)
+    line = one_line_error(capsys, argv(coded_root, tmp_path, "r", loader="torchvision", workers=2))
+    assert "lost a worker process" in line and "killed by signal" in line and "--workers" in line, line

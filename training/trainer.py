@@ -21,6 +21,7 @@ import torch
 
 from dataset_tools.files import DataFolderError
 from pipeline.contract import LoaderError, SampleError
+from pipeline.torchvision_loader import lost_worker
 from training.checkpoint import Position
 from training.config import TrainConfig
 from training.distributed import DeviceError, cleanup, init_distributed
@@ -56,6 +57,11 @@ def train(cfg: TrainConfig, flags: list[str]) -> int:
     except DATA_ERRORS as e:
         # a folder or a sample the loader cannot read: one line naming it, from the rank that met it
         print(f"rn50 train: error: {e}", flush=True)
+        return 2
+    except RuntimeError as e:
+        if lost_worker(e) is None:  # a dead DataLoader worker is reported wherever the step happens to be
+            raise
+        print(f"rn50 train: error: {lost_worker(e)}", flush=True)
         return 2
     except KeyboardInterrupt:
         log0(ctx, "rn50 train: interrupted; the latest checkpoint is intact (--resume continues from it)")
