@@ -127,27 +127,32 @@ def test_one_class_a_log_file_and_a_c_locale_with_a_unicode_path_with_spaces(cod
     assert Path(out / "checkpoints" / "one").is_dir()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_worker_killed_during_a_step_is_one_line(capsys, coded_root, tmp_path, monkeypatch):
     """torch reports a dead DataLoader worker from its SIGCHLD handler, wherever the main thread is: usually inside
     the training step, outside the loader's loop. It ended the run with a traceback from deep in autograd."""
     import signal
     import time
 
+    from pipeline import torchvision_loader
     from training import trainer
 
-    step, calls = trainer.train_step, []
+    step, calls, pids = trainer.train_step, [], tmp_path / "worker_pids"
+    pids.mkdir()
+    start_worker = torchvision_loader._start_worker
+
+    def recorded_start(*args, **kwargs):  # runs in each worker process: leave its pid where the test finds it
+        (pids / str(os.getpid())).touch()
+        return start_worker(*args, **kwargs)
 
     def step_that_loses_a_worker(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # kill a worker (a child of this process), then keep the main thread busy in the step
-            me = os.getpid()
-            children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
-            os.kill(int(children[0]), signal.SIGKILL)
+        if len(calls) == 2:  # kill a training worker, then keep the main thread busy in the step
+            os.kill(int(sorted(pids.iterdir())[0].name), signal.SIGKILL)
             for _ in range(300):
                 time.sleep(0.1)  # the handler raises here, within a moment of the worker's death
         return step(*args, **kwargs)
 
+    monkeypatch.setattr(torchvision_loader, "_start_worker", recorded_start)
     monkeypatch.setattr(trainer, "train_step", step_that_loses_a_worker)
     line = one_line_error(capsys, argv(coded_root, tmp_path, "r", loader="torchvision", workers=2))
     assert "lost a worker process" in line and "killed by signal" in line and "--workers" in line, line
