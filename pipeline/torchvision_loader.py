@@ -169,12 +169,12 @@ def collate_uint8(
     return images, labels, skipped, None
 
 
-# Loaders with worker processes alive, closed at interpreter exit. The hook is re-registered last at each loader's
-# creation so that it runs before multiprocessing's exit handler and torch's exit flag (atexit runs last-in first-out),
-# both registered when torch was imported.
-# The DataLoaders whose loaders may hold worker processes, by the loader's id. Held here, not through the loader, so a
-# loader collected as garbage (e.g. in a traceback's reference cycle) still has its workers stopped: DataLoader's own
-# clean-up would send SIGTERM, which our workers ignore, and multiprocessing's exit handler would then wait forever.
+# The DataLoaders whose loaders may hold worker processes, by the loader's id; their workers are stopped when the
+# loader is collected and at interpreter exit. Held here, not through the loader, so a loader collected as garbage
+# (e.g. in a traceback's reference cycle) still has its workers stopped: DataLoader's own clean-up sends SIGTERM, which
+# our workers ignore, and multiprocessing's exit handler then waited for them forever. The exit hook is re-registered
+# last at each loader's creation so that it runs before multiprocessing's exit handler and torch's exit flag (atexit
+# runs last-in first-out), both registered when torch was imported.
 _OPEN: dict[int, DataLoader] = {}
 
 
@@ -321,7 +321,7 @@ class TorchvisionLoader(Loader):
             raise
 
     def _count_skips(self, epoch: int) -> None:
-        """The end-of-epoch line: how many samples another file stood in for (a bad file costs one per epoch)."""
+        """The end-of-epoch line: how many undecodable file reads this epoch met (a bad file costs one per epoch)."""
         if self.epoch_skips:
             where = f" (rank {self.rank})" if self.world_size > 1 else ""
             print(
