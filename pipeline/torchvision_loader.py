@@ -212,9 +212,13 @@ def lost_worker(e: BaseException) -> LoaderError | None:
         return None
     if not any(words in text for words in ("exited unexpectedly", "killed by signal", "exited with code")):
         return None
+    return _lost_worker_error(text.strip().splitlines()[0].rstrip(". "))
+
+
+def _lost_worker_error(which: str) -> LoaderError:
     return LoaderError(
-        f"the torchvision loader lost a worker process ({text.strip().splitlines()[0].rstrip('. ')}); the "
-        "out-of-memory killer is the usual cause (see dmesg): use fewer --workers or a smaller --batch-size"
+        f"the torchvision loader lost a worker process ({which}); the out-of-memory killer is the usual cause (see "
+        "dmesg): use fewer --workers or a smaller --batch-size"
     )
 
 
@@ -370,6 +374,4 @@ class TorchvisionLoader(Loader):
                 f"it ({batch:,.1f} MB each at {resolution} px, up to about {held} at a time): give it more (docker "
                 "run --shm-size=2g; or mount -o remount,size=2G /dev/shm), or use fewer --workers, or --workers 0"
             )
-        if lost:
-            return lost_worker(RuntimeError(lost))
-        return lost_worker(e)
+        return _lost_worker_error(lost) if lost else lost_worker(e)

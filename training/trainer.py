@@ -59,9 +59,10 @@ def train(cfg: TrainConfig, flags: list[str]) -> int:
         print(f"rn50 train: error: {e}", flush=True)
         return 2
     except RuntimeError as e:
-        if lost_worker(e) is None:  # a dead DataLoader worker is reported wherever the step happens to be
+        failure = lost_worker(e)  # a dead DataLoader worker is reported wherever the step happens to be
+        if failure is None:
             raise
-        print(f"rn50 train: error: {lost_worker(e)}", flush=True)
+        print(f"rn50 train: error: {failure}", flush=True)
         return 2
     except KeyboardInterrupt:
         log0(ctx, "rn50 train: interrupted; the latest checkpoint is intact (--resume continues from it)")
